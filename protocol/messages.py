@@ -1,0 +1,356 @@
+"""Wire messages of idlemesh v1 (pure; no I/O, no clock here).
+
+Each message is a frozen dataclass with `to_wire()` (plain data for the canonical
+codec) and `from_wire(value, path)` that checks every field's type, range and size.
+Schema evolution: new fields get defaults and are appended; nothing is reordered or
+reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import codec
+from .errors import DecodeError, ExpiredError
+from .fields import Fields, str_item
+from .signing import Envelope, SigningKey, open_envelope, peer_id_from_public_key, seal
+from .tensors import Tensor
+
+ARCHES = ("cuda", "arm64", "x86_64")
+# How a power or energy figure was obtained. `estimated` means taken from a table of
+# published device figures, not from this machine.
+POWER_SOURCES = ("measured-nvml", "measured-rapl", "declared", "estimated", "simulated")
+THROUGHPUT_SOURCES = ("measured", "simulated", "declared")
+MAX_MODELS_PER_OFFER = 256
+MAX_ADDRS = 16
+MAX_OFFER_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = 80 * 1024 * 1024
+MAX_RECEIPT_BYTES = 8 * 1024
+MAX_INPUTS = 16
+
+
+def _hex_id(value: Any, path: str) -> str:
+    return Fields({"id": value}, path.rsplit(".", 1)[0]).hex("id", size=16)
+
+
+# --- offers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PowerProfile:
+    idle_w: float
+    busy_w: float
+    marginal_w_per_slot: float
+    idle_source: str
+    busy_source: str
+    marginal_source: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"idle_w": self.idle_w, "busy_w": self.busy_w,
+                "marginal_w_per_slot": self.marginal_w_per_slot,
+                "idle_source": self.idle_source, "busy_source": self.busy_source,
+                "marginal_source": self.marginal_source}
+
+    @classmethod
+    def from_wire(cls, value: Any, path: str) -> "PowerProfile":
+        f = Fields(value, path)
+        return cls(
+            idle_w=f.float("idle_w", min=0.0, max=1e5),
+            busy_w=f.float("busy_w", min=0.0, max=1e5),
+            marginal_w_per_slot=f.float("marginal_w_per_slot", min=0.0, max=1e5),
+            idle_source=f.str("idle_source", choices=POWER_SOURCES),
+            busy_source=f.str("busy_source", choices=POWER_SOURCES),
+            marginal_source=f.str("marginal_source", choices=POWER_SOURCES),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    arch: str
+    name: str
+    memory_mb: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"arch": self.arch, "name": self.name, "memory_mb": self.memory_mb}
+
+    @classmethod
+    def from_wire(cls, value: Any, path: str) -> "Device":
+        f = Fields(value, path)
+        return cls(f.str("arch", choices=ARCHES), f.str("name", max_len=128),
+                   f.int("memory_mb", min=0, max=1 << 30))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCapability:
+    """A model a provider runs, by content hash, with throughput in items/s per slot."""
+
+    name: str
+    sha256: str
+    items_per_s: float
+    throughput_source: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "sha256": self.sha256, "items_per_s": self.items_per_s,
+                "throughput_source": self.throughput_source}
+
+    @classmethod
+    def from_wire(cls, value: Any, path: str) -> "ModelCapability":
+        f = Fields(value, path)
+        return cls(f.str("name", max_len=128), f.hex("sha256", size=32),
+                   f.float("items_per_s", min=1e-9, max=1e9),
+                   f.str("throughput_source", choices=THROUGHPUT_SOURCES))
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    provider: bytes  # Ed25519 public key, 32 bytes
+    peer_id: str
+    addrs: tuple[str, ...]
+    device: Device
+    slots: int
+    models: tuple[ModelCapability, ...]
+    power: PowerProfile
+    carbon_g_per_kwh: float
+    carbon_source: str
+    price_per_s: float
+    backlog_ms: float
+    issued_at_ms: int
+    expires_at_ms: int
+    idle_only: bool = False
+    execution_provider: str = "CPUExecutionProvider"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider, "peer_id": self.peer_id, "addrs": list(self.addrs),
+            "device": self.device.to_wire(), "slots": self.slots,
+            "models": [m.to_wire() for m in self.models], "power": self.power.to_wire(),
+            "carbon_g_per_kwh": self.carbon_g_per_kwh, "carbon_source": self.carbon_source,
+            "price_per_s": self.price_per_s, "backlog_ms": self.backlog_ms,
+            "issued_at_ms": self.issued_at_ms, "expires_at_ms": self.expires_at_ms,
+            "idle_only": self.idle_only, "execution_provider": self.execution_provider,
+        }
+
+    @classmethod
+    def from_wire(cls, value: Any, path: str = "offer") -> "Offer":
+        f = Fields(value, path)
+        provider = f.bytes("provider", size=32)
+        peer_id = f.str("peer_id", max_len=128)
+        if peer_id != peer_id_from_public_key(provider):
+            raise DecodeError(f"{path}.peer_id: does not derive from {path}.provider")
+        issued = f.int("issued_at_ms", min=0)
+        expires = f.int("expires_at_ms", min=0)
+        if expires <= issued:
+            raise DecodeError(f"{path}.expires_at_ms: expected > issued_at_ms ({issued}), got {expires}")
+        models = tuple(f.list("models", ModelCapability.from_wire, max_len=MAX_MODELS_PER_OFFER))
+        if len({m.sha256 for m in models}) != len(models):
+            raise DecodeError(f"{path}.models: a model sha256 is listed twice")
+        return cls(
+            provider=provider, peer_id=peer_id,
+            addrs=tuple(f.list("addrs", str_item(256), max_len=MAX_ADDRS)),
+            device=Device.from_wire(f.raw("device"), f"{path}.device"),
+            slots=f.int("slots", min=1, max=1024),
+            models=models,
+            power=PowerProfile.from_wire(f.raw("power"), f"{path}.power"),
+            carbon_g_per_kwh=f.float("carbon_g_per_kwh", min=0.0, max=5000.0),
+            carbon_source=f.str("carbon_source", max_len=128),
+            price_per_s=f.float("price_per_s", min=0.0, max=1e6),
+            backlog_ms=f.float("backlog_ms", min=0.0, max=1e9),
+            issued_at_ms=issued, expires_at_ms=expires,
+            idle_only=f.bool("idle_only", default=False),
+            execution_provider=f.str("execution_provider", max_len=64, default="CPUExecutionProvider"),
+        )
+
+    def model(self, sha256: str) -> ModelCapability | None:
+        for m in self.models:
+            if m.sha256 == sha256:
+                return m
+        return None
+
+
+def sign_offer(key: SigningKey, offer: Offer) -> bytes:
+    return seal(key, "offer", codec.encode(offer.to_wire()))
+
+
+def open_offer(data: bytes, *, now_ms: int, max_ttl_ms: int = 10 * 60_000,
+               max_skew_ms: int = 30_000) -> Offer:
+    """Verify a signed offer and its validity window at `now_ms`."""
+    env = open_envelope(data, "offer", max_bytes=MAX_OFFER_BYTES)
+    offer = Offer.from_wire(codec.decode(env.body, max_bytes=MAX_OFFER_BYTES, what="offer body"))
+    if offer.provider != env.signer:
+        raise DecodeError("offer.provider: is not the key that signed the offer")
+    check_window("offer", offer.issued_at_ms, offer.expires_at_ms, now_ms=now_ms,
+                 max_ttl_ms=max_ttl_ms, max_skew_ms=max_skew_ms)
+    return offer
+
+
+def check_window(what: str, issued_at_ms: int, expires_at_ms: int, *, now_ms: int,
+                 max_ttl_ms: int, max_skew_ms: int) -> None:
+    if expires_at_ms <= now_ms:
+        raise ExpiredError(f"{what}: expired {now_ms - expires_at_ms} ms ago")
+    if issued_at_ms > now_ms + max_skew_ms:
+        raise ExpiredError(f"{what}: issued {issued_at_ms - now_ms} ms in the future (skew cap {max_skew_ms} ms)")
+    if expires_at_ms - issued_at_ms > max_ttl_ms:
+        raise ExpiredError(f"{what}: lifetime {expires_at_ms - issued_at_ms} ms exceeds {max_ttl_ms} ms")
+
+
+# --- jobs -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """What a buyer asks one provider to run; signed by the buyer."""
+
+    job_id: str  # 16 random bytes, hex; also the receipt's id
+    buyer: bytes
+    provider: bytes
+    model_sha256: str
+    model_name: str
+    inputs: tuple[Tensor, ...]
+    items: int
+    max_price: float
+    issued_at_ms: int
+    expires_at_ms: int
+    timeout_ms: int = 60_000
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id, "buyer": self.buyer, "provider": self.provider,
+            "model_sha256": self.model_sha256, "model_name": self.model_name,
+            "inputs": [t.to_wire() for t in self.inputs], "items": self.items,
+            "max_price": self.max_price, "issued_at_ms": self.issued_at_ms,
+            "expires_at_ms": self.expires_at_ms, "timeout_ms": self.timeout_ms,
+        }
+
+    @classmethod
+    def from_wire(cls, value: Any, path: str = "job") -> "JobRequest":
+        f = Fields(value, path)
+        issued = f.int("issued_at_ms", min=0)
+        expires = f.int("expires_at_ms", min=0)
+        if expires <= issued:
+            raise DecodeError(f"{path}.expires_at_ms: expected > issued_at_ms ({issued}), got {expires}")
+        return cls(
+            job_id=f.hex("job_id", size=16), buyer=f.bytes("buyer", size=32),
+            provider=f.bytes("provider", size=32), model_sha256=f.hex("model_sha256", size=32),
+            model_name=f.str("model_name", max_len=128),
+            inputs=tuple(f.list("inputs", Tensor.from_wire, max_len=MAX_INPUTS)),
+            items=f.int("items", min=1, max=1 << 30),
+            max_price=f.float("max_price", min=0.0, max=1e9),
+            issued_at_ms=issued, expires_at_ms=expires,
+            timeout_ms=f.int("timeout_ms", min=1, max=3_600_000, default=60_000),
+        )
+
+
+def sign_job_request(key: SigningKey, request: JobRequest) -> bytes:
+    return seal(key, "job-request", codec.encode(request.to_wire()))
+
+
+def open_job_request(data: bytes) -> tuple[Envelope, JobRequest]:
+    env = open_envelope(data, "job-request", max_bytes=MAX_REQUEST_BYTES)
+    request = JobRequest.from_wire(codec.decode(env.body, max_bytes=MAX_REQUEST_BYTES, what="job body"))
+    if request.buyer != env.signer:
+        raise DecodeError("job.buyer: is not the key that signed the request")
+    return env, request
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a provider did for a job; signed by the provider. Its id is the job id."""
+
+    job_id: str
+    buyer: bytes
+    provider: bytes
+    model_sha256: str
+    input_sha256: str
+    output_sha256: str
+    queue_ms: float
+    compute_ms: float
+    energy_j: float
+    energy_source: str
+    price: float
+    issued_at_ms: int
+    execution_provider: str = "CPUExecutionProvider"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id, "buyer": self.buyer, "provider": self.provider,
+            "model_sha256": self.model_sha256, "input_sha256": self.input_sha256,
+            "output_sha256": self.output_sha256, "queue_ms": self.queue_ms,
+            "compute_ms": self.compute_ms, "energy_j": self.energy_j,
+            "energy_source": self.energy_source, "price": self.price,
+            "issued_at_ms": self.issued_at_ms, "execution_provider": self.execution_provider,
+        }
+
+    @classmethod
+    def from_wire(cls, value: Any, path: str = "receipt") -> "Receipt":
+        f = Fields(value, path)
+        return cls(
+            job_id=f.hex("job_id", size=16), buyer=f.bytes("buyer", size=32),
+            provider=f.bytes("provider", size=32), model_sha256=f.hex("model_sha256", size=32),
+            input_sha256=f.hex("input_sha256", size=32), output_sha256=f.hex("output_sha256", size=32),
+            queue_ms=f.float("queue_ms", min=0.0, max=1e9), compute_ms=f.float("compute_ms", min=0.0, max=1e9),
+            energy_j=f.float("energy_j", min=0.0, max=1e12),
+            energy_source=f.str("energy_source", choices=POWER_SOURCES),
+            price=f.float("price", min=0.0, max=1e9), issued_at_ms=f.int("issued_at_ms", min=0),
+            execution_provider=f.str("execution_provider", max_len=64, default="CPUExecutionProvider"),
+        )
+
+
+def sign_receipt(key: SigningKey, receipt: Receipt) -> bytes:
+    return seal(key, "receipt", codec.encode(receipt.to_wire()))
+
+
+def open_receipt(data: bytes) -> tuple[Envelope, Receipt]:
+    env = open_envelope(data, "receipt", max_bytes=MAX_RECEIPT_BYTES)
+    receipt = Receipt.from_wire(codec.decode(env.body, max_bytes=MAX_RECEIPT_BYTES, what="receipt body"))
+    if receipt.provider != env.signer:
+        raise DecodeError("receipt.provider: is not the key that signed the receipt")
+    return env, receipt
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptAck:
+    """The buyer's countersignature: accept, or reject with a reason."""
+
+    job_id: str
+    receipt_sha256: str  # sha256 of the receipt envelope's signed body bytes
+    accepted: bool
+    reason: str
+    issued_at_ms: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "receipt_sha256": self.receipt_sha256,
+                "accepted": self.accepted, "reason": self.reason, "issued_at_ms": self.issued_at_ms}
+
+    @classmethod
+    def from_wire(cls, value: Any, path: str = "ack") -> "ReceiptAck":
+        f = Fields(value, path)
+        return cls(f.hex("job_id", size=16), f.hex("receipt_sha256", size=32), f.bool("accepted"),
+                   f.str("reason", max_len=512), f.int("issued_at_ms", min=0))
+
+
+def sign_receipt_ack(key: SigningKey, ack: ReceiptAck) -> bytes:
+    return seal(key, "receipt-ack", codec.encode(ack.to_wire()))
+
+
+def open_receipt_ack(data: bytes) -> tuple[Envelope, ReceiptAck]:
+    env = open_envelope(data, "receipt-ack", max_bytes=MAX_RECEIPT_BYTES)
+    return env, ReceiptAck.from_wire(codec.decode(env.body, max_bytes=MAX_RECEIPT_BYTES, what="ack body"))
+
+
+@dataclass(frozen=True, slots=True)
+class SignedReceipt:
+    """A receipt as it travels and is stored: the exact signed bytes plus the parsed view."""
+
+    envelope_bytes: bytes
+    envelope: Envelope
+    receipt: Receipt = field(compare=False)
+
+    @classmethod
+    def parse(cls, data: bytes) -> "SignedReceipt":
+        env, receipt = open_receipt(data)
+        return cls(data, env, receipt)
+
+    @property
+    def body_sha256(self) -> str:
+        return codec.sha256_hex(self.envelope.body)

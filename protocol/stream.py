@@ -1,0 +1,165 @@
+"""Messages on direct streams (job and offer-sync protocols); pure, no I/O here.
+
+Streams are authenticated by Noise, so these frames are not signed themselves; what
+must be provable later (job request, receipt, acknowledgement) travels as a signed
+envelope inside them. Every frame is a map with a `kind`.
+
+Frames on the wire are a 4-byte big-endian length followed by that many bytes of
+msgpack; `frame_length` checks a header against the reader's cap.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, Union
+
+from . import codec
+from .errors import DecodeError
+from .fields import Fields
+from .tensors import Tensor
+
+FRAME_HEADER = struct.Struct(">I")
+MAX_CONTROL_FRAME_BYTES = 64 * 1024
+MAX_MODEL_BYTES = 256 * 1024 * 1024
+MAX_SYNC_OFFERS = 4096
+
+ERROR_CODES = (
+    "bad-request",      # the request did not decode or verify
+    "wrong-provider",   # addressed to another provider
+    "expired",          # outside its validity window
+    "replay",           # this job id was seen before
+    "unknown-model",    # the provider neither offers nor holds the model
+    "model-invalid",    # the model bytes do not hash to the id, or do not load
+    "bad-input",        # inputs do not fit the model
+    "price",            # the job would cost more than its ceiling
+    "busy",             # no slot before the request expires
+    "execution-failed", # onnxruntime failed on this model and input
+    "timeout",          # the job ran past its timeout
+    "internal",         # the provider failed for its own reasons
+)
+
+
+def frame_length(header: bytes, *, max_bytes: int) -> int:
+    (length,) = FRAME_HEADER.unpack(header)
+    if length > max_bytes:
+        raise DecodeError(f"frame: length {length} exceeds the cap of {max_bytes}")
+    return length
+
+
+def frame(payload: bytes) -> bytes:
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitJob:
+    request: bytes  # signed job-request envelope
+    kind = "submit"
+
+
+@dataclass(frozen=True, slots=True)
+class NeedModel:
+    sha256: str
+    kind = "need-model"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelBlob:
+    sha256: str
+    data: bytes
+    kind = "model"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    job_id: str
+    queue_position: int
+    kind = "accepted"
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    job_id: str
+    outputs: tuple[Tensor, ...]
+    receipt: bytes  # signed receipt envelope
+    kind = "result"
+
+
+@dataclass(frozen=True, slots=True)
+class JobError:
+    code: str
+    message: str
+    kind = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    ack: bytes  # signed receipt-ack envelope
+    kind = "ack"
+
+
+@dataclass(frozen=True, slots=True)
+class OfferSync:
+    """Both directions of offer sync: the sender's current signed offers (its own first)."""
+
+    offers: tuple[bytes, ...]
+    kind = "offers"
+
+
+StreamMessage = Union[SubmitJob, NeedModel, ModelBlob, Accepted, JobResult, JobError, Ack, OfferSync]
+
+
+def encode_message(msg: StreamMessage) -> bytes:
+    if isinstance(msg, SubmitJob):
+        body: dict[str, Any] = {"request": msg.request}
+    elif isinstance(msg, NeedModel):
+        body = {"sha256": msg.sha256}
+    elif isinstance(msg, ModelBlob):
+        body = {"sha256": msg.sha256, "data": msg.data}
+    elif isinstance(msg, Accepted):
+        body = {"job_id": msg.job_id, "queue_position": msg.queue_position}
+    elif isinstance(msg, JobResult):
+        body = {"job_id": msg.job_id, "outputs": [t.to_wire() for t in msg.outputs], "receipt": msg.receipt}
+    elif isinstance(msg, JobError):
+        body = {"code": msg.code, "message": msg.message}
+    elif isinstance(msg, Ack):
+        body = {"ack": msg.ack}
+    elif isinstance(msg, OfferSync):
+        body = {"offers": list(msg.offers)}
+    else:  # pragma: no cover - a programming error, not peer input
+        raise TypeError(f"not a stream message: {msg!r}")
+    body["kind"] = msg.kind
+    return codec.encode(body)
+
+
+def _offer_bytes(value: Any, path: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) > 64 * 1024:
+        raise DecodeError(f"{path}: expected bytes of at most 65536, got {type(value).__name__}")
+    return value
+
+
+def decode_message(data: bytes, *, max_bytes: int, expect: tuple[str, ...]) -> StreamMessage:
+    """Decode one frame's payload; `expect` lists the kinds legal at this point of the stream."""
+    f = Fields(codec.decode(data, max_bytes=max_bytes, what="frame"), "frame")
+    kind = f.str("kind", max_len=32)
+    if kind not in expect:
+        raise DecodeError(f"frame.kind: expected {'/'.join(expect)}, got {kind!r}")
+    if kind == "submit":
+        return SubmitJob(f.bytes("request", max_len=max_bytes))
+    if kind == "need-model":
+        return NeedModel(f.hex("sha256", size=32))
+    if kind == "model":
+        return ModelBlob(f.hex("sha256", size=32), f.bytes("data", max_len=MAX_MODEL_BYTES))
+    if kind == "accepted":
+        return Accepted(f.hex("job_id", size=16), f.int("queue_position", min=0, max=1 << 20))
+    if kind == "result":
+        return JobResult(f.hex("job_id", size=16),
+                         tuple(f.list("outputs", Tensor.from_wire, max_len=64)),
+                         f.bytes("receipt", max_len=8 * 1024))
+    if kind == "error":
+        return JobError(f.str("code", choices=ERROR_CODES), f.str("message", max_len=2048))
+    if kind == "ack":
+        return Ack(f.bytes("ack", max_len=8 * 1024))
+    if kind == "offers":
+        return OfferSync(tuple(f.list("offers", _offer_bytes, max_len=MAX_SYNC_OFFERS)))
+    raise DecodeError(f"frame.kind: unknown kind {kind!r}")
