@@ -1,0 +1,112 @@
+"""CP-SAT model of placement with deadlines (pure; no I/O here).
+
+Each job may take one optional interval on one slot of one allowed provider; intervals
+on a slot do not overlap; a present interval ends by the job's deadline. Lexicographic
+objective: first the number of jobs placed, then the weighted cost. Times are integer
+microseconds; costs are scaled integers. Used on the whole problem when it is small
+and on neighbourhoods (a few providers and their jobs) when it is large.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from .costs import Costs
+from .result import Placement
+
+LATENCY_UNIT = 1
+
+
+def solve_subproblem(costs: Costs, providers: list[int], jobs: list[int], allowed: np.ndarray,
+                     latency_weight: float, hint: Placement, *, time_limit_s: float, seed: int,
+                     must_place: int) -> tuple[Placement, int, float | None, bool] | None:
+    """Best placement of `jobs` on `providers`. Returns (placement, placed, bound, optimal)."""
+    model = cp_model.CpModel()
+    horizon_us = {}
+    presence: dict[tuple[int, int, int], cp_model.IntVar] = {}
+    ends: dict[tuple[int, int, int], cp_model.IntVar] = {}
+    per_lane: dict[tuple[int, int], list] = {}
+    static_terms, latency_terms = [], []
+    # One integer scale for the whole objective: a microsecond of latency costs
+    # LATENCY_UNIT, so float cost x becomes round(x * scale).
+    if latency_weight > 0:
+        scale = LATENCY_UNIT * 1000.0 / latency_weight
+    else:
+        top = max((costs.compute_s[j, p] * costs.beta[p] for j in jobs for p in providers
+                   if allowed[j, p]), default=1.0)
+        scale = 1e6 / max(top, 1e-30)
+    for p in providers:
+        lane_cap = int(costs.slots[p])
+        jobs_here = [j for j in jobs if allowed[j, p]]
+        if not jobs_here:
+            continue
+        base_us = int(round(costs.rtt_backlog_ms[p] * 1000))
+        total_us = sum(int(math.ceil(costs.compute_s[j, p] * 1e6)) for j in jobs_here)
+        lanes = min(lane_cap, len(jobs_here))
+        for s in range(lanes):
+            for j in jobs_here:
+                dur = int(math.ceil(costs.compute_s[j, p] * 1e6))
+                deadline = costs.deadline_ms[j]
+                hi = total_us if not np.isfinite(deadline) else min(total_us, int(deadline * 1000) - base_us)
+                if hi < dur:
+                    continue
+                present = model.NewBoolVar("")
+                start = model.NewIntVar(0, hi - dur, "")
+                end = model.NewIntVar(dur, hi, "")
+                interval = model.NewOptionalIntervalVar(start, dur, end, present, "")
+                presence[(j, p, s)] = present
+                ends[(j, p, s)] = end
+                per_lane.setdefault((p, s), []).append(interval)
+                static = costs.compute_s[j, p] * costs.beta[p] + latency_weight * costs.rtt_backlog_ms[p]
+                static_terms.append((int(round(static * scale)), present))
+                # latency of a present job = base + end; an absent job's end is free, so
+                # tie it to 0 through a product variable.
+                contrib = model.NewIntVar(0, hi, "")
+                model.Add(contrib == end).OnlyEnforceIf(present)
+                model.Add(contrib == 0).OnlyEnforceIf(present.Not())
+                latency_terms.append(contrib)
+    for intervals in per_lane.values():
+        model.AddNoOverlap(intervals)
+    placed_vars = []
+    for j in jobs:
+        options = [v for (jj, _, _), v in presence.items() if jj == j]
+        if options:
+            model.AddAtMostOne(options)
+            placed_vars.extend(options)
+    placed = sum(placed_vars)
+    model.Add(placed >= must_place)
+    lat_coef = LATENCY_UNIT if latency_weight > 0 else 0
+    cost_expr = sum(c * v for c, v in static_terms) + lat_coef * sum(latency_terms)
+    # Lexicographic: one more placed job outweighs any possible cost.
+    worst = sum(c for c, _ in static_terms) + lat_coef * sum(v.Proto().domain[-1] for v in latency_terms)
+    model.Minimize(-(worst + 1) * placed + cost_expr)
+
+    # Hint: the current placement, with back-to-back start times.
+    for p, lanes in hint.items():
+        for s, lane in enumerate(lanes):
+            t = 0
+            for j in lane:
+                dur = int(math.ceil(costs.compute_s[j, p] * 1e6))
+                t += dur
+                if (j, p, s) in presence:
+                    model.AddHint(presence[(j, p, s)], 1)
+                    model.AddHint(ends[(j, p, s)], t)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(0.05, time_limit_s)
+    solver.parameters.num_workers = 2
+    solver.parameters.random_seed = seed
+    status = solver.Solve(model)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    out: Placement = {}
+    count = 0
+    for (j, p, s), var in presence.items():
+        if solver.Value(var):
+            out.setdefault(p, {}).setdefault(s, []).append((solver.Value(ends[(j, p, s)]), j))
+            count += 1
+    placement = {p: [[j for _, j in sorted(lane)] for _, lane in sorted(lanes.items())]
+                 for p, lanes in out.items()}
+    return placement, count, None, status == cp_model.OPTIMAL

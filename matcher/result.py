@@ -1,0 +1,155 @@
+"""Results: a placement (job -> provider, slot, order) and everything derived from it (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .costs import STAGES, Costs
+from .problem import Problem
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    job: str
+    provider: str
+    slot: int
+    position: int  # on the slot, from 0 (runs first)
+    start_ms: float
+    latency_ms: float
+    compute_ms: float
+    energy_j: float
+    carbon_g: float
+    price: float
+
+
+@dataclass(frozen=True, slots=True)
+class Unassigned:
+    job: str
+    reason: str  # model / arch / memory / price / deadline
+    explain: str = ""
+    excluded_by: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Result:
+    assignments: tuple[Assignment, ...]
+    unassigned: tuple[Unassigned, ...]
+    objective: float
+    lower_bound: float
+    optimal: bool
+    totals: dict[str, float]
+    solver: str
+    solve_ms: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float:
+        if self.objective <= 0:
+            return 0.0
+        return max(0.0, (self.objective - self.lower_bound) / self.objective)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "assignments": [asdict(a) for a in self.assignments],
+            "unassigned": [asdict(u) for u in self.unassigned],
+            "objective": self.objective, "lower_bound": self.lower_bound, "gap": self.gap,
+            "optimal": self.optimal, "totals": self.totals, "solver": self.solver,
+            "solve_ms": self.solve_ms,
+        }
+        if self.stats:
+            out["stats"] = self.stats
+        return out
+
+
+# A placement: for each provider index, a list of slots, each an ordered list of job indices.
+Placement = dict[int, list[list[int]]]
+
+
+def slot_latencies(costs: Costs, provider: int, order: list[int]) -> list[float]:
+    """Latency of each job of one slot, in run order."""
+    out, wait_ms = [], 0.0
+    base = costs.rtt_backlog_ms[provider]
+    for j in order:
+        compute_ms = 1000.0 * costs.compute_s[j, provider]
+        out.append(base + wait_ms + compute_ms)
+        wait_ms += compute_ms
+    return out
+
+
+def placement_objective(costs: Costs, placement: Placement, weights) -> float:
+    total = 0.0
+    for p, slots in placement.items():
+        for order in slots:
+            if not order:
+                continue
+            latencies = slot_latencies(costs, p, order)
+            c = costs.compute_s[order, p]
+            total += float(np.sum(c * costs.beta[p])) + weights.latency * float(sum(latencies))
+    return total
+
+
+def build_result(problem: Problem, costs: Costs, placement: Placement, unassigned: list[Unassigned], *,
+                 solver: str, lower_bound: float, optimal: bool, solve_ms: float,
+                 stats: dict[str, Any] | None = None) -> Result:
+    assignments: list[Assignment] = []
+    objective = 0.0
+    totals = {"energy_j": 0.0, "latency_ms": 0.0, "carbon_g": 0.0, "price": 0.0}
+    w = problem.weights
+    for p in sorted(placement):
+        prov = problem.providers[p]
+        for slot, order in enumerate(placement[p]):
+            latencies = slot_latencies(costs, p, order)
+            for position, (j, latency) in enumerate(zip(order, latencies)):
+                latency = float(latency)
+                compute_s = float(costs.compute_s[j, p])
+                energy = compute_s * prov.marginal_w
+                carbon = energy / 3.6e6 * prov.carbon_g_per_kwh
+                price = compute_s * prov.price_per_s
+                assignments.append(Assignment(
+                    job=problem.jobs[j].id, provider=prov.id, slot=slot, position=position,
+                    start_ms=latency - 1000.0 * compute_s, latency_ms=latency, compute_ms=1000.0 * compute_s,
+                    energy_j=energy, carbon_g=carbon, price=price))
+                objective += w.energy * energy + w.latency * latency + w.carbon * carbon + w.price * price
+                totals["energy_j"] += energy
+                totals["latency_ms"] += latency
+                totals["carbon_g"] += carbon
+                totals["price"] += price
+    assignments.sort(key=lambda a: a.job)
+    if optimal:
+        lower_bound = objective
+    return Result(tuple(assignments), tuple(sorted(unassigned, key=lambda u: u.job)), float(objective),
+                  float(min(lower_bound, objective)), optimal, totals, solver, solve_ms, stats or {})
+
+
+def explain_unassigned(problem: Problem, costs: Costs, job_index: int, reason: str | None = None) -> Unassigned:
+    """Why job `job_index` was left out: which check excluded how many providers."""
+    job = problem.jobs[job_index]
+    stages = costs.stage[job_index]
+    counts = {name: int(np.sum(stages == i)) for i, name in enumerate(STAGES)}
+    counts = {k: v for k, v in counts.items() if v}
+    if reason is None:
+        reason = STAGES[int(stages.max())] if len(stages) else "model"
+        if not len(stages):
+            counts = {}
+    parts = []
+    labels = {
+        "model": f"do not offer model {job.model}",
+        "arch": f"have an arch outside {list(job.arch) if job.arch else 'any'}",
+        "memory": f"have slots under {job.memory_mb:g} MB",
+        "price": f"would cost more than {job.max_price}",
+        "deadline": f"cannot finish within {job.deadline_ms} ms even when idle",
+    }
+    for name in STAGES:
+        if counts.get(name):
+            parts.append(f"{counts[name]} {labels[name]}")
+    if not problem.providers:
+        text = f"{job.id}: no providers at all"
+    elif reason == "deadline" and not counts.get("deadline") and not any(
+            counts.get(s) == len(problem.providers) for s in STAGES):
+        text = f"{job.id}: compatible providers exist, but none had room to meet {job.deadline_ms} ms"
+    else:
+        text = f"{job.id}: unplaced ({reason}); of {len(problem.providers)} providers, " + "; ".join(parts)
+    return Unassigned(job.id, reason, text, counts)

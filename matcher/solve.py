@@ -1,0 +1,154 @@
+"""`solve`: the matcher's one entry point (pure; the caller passes the clock and seed).
+
+- `optimal` (default): exact min-cost flow with a certificate when no job has a
+  deadline. With deadlines: that flow is a relaxation whose cost bounds every
+  placement of all jobs from below; if its schedule meets every deadline it is optimal,
+  otherwise a repair heuristic (and greedy-energy, whichever places more) seeds
+  CP-SAT, on the whole problem when small and on neighbourhoods when large, until the
+  time limit.
+- `greedy-price`, `greedy-energy`, `round-robin`: baselines, same result format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+
+from .costs import STAGES, Costs, build_costs
+from .cpsat import solve_subproblem
+from .exact import placement_from_positions, solve_exact
+from .heuristics import greedy, repair, slot_ok
+from .problem import Problem
+from .result import Placement, Result, build_result, explain_unassigned, placement_objective
+
+SOLVERS = ("optimal", "greedy-price", "greedy-energy", "round-robin")
+FULL_CPSAT_PAIRS = 600  # jobs x providers up to which CP-SAT takes the whole problem
+NEIGHBOURHOOD_PROVIDERS = 3
+
+
+def _placed_count(placement: Placement) -> int:
+    return sum(len(lane) for lanes in placement.values() for lane in lanes)
+
+
+def _meets_deadlines(costs: Costs, placement: Placement) -> bool:
+    return all(slot_ok(costs, p, lane) for p, lanes in placement.items() for lane in lanes)
+
+
+def _better(costs: Costs, w, a: Placement, b: Placement) -> bool:
+    """Is `a` better than `b`: more jobs, or as many for less cost."""
+    na, nb = _placed_count(a), _placed_count(b)
+    if na != nb:
+        return na > nb
+    return placement_objective(costs, a, w) < placement_objective(costs, b, w) - 1e-9
+
+
+def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.0, seed: int = 0,
+          clock: Callable[[], float] | None = None) -> Result:
+    """Place `problem`'s jobs. `clock` (seconds, monotonic) times the solve and bounds the
+    search; without it the search runs a fixed number of rounds and solve_ms is 0."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    started = clock() if clock else 0.0
+    # Work on providers sorted by id so every tie resolves by id; jobs keep file order
+    # (the baselines depend on it) and tie by id where order is free.
+    ordered = replace(problem, providers=tuple(sorted(problem.providers, key=lambda p: p.id)))
+    costs = build_costs(ordered)
+    allowed = costs.feasible
+    job_ids = [j.id for j in ordered.jobs]
+    w = ordered.weights
+    placeable = np.flatnonzero(allowed.any(axis=1)) if len(ordered.providers) else np.array([], dtype=np.int64)
+    unassigned = [explain_unassigned(ordered, costs, j) for j in range(len(ordered.jobs))
+                  if j not in set(placeable.tolist())]
+    stats: dict = {}
+    file_order = placeable.tolist()
+
+    if solver != "optimal":
+        if solver == "greedy-price":
+            score = costs.compute_s * np.array([p.price_per_s for p in ordered.providers])[None, :]
+        elif solver == "greedy-energy":
+            score = costs.compute_s * np.array([p.marginal_w for p in ordered.providers])[None, :]
+        else:
+            score = None
+        placement, left = greedy(costs, allowed, file_order, score, round_robin=solver == "round-robin")
+        unassigned += [explain_unassigned(ordered, costs, j, "deadline") for j in left]
+        elapsed = (clock() - started) * 1000 if clock else 0.0
+        return build_result(ordered, costs, placement, unassigned, solver=solver, lower_bound=0.0,
+                            optimal=False, solve_ms=elapsed)
+
+    exact = solve_exact(costs, placeable)
+    placement = placement_from_positions(exact.position_of, costs.slots, lambda j: job_ids[j])
+    stats.update(flow_rounds=exact.rounds, flow_arcs=exact.arcs, certified=exact.certified)
+    lower_bound = exact.objective
+    optimal = exact.certified
+    if _meets_deadlines(costs, placement):
+        elapsed = (clock() - started) * 1000 if clock else 0.0
+        return build_result(ordered, costs, placement, unassigned, solver="optimal",
+                            lower_bound=lower_bound, optimal=optimal, solve_ms=elapsed, stats=stats)
+
+    # Deadlines bind: the relaxation only bounds. Seed with the better of two heuristics.
+    repaired, _ = repair(costs, placement, allowed, w.latency, lambda j: job_ids[j])
+    energy_score = costs.compute_s * np.array([p.marginal_w for p in ordered.providers])[None, :]
+    greedy_energy, _ = greedy(costs, allowed, sorted(file_order, key=lambda j: costs.deadline_ms[j]), energy_score)
+    best = repaired if not _better(costs, w, greedy_energy, repaired) else greedy_energy
+    stats["heuristic_placed"] = _placed_count(best)
+    optimal = False
+    rng = np.random.default_rng(seed)
+    n_prov = len(ordered.providers)
+    if len(placeable) * n_prov <= FULL_CPSAT_PAIRS:
+        out = solve_subproblem(costs, list(range(n_prov)), file_order, allowed, w.latency, best,
+                               time_limit_s=time_limit_s, seed=seed, must_place=_placed_count(best))
+        if out is not None:
+            candidate, _, _, proven = out
+            if not _better(costs, w, best, candidate):
+                best = candidate
+            optimal = proven
+            stats["cpsat"] = "full"
+    else:
+        rounds = 0
+        deadline = started + time_limit_s if clock else None
+        while (clock() < deadline - 0.05) if clock else rounds < 20:
+            rounds += 1
+            placed_jobs = {j for lanes in best.values() for lane in lanes for j in lane}
+            left = [j for j in file_order if j not in placed_jobs]
+            # A neighbourhood: a provider a left-out job could use (or any busy one), plus
+            # a few of its cheapest alternatives, with all their jobs.
+            if left and rng.random() < 0.5:
+                j0 = int(rng.choice(left))
+                seeds = np.flatnonzero(allowed[j0])
+            else:
+                seeds = np.array(sorted(best)) if best else np.flatnonzero(allowed.any(axis=0))
+            if not len(seeds):
+                break
+            p0 = int(rng.choice(seeds))
+            share = [j for lane in best.get(p0, []) for j in lane]
+            others = np.flatnonzero(allowed[share].any(axis=0)) if share else seeds
+            others = [int(p) for p in rng.permutation(others) if p != p0][: NEIGHBOURHOOD_PROVIDERS - 1]
+            hood = [p0] + others
+            hood_jobs = [j for p in hood for lane in best.get(p, []) for j in lane]
+            hood_jobs += [j for j in left if allowed[j, hood].any()][:20]
+            current = {p: best[p] for p in hood if p in best}
+            budget = 0.3 if not clock else min(0.3, max(0.05, deadline - clock() - 0.05))
+            out = solve_subproblem(costs, hood, hood_jobs, allowed, w.latency, current,
+                                   time_limit_s=budget, seed=seed + rounds,
+                                   must_place=_placed_count(current))
+            if out is None:
+                continue
+            candidate = {p: lanes for p, lanes in best.items() if p not in hood}
+            candidate.update(out[0])
+            if _better(costs, w, candidate, best):
+                best = candidate
+        stats["lns_rounds"] = rounds
+
+    placed_jobs = {j for lanes in best.values() for lane in lanes for j in lane}
+    unassigned += [explain_unassigned(ordered, costs, j, "deadline") for j in file_order if j not in placed_jobs]
+    if len(placed_jobs) < len(placeable):
+        # The flow bound assumed every job placed; for fewer jobs bound each placed job
+        # by its cheapest possible cost, summed over the cheapest such set.
+        cheapest = np.min(np.where(allowed[placeable], costs.cost_at(placeable[:, None],
+                                   np.arange(n_prov)[None, :], 1), np.inf), axis=1)
+        lower_bound = float(np.sum(np.sort(cheapest)[: len(placed_jobs)]))
+    elapsed = (clock() - started) * 1000 if clock else 0.0
+    return build_result(ordered, costs, best, unassigned, solver="optimal", lower_bound=lower_bound,
+                        optimal=optimal, solve_ms=elapsed, stats=stats)
