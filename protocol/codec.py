@@ -57,7 +57,6 @@ def decode(data: bytes, *, max_bytes: int, what: str = "message") -> Any:
             strict_map_key=True,
             use_list=True,
             ext_hook=_reject_ext,
-            max_buffer_size=max_bytes,
             max_str_len=MAX_STR_LEN,
             max_bin_len=max_bytes,
             max_array_len=MAX_CONTAINER_LEN,
@@ -67,8 +66,7 @@ def decode(data: bytes, *, max_bytes: int, what: str = "message") -> Any:
     except DecodeError:
         raise
     # msgpack signals malformed input with these; nothing else is expected from unpackb.
-    except (ValueError, TypeError, UnicodeDecodeError, OverflowError, RecursionError,
-            msgpack.UnpackException) as exc:
+    except (ValueError, UnicodeDecodeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
         raise DecodeError(f"{what}: malformed msgpack ({type(exc).__name__}: {exc})") from None
 
 

@@ -1,0 +1,141 @@
+"""Starts a bootstrap node and N providers as separate processes; waits on their events.
+
+Each child prints JSON event lines on stdout ("ready", "announced", "offer", ...); the
+launcher waits for those events, never for a fixed time. Logs go to HOME/node.log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+import onnx
+import trio
+
+LIGHT_MODELS = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+DEFAULT_MODELS = ("light_squeezenet.onnx", "light_shufflenet.onnx")
+
+# A small built-in fleet of declared profiles, so the matcher has real choices before
+# issue-6 fleets exist: (device name, slots, idle W, busy W, marginal W/slot, g CO2/kWh,
+# price per busy second).
+BUILTIN_PROFILES = [
+    ("workstation-a", 2, 12.0, 65.0, 25.0, 350.0, 0.00010),
+    ("laptop-b", 1, 4.0, 20.0, 14.0, 120.0, 0.00005),
+    ("server-c", 2, 60.0, 180.0, 55.0, 450.0, 0.00003),
+]
+
+
+@dataclass
+class Child:
+    name: str
+    process: trio.Process
+    home: Path
+    events: "trio.MemoryReceiveChannel[dict]"
+    ready: dict = field(default_factory=dict)
+
+
+@dataclass
+class Devnet:
+    root: Path
+    bootstrap_addr: str
+    children: list[Child]
+
+    @property
+    def providers(self) -> list[Child]:
+        return [c for c in self.children if c.name.startswith("provider")]
+
+
+async def _pump(stream, send: trio.MemorySendChannel) -> None:
+    buffer = b""
+    async with send:
+        async for chunk in stream:
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict):
+                    await send.send(event)
+
+
+async def _wait_event(child: Child, name: str, timeout_s: float) -> dict:
+    with trio.fail_after(timeout_s):
+        async for event in child.events:
+            if event.get("event") == name:
+                return event
+    raise RuntimeError(f"{child.name} exited before '{name}' (see {child.home / 'node.log'})")
+
+
+async def _start(nursery: trio.Nursery, name: str, home: Path, args: list[str]) -> Child:
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(home / "node.log", "ab")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "node.cli", *args], stdout=subprocess.PIPE, stderr=log, env=env,
+        start_new_session=True)  # our own process group: Ctrl-C reaches us, we stop them in order
+    send, receive = trio.open_memory_channel[dict](1000)
+    nursery.start_soon(_pump, process.stdout, send)
+    return Child(name, process, home, receive)
+
+
+async def _stop(children: list[Child]) -> None:
+    for child in reversed(children):
+        if child.process.returncode is None:
+            child.process.send_signal(signal.SIGTERM)
+    for child in reversed(children):
+        with trio.move_on_after(10) as scope:
+            await child.process.wait()
+        if scope.cancelled_caught:
+            child.process.kill()
+            await child.process.wait()
+
+
+def provider_args(i: int, home: Path, bootstrap: str, models: list[Path]) -> list[str]:
+    name, slots, idle, busy, marginal, carbon, price = BUILTIN_PROFILES[i % len(BUILTIN_PROFILES)]
+    args = ["provider", "run", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", bootstrap,
+            "--slots", str(slots), "--device-name", name, "--idle-w", str(idle), "--busy-w", str(busy),
+            "--marginal-w", str(marginal), "--carbon", str(carbon), "--price-per-s", str(price)]
+    for m in models:
+        args += ["--model", str(m)]
+    return args
+
+
+@asynccontextmanager
+async def open_devnet(n_providers: int, *, root: Path | None = None, models: list[Path] | None = None,
+                      progress=None, timeout_s: float = 120.0) -> AsyncIterator[Devnet]:
+    """A running devnet; every child is stopped when the block exits, however it exits."""
+    root = root or Path(tempfile.mkdtemp(prefix="idlemesh-devnet-"))
+    models = models or [LIGHT_MODELS / m for m in DEFAULT_MODELS]
+    say = progress or (lambda text: None)
+    children: list[Child] = []
+    async with trio.open_nursery() as nursery:
+        try:
+            boot = await _start(nursery, "bootstrap", root / "bootstrap",
+                                ["bootstrap", "run", "--home", str(root / "bootstrap"), "--listen", "/ip4/127.0.0.1/tcp/0"])
+            children.append(boot)
+            boot.ready = await _wait_event(boot, "ready", timeout_s)
+            bootstrap_addr = boot.ready["addrs"][0]
+            say(f"bootstrap ready at {bootstrap_addr}")
+            for i in range(n_providers):
+                home = root / f"provider-{i}"
+                children.append(await _start(nursery, f"provider-{i}", home,
+                                             provider_args(i, home, bootstrap_addr, models)))
+            for i, child in enumerate(children[1:], start=1):
+                child.ready = await _wait_event(child, "ready", timeout_s)
+                await _wait_event(child, "announced", timeout_s)
+                say(f"provider {i}/{n_providers} ready: {child.ready['peer_id']}")
+            yield Devnet(root, bootstrap_addr, children)
+        finally:
+            with trio.CancelScope(shield=True):
+                await _stop(children)
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,237 @@
+"""The buyer client: sync offers, place jobs with the matcher, run them, verify, countersign."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from matcher import Job, Problem, Provider, Weights, solve
+from protocol.errors import DecodeError
+from protocol.lifecycle import next_state
+from protocol.messages import JobRequest, Offer, ReceiptAck, SignedReceipt, sign_job_request, sign_receipt_ack
+from protocol.stream import (
+    MAX_CONTROL_FRAME_BYTES, Ack, ModelBlob, SubmitJob, decode_message, encode_message,
+)
+from protocol.tensors import Tensor, tensors_sha256
+from protocol.topics import JOB_PROTOCOL
+
+from .gossip import OfferGossip, bootstrap_peer_id, now_ms
+from .identity import load_key
+from .ledger import Ledger
+from .offers import OfferBook
+from .p2p import StreamClosed, open_p2p_node
+
+log = logging.getLogger("idlemesh.buyer")
+RESULT_FRAME_BYTES = 96 * 1024 * 1024
+JOB_TTL_MS = 10 * 60_000
+
+
+class SubmitError(Exception):
+    """The submission cannot go ahead; the message says why, for the operator."""
+
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    index: int
+    provider: str = ""
+    state: str = "requested"
+    latency_ms: float = 0.0
+    compute_ms: float = 0.0
+    overhead_ms: float = 0.0
+    energy_j: float = 0.0
+    energy_source: str = ""
+    price: float = 0.0
+    error: str = ""
+    output_path: str = ""
+    attempts: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class SubmitSpec:
+    model_path: Path
+    inputs: dict[str, np.ndarray]
+    count: int
+    bootstrap: list[str]
+    home: Path
+    out_dir: Path
+    max_price: float = 1.0
+    solver: str = "optimal"
+    weights: Weights = Weights()
+    job_timeout_s: float = 120.0
+
+
+def offers_to_problem(offers: list[Offer], model_sha: str, items: int, count: int, max_price: float,
+                      weights: Weights, job_ids: list[str]) -> Problem:
+    providers = []
+    for offer in offers:
+        throughput = {m.sha256: m.items_per_s for m in offer.models}
+        providers.append(Provider(
+            id=offer.peer_id, arch=offer.device.arch, slots=offer.slots,
+            slot_memory_mb=offer.device.memory_mb / offer.slots, marginal_w=offer.power.marginal_w_per_slot,
+            carbon_g_per_kwh=offer.carbon_g_per_kwh, rtt_ms=0.0, backlog_ms=offer.backlog_ms,
+            price_per_s=offer.price_per_s, throughput=throughput))
+    jobs = tuple(Job(id=job_ids[i], model=model_sha, items=items, max_price=max_price) for i in range(count))
+    return Problem(tuple(providers), jobs, weights)
+
+
+class Buyer:
+    def __init__(self, spec: SubmitSpec):
+        self.spec = spec
+        self.seed, self.key = load_key(spec.home)
+        self.ledger = Ledger(spec.home / "ledger.sqlite")
+        self.model_bytes = spec.model_path.read_bytes()
+        self.model_sha = hashlib.sha256(self.model_bytes).hexdigest()
+        self.tensors = tuple(Tensor.from_array(name, arr) for name, arr in spec.inputs.items())
+        rows = {t.shape[0] if t.shape else 1 for t in self.tensors}
+        if len(rows) != 1:
+            raise SubmitError("all inputs must have the same number of rows (leading dimension)")
+        self.items = max(1, rows.pop())
+        self.offers: dict[str, Offer] = {}
+
+    async def _run_one(self, p2p, outcome: JobOutcome, offer: Offer) -> None:
+        spec = self.spec
+        issued = now_ms()
+        request = JobRequest(
+            job_id=outcome.job_id, buyer=self.key.public_key, provider=offer.provider,
+            model_sha256=self.model_sha, model_name=spec.model_path.stem[:128], inputs=self.tensors,
+            items=self.items, max_price=spec.max_price, issued_at_ms=issued, expires_at_ms=issued + JOB_TTL_MS,
+            timeout_ms=int(spec.job_timeout_s * 1000))
+        started = time.perf_counter()
+        outcome.provider = offer.peer_id
+        outcome.attempts.append(offer.peer_id)
+        with trio.fail_after(spec.job_timeout_s + 30):
+            async with p2p.open_stream(offer.peer_id, offer.addrs, JOB_PROTOCOL) as stream:
+                await stream.send(encode_message(SubmitJob(sign_job_request(self.key, request))))
+                while True:
+                    payload = await stream.receive(max_bytes=RESULT_FRAME_BYTES, timeout_s=spec.job_timeout_s)
+                    message = decode_message(payload, max_bytes=RESULT_FRAME_BYTES,
+                                             expect=("need-model", "accepted", "result", "error"))
+                    if message.kind == "need-model":
+                        if message.sha256 != self.model_sha:
+                            raise DecodeError("provider asked for a model we did not send")
+                        await stream.send(encode_message(ModelBlob(self.model_sha, self.model_bytes)), timeout_s=120)
+                    elif message.kind == "accepted":
+                        outcome.state = next_state(outcome.state, "accept", role="buyer")
+                        outcome.state = next_state(outcome.state, "start", role="buyer")
+                    elif message.kind == "error":
+                        raise SubmitError(f"provider {offer.peer_id[-8:]} refused: {message.code}: {message.message}")
+                    else:
+                        break
+                signed = self._verify(message, request, offer)
+                outcome.state = next_state(outcome.state, "deliver", role="buyer")
+                ack = ReceiptAck(request.job_id, signed.body_sha256, True, "", now_ms())
+                ack_bytes = sign_receipt_ack(self.key, ack)
+                await stream.send(encode_message(Ack(ack_bytes)))
+        latency_ms = (time.perf_counter() - started) * 1000
+        receipt = signed.receipt
+        self.ledger.apply(job_id=request.job_id, role="buyer", counterparty=offer.peer_id,
+                          receipt=signed.envelope_bytes, ack=ack_bytes, accepted=True, price=receipt.price,
+                          energy_j=receipt.energy_j, energy_source=receipt.energy_source,
+                          compute_ms=receipt.compute_ms, now_ms=now_ms())
+        outcome.state = next_state(outcome.state, "settle", role="buyer")
+        out_path = spec.out_dir / f"{outcome.index:04d}-{request.job_id[:8]}.npy"
+        outputs = message.outputs
+        np.save(out_path, outputs[0].to_array()) if len(outputs) == 1 else np.savez(
+            out_path.with_suffix(".npz"), **{t.name.replace("/", "_"): t.to_array() for t in outputs})
+        outcome.output_path = str(out_path if len(outputs) == 1 else out_path.with_suffix(".npz"))
+        outcome.latency_ms = latency_ms
+        outcome.compute_ms = receipt.compute_ms
+        # Only comparable for real devices: a simulated one reports profile time, not wall time.
+        outcome.overhead_ms = latency_ms - receipt.compute_ms
+        outcome.energy_j = receipt.energy_j
+        outcome.energy_source = receipt.energy_source
+        outcome.price = receipt.price
+
+    def _verify(self, message, request: JobRequest, offer: Offer) -> SignedReceipt:
+        signed = SignedReceipt.parse(message.receipt)
+        r = signed.receipt
+        problems = []
+        if r.provider != offer.provider:
+            problems.append("signed by another key than the provider's")
+        if r.job_id != request.job_id or r.buyer != request.buyer:
+            problems.append("names another job or buyer")
+        if r.model_sha256 != request.model_sha256:
+            problems.append("names another model")
+        if r.input_sha256 != tensors_sha256(request.inputs):
+            problems.append("commits to other inputs")
+        if r.output_sha256 != tensors_sha256(message.outputs):
+            problems.append("output hash does not match the outputs received")
+        if r.price > request.max_price * (1 + 1e-9):
+            problems.append(f"price {r.price} exceeds the ceiling {request.max_price}")
+        if message.job_id != request.job_id:
+            problems.append("result is for another job")
+        if problems:
+            raise DecodeError("receipt rejected: " + "; ".join(problems))
+        return signed
+
+    async def run(self, *, on_progress=None) -> tuple[list[JobOutcome], dict]:
+        spec = self.spec
+        spec.out_dir.mkdir(parents=True, exist_ok=True)
+        book = OfferBook()
+        async with open_p2p_node(self.seed, ["/ip4/127.0.0.1/tcp/0"]) as p2p:
+            gossip = OfferGossip(p2p, book)
+            synced = 0
+            for addr in spec.bootstrap:
+                try:
+                    await p2p.connect(bootstrap_peer_id(addr), [addr])
+                    synced += await gossip.sync_with(bootstrap_peer_id(addr))
+                except (OSError, StreamClosed, DecodeError, trio.TooSlowError, ConnectionError) as exc:
+                    log.warning("bootstrap %s: %s", addr, exc)
+            offers = [e.offer for e in book.current(now_ms=now_ms())]
+            if not offers:
+                raise SubmitError(f"no offers from {', '.join(spec.bootstrap)}: is the network up?")
+            self.offers = {o.peer_id: o for o in offers}
+            if not any(o.model(self.model_sha) for o in offers):
+                raise SubmitError(f"no provider offers model {spec.model_path.name} (sha256 {self.model_sha[:16]}...); "
+                                  f"{len(offers)} offers seen")
+            job_ids = [secrets.token_hex(16) for _ in range(spec.count)]
+            problem = offers_to_problem(offers, self.model_sha, self.items, spec.count, spec.max_price,
+                                        spec.weights, job_ids)
+            result = await trio.to_thread.run_sync(
+                lambda: solve(problem, solver=spec.solver, clock=time.perf_counter))
+            outcomes = {jid: JobOutcome(jid, i) for i, jid in enumerate(job_ids)}
+            for u in result.unassigned:
+                outcomes[u.job].state = "failed"
+                outcomes[u.job].error = u.explain
+            lanes: dict[tuple[str, int], list] = {}
+            for a in sorted(result.assignments, key=lambda a: (a.provider, a.slot, a.position)):
+                lanes.setdefault((a.provider, a.slot), []).append(a.job)
+
+            async def run_lane(provider_id: str, jobs: list[str]) -> None:
+                for jid in jobs:
+                    outcome = outcomes[jid]
+                    # One retry elsewhere if the chosen provider fails or vanishes mid-job.
+                    candidates = [provider_id] + [o.peer_id for o in offers
+                                                  if o.peer_id != provider_id and o.model(self.model_sha)][:1]
+                    for pid in candidates:
+                        try:
+                            await self._run_one(p2p, outcome, self.offers[pid])
+                            outcome.error = ""
+                            break
+                        except (SubmitError, DecodeError, StreamClosed, trio.TooSlowError, OSError,
+                                ConnectionError) as exc:
+                            outcome.error = f"{type(exc).__name__}: {exc}"
+                            outcome.state = "requested"
+                            log.warning("job %s on %s: %s", jid[:8], pid[-8:], outcome.error)
+                    if outcome.error:
+                        outcome.state = "failed"
+                    if on_progress:
+                        on_progress(outcome)
+
+            async with trio.open_nursery() as nursery:
+                for (pid, _slot), jobs in lanes.items():
+                    nursery.start_soon(run_lane, pid, jobs)
+        self.ledger.close()
+        summary = {"offers": len(offers), "placement": result.to_json() | {"assignments": len(result.assignments)}}
+        return [outcomes[j] for j in job_ids], summary

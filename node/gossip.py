@@ -1,0 +1,108 @@
+"""Offer gossip and offer sync, shared by every role (bootstrap, provider, buyer)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Callable
+
+import trio
+
+from protocol.errors import DecodeError
+from protocol.stream import MAX_SYNC_OFFERS, OfferSync, decode_message, encode_message
+from protocol.topics import OFFER_SYNC_PROTOCOL, OFFERS_TOPIC
+
+from .offers import OfferBook
+from .p2p import FramedStream, P2PNode, StreamClosed
+
+log = logging.getLogger("idlemesh.gossip")
+SYNC_FRAME_BYTES = 8 * 1024 * 1024
+SYNC_TIMEOUT_S = 10.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def emit(event: str, **fields) -> None:
+    """One JSON line on stdout: how parent processes (devnet) learn what a node did."""
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+class OfferGossip:
+    """Keeps `book` current from gossip and sync; answers sync requests with it."""
+
+    def __init__(self, p2p: P2PNode, book: OfferBook, *, own_offer: Callable[[], bytes | None] = lambda: None,
+                 on_new_offer: Callable[[str], None] | None = None):
+        self.p2p = p2p
+        self.book = book
+        self.own_offer = own_offer
+        self.on_new_offer = on_new_offer
+        self.bad_inputs = 0
+        self._known: set[str] = set()
+        p2p.set_validator(OFFERS_TOPIC, self._validate)
+        p2p.set_stream_handler(OFFER_SYNC_PROTOCOL, self._serve_sync)
+
+    def _validate(self, origin: str, data: bytes) -> bool:
+        # Runs before forwarding: forged, expired, oversized and stale offers stop here.
+        offer = self.book.check(data, now_ms=now_ms())
+        return offer is not None and offer.peer_id == origin
+
+    def _take(self, signed: bytes) -> None:
+        offer = self.book.add(signed, now_ms=now_ms())
+        if offer is not None and offer.peer_id not in self._known and offer.peer_id != self.p2p.peer_id:
+            self._known.add(offer.peer_id)
+            if self.on_new_offer:
+                self.on_new_offer(offer.peer_id)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with self.p2p.subscribe(OFFERS_TOPIC) as messages:
+            task_status.started()
+            async for _origin, data in messages:
+                self._take(data)
+
+    def _outgoing(self) -> tuple[bytes, ...]:
+        own = self.own_offer()
+        others = [e.signed for e in self.book.current(now_ms=now_ms()) if e.offer.peer_id != self.p2p.peer_id]
+        return tuple(([own] if own else []) + others)[:MAX_SYNC_OFFERS]
+
+    async def _serve_sync(self, stream: FramedStream) -> None:
+        try:
+            payload = await stream.receive(max_bytes=SYNC_FRAME_BYTES, timeout_s=SYNC_TIMEOUT_S)
+            message = decode_message(payload, max_bytes=SYNC_FRAME_BYTES, expect=("offers",))
+        except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
+            self.bad_inputs += 1
+            log.info("offer sync from %s dropped: %s", stream.remote_peer_id, exc)
+            return
+        for signed in message.offers:
+            self._take(signed)
+        try:
+            await stream.send(encode_message(OfferSync(self._outgoing())))
+        except (StreamClosed, trio.TooSlowError):
+            pass
+
+    async def sync_with(self, peer_id: str, addrs: list[str] | tuple[str, ...] = ()) -> int:
+        """Push our offers to `peer_id` and take its book. Returns how many offers came back."""
+        async with self.p2p.open_stream(peer_id, addrs, OFFER_SYNC_PROTOCOL) as stream:
+            await stream.send(encode_message(OfferSync(self._outgoing())))
+            payload = await stream.receive(max_bytes=SYNC_FRAME_BYTES, timeout_s=SYNC_TIMEOUT_S)
+        message = decode_message(payload, max_bytes=SYNC_FRAME_BYTES, expect=("offers",))
+        for signed in message.offers:
+            self._take(signed)
+        return len(message.offers)
+
+
+def bootstrap_peer_id(addr: str) -> str:
+    if "/p2p/" not in addr:
+        raise SystemExit(f"bootstrap address {addr} must end in /p2p/<peer id>")
+    return addr.rsplit("/p2p/", 1)[1]
+
+
+def setup_logging(verbose: bool = False) -> None:
+    from .p2p.host import quiet_libp2p_logs
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_libp2p_logs()

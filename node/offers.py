@@ -1,0 +1,48 @@
+"""The offer book a node keeps: the newest valid signed offer per provider."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from protocol.errors import DecodeError
+from protocol.messages import Offer, open_offer
+
+log = logging.getLogger("idlemesh.offers")
+
+
+@dataclass
+class BookEntry:
+    offer: Offer
+    signed: bytes
+
+
+class OfferBook:
+    def __init__(self) -> None:
+        self._entries: dict[str, BookEntry] = {}
+        self.rejected = 0
+
+    def check(self, signed: bytes, *, now_ms: int) -> Offer | None:
+        """The offer if it is valid and newer than what we hold, else None (counted)."""
+        try:
+            offer = open_offer(signed, now_ms=now_ms)
+        except DecodeError as exc:
+            self.rejected += 1
+            log.info("dropped offer: %s", exc)
+            return None
+        held = self._entries.get(offer.peer_id)
+        if held is not None and held.offer.issued_at_ms >= offer.issued_at_ms:
+            return None
+        return offer
+
+    def add(self, signed: bytes, *, now_ms: int) -> Offer | None:
+        """Store a valid, newer offer; returns it, or None if it was dropped or stale."""
+        offer = self.check(signed, now_ms=now_ms)
+        if offer is not None:
+            self._entries[offer.peer_id] = BookEntry(offer, signed)
+        return offer
+
+    def current(self, *, now_ms: int) -> list[BookEntry]:
+        for pid in [p for p, e in self._entries.items() if e.offer.expires_at_ms <= now_ms]:
+            del self._entries[pid]
+        return sorted(self._entries.values(), key=lambda e: e.offer.peer_id)
