@@ -25,8 +25,8 @@ from .costs import Costs
 
 INITIAL_CANDIDATES = 6
 MAX_ROUNDS = 50
-INT_COST_TOP = 2.0 ** 40  # scale float costs so the largest arc is about 1e12
-OVERFLOW_INT_COST = 2 ** 52  # far above any arc, far below int64 overflow when summed
+INT_COST_TOP = 2.0 ** 34  # scale float costs so the largest arc is about 1.7e10
+OVERFLOW_INT_COST = 2 ** 42  # far above any arc; OR-tools refuses costs that could overflow in its sums
 
 
 @dataclass

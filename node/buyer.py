@@ -186,7 +186,7 @@ class Buyer:
                 try:
                     await p2p.connect(bootstrap_peer_id(addr), [addr])
                     synced += await gossip.sync_with(bootstrap_peer_id(addr))
-                except (OSError, StreamClosed, DecodeError, trio.TooSlowError, ConnectionError) as exc:
+                except (StreamClosed, DecodeError, trio.TooSlowError) as exc:
                     log.warning("bootstrap %s: %s", addr, exc)
             offers = [e.offer for e in book.current(now_ms=now_ms())]
             if not offers:

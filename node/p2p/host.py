@@ -27,6 +27,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamClosed as LibStreamClosed
 from libp2p.network.stream.exceptions import StreamEOF, StreamError, StreamReset
+from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
@@ -43,7 +44,7 @@ from protocol.stream import FRAME_HEADER, frame, frame_length
 log = logging.getLogger("idlemesh.p2p")
 
 # Errors a stream can raise when the peer goes away; each becomes StreamClosed.
-_STREAM_GONE = (LibStreamClosed, StreamEOF, StreamReset, StreamError, trio.BrokenResourceError,
+_STREAM_GONE = (LibStreamClosed, StreamEOF, StreamReset, StreamError, SwarmException, trio.BrokenResourceError,
                 trio.ClosedResourceError, ConnectionError, OSError)
 
 
@@ -190,7 +191,10 @@ class P2PNode:
         if not infos:
             raise ConnectionError(f"no address for peer {peer_id}")
         with trio.fail_after(timeout_s):
-            await self.host.connect(PeerInfo(infos[0].peer_id, [i.addrs[0] for i in infos]))
+            try:
+                await self.host.connect(PeerInfo(infos[0].peer_id, [i.addrs[0] for i in infos]))
+            except _STREAM_GONE as exc:
+                raise StreamClosed(f"cannot connect to {peer_id}: {exc}") from None
 
     @asynccontextmanager
     async def open_stream(self, peer_id: str, addrs: list[str] | tuple[str, ...], protocol: str,

@@ -1,0 +1,175 @@
+"""Matcher: the contract checker on every result, brute force on small random instances."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from matcher import Job, Problem, ProblemError, Provider, Weights, problem_from_json, solve
+from matcher.check import check_result
+
+MODELS = ("resnet50", "squeezenet")
+
+
+@st.composite
+def problems(draw, *, max_jobs=4, max_providers=3, deadlines=False):
+    providers = []
+    for i in range(draw(st.integers(1, max_providers))):
+        throughput = {m: draw(st.floats(5, 500)) for m in MODELS if draw(st.booleans()) or m == "resnet50"}
+        providers.append(Provider(
+            id=f"p{i}", arch=draw(st.sampled_from(["cuda", "arm64", "x86_64"])), slots=draw(st.integers(1, 2)),
+            slot_memory_mb=draw(st.sampled_from([1000.0, 8000.0])), marginal_w=draw(st.floats(1, 300)),
+            carbon_g_per_kwh=draw(st.floats(0, 800)), rtt_ms=draw(st.floats(0, 50)), backlog_ms=0.0,
+            price_per_s=draw(st.floats(0, 0.01)), throughput=throughput))
+    jobs = []
+    for i in range(draw(st.integers(1, max_jobs))):
+        items = draw(st.integers(1, 64))
+        jobs.append(Job(
+            id=f"j{i}", model=draw(st.sampled_from(MODELS)), items=items,
+            memory_mb=draw(st.sampled_from([0.0, 500.0, 4000.0])),
+            arch=draw(st.sampled_from([None, ("cuda",), ("arm64", "x86_64")])),
+            deadline_ms=draw(st.floats(50, 1500)) if deadlines and draw(st.booleans()) else None,
+            max_price=draw(st.sampled_from([None, 0.01, 0.001]))))
+    weights = Weights(energy=draw(st.floats(0, 2)), latency=draw(st.floats(0.001, 0.1)),
+                      carbon=draw(st.floats(0, 1)), price=draw(st.floats(0, 10)))
+    return Problem(tuple(providers), tuple(jobs), weights)
+
+
+def brute_force(problem: Problem) -> tuple[int, float]:
+    """(most jobs placed, least objective among those) by trying every placement."""
+    providers = {p.id: p for p in problem.providers}
+    lanes = [(p.id, s) for p in problem.providers for s in range(p.slots)]
+    best = (0, 0.0)
+    w = problem.weights
+    for choice in itertools.product([None, *range(len(lanes))], repeat=len(problem.jobs)):
+        per_lane: dict[int, list] = {}
+        for job, lane in zip(problem.jobs, choice):
+            if lane is not None:
+                per_lane.setdefault(lane, []).append(job)
+        ok, placed, total = True, 0, 0.0
+        for lane, jobs in per_lane.items():
+            p = providers[lanes[lane][0]]
+            lane_best = None
+            for order in itertools.permutations(jobs):
+                cost, t, good = 0.0, p.rtt_ms + p.backlog_ms, True
+                for j in order:
+                    if j.model not in p.throughput or (j.arch and p.arch not in j.arch) or j.memory_mb > p.slot_memory_mb:
+                        good = False
+                        break
+                    c = j.items / p.throughput[j.model]
+                    if j.max_price is not None and c * p.price_per_s > j.max_price * (1 + 1e-9) + 1e-9:
+                        good = False
+                        break
+                    t += 1000 * c
+                    if j.deadline_ms is not None and t > j.deadline_ms:
+                        good = False
+                        break
+                    e = c * p.marginal_w
+                    cost += w.energy * e + w.latency * t + w.carbon * e / 3.6e6 * p.carbon_g_per_kwh + w.price * c * p.price_per_s
+                if good and (lane_best is None or cost < lane_best):
+                    lane_best = cost
+            if lane_best is None:
+                ok = False
+                break
+            placed += len(jobs)
+            total += lane_best
+        if ok and (placed > best[0] or (placed == best[0] and total < best[1])):
+            best = (placed, total)
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_optimal_without_deadlines_matches_brute_force(problem):
+    result = solve(problem)
+    assert check_result(problem, result) == []
+    placed, objective = brute_force(problem)
+    assert len(result.assignments) == placed
+    assert result.optimal
+    assert math.isclose(result.objective, objective, rel_tol=1e-6, abs_tol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(deadlines=True, max_jobs=4, max_providers=2))
+def test_deadlines_never_broken_and_small_cases_optimal(problem):
+    result = solve(problem, time_limit_s=5.0)
+    assert check_result(problem, result) == []
+    placed, objective = brute_force(problem)
+    assert len(result.assignments) == placed
+    # CP-SAT rounds durations to microseconds; allow for that, nothing more.
+    assert result.objective <= objective * (1 + 1e-4) + 1e-4
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(max_jobs=8, max_providers=4, deadlines=True), st.sampled_from(["greedy-price", "greedy-energy", "round-robin"]))
+def test_baselines_obey_the_contract(problem, solver):
+    result = solve(problem, solver=solver)
+    assert check_result(problem, result) == []
+    assert result.solver == solver
+
+
+def test_deterministic():
+    problem = problem_from_json(json.loads(EXAMPLE))
+    assert solve(problem).to_json() == solve(problem).to_json()
+
+
+def test_sparse_large_instance_is_certified_and_checked():
+    # Big enough that the flow starts sparse and column generation must price arcs in.
+    import numpy as np
+    rng = np.random.default_rng(3)
+    providers = tuple(Provider(f"p{i:03d}", "cuda", int(rng.integers(1, 4)), 1e9, float(rng.uniform(5, 300)),
+                               300.0, float(rng.uniform(0, 40)), 0.0, 0.0, {"m": float(rng.uniform(10, 1000))})
+                      for i in range(60))
+    jobs = tuple(Job(f"j{i:04d}", "m", int(rng.integers(1, 200))) for i in range(600))
+    problem = Problem(providers, jobs, Weights())
+    result = solve(problem)
+    assert result.optimal and result.stats["certified"]
+    assert check_result(problem, result) == []
+    assert len(result.assignments) == 600
+
+
+def test_unassigned_reasons_and_explain():
+    problem = problem_from_json({
+        "providers": [{"id": "gpu", "arch": "cuda", "slots": 1, "slot_memory_mb": 1000, "marginal_w": 100,
+                       "price_per_s": 1.0, "throughput": {"resnet50": 10.0}}],
+        "jobs": [{"id": "a", "model": "bert", "items": 1}, {"id": "b", "model": "resnet50", "items": 1, "arch": ["arm64"]},
+                 {"id": "c", "model": "resnet50", "items": 1, "memory_mb": 5000},
+                 {"id": "d", "model": "resnet50", "items": 10, "max_price": 0.5},
+                 {"id": "e", "model": "resnet50", "items": 10, "deadline_ms": 100}]})
+    result = solve(problem)
+    reasons = {u.job: u.reason for u in result.unassigned}
+    assert reasons == {"a": "model", "b": "arch", "c": "memory", "d": "price", "e": "deadline"}
+    explain = {u.job: u.explain for u in result.unassigned}
+    assert "do not offer model bert" in explain["a"]
+    assert "would cost more than 0.5" in explain["d"]
+
+
+def test_problem_errors_name_the_field():
+    with pytest.raises(ProblemError, match=r"problem.providers\[0\].slots: expected int >= 1"):
+        problem_from_json({"providers": [{"id": "p", "arch": "cuda", "slots": 0, "marginal_w": 1, "throughput": {}}],
+                           "jobs": []})
+
+
+EXAMPLE = """{"weights": {"energy": 1.0, "latency": 0.01, "carbon": 0.0, "price": 0.0},
+ "providers": [{"id": "p1", "arch": "cuda", "slots": 2, "slot_memory_mb": 24000,
+                "marginal_w": 180.0, "carbon_g_per_kwh": 320.0, "rtt_ms": 25.0,
+                "backlog_ms": 0.0, "price_per_s": 0.0005,
+                "throughput": {"resnet50": 850.0, "squeezenet": 4000.0}}],
+ "jobs": [{"id": "j1", "model": "resnet50", "items": 64, "memory_mb": 900,
+           "arch": ["cuda", "arm64"], "deadline_ms": 1500, "max_price": 0.05}]}"""
+
+
+def test_match_cli_prints_json(tmp_path):
+    path = tmp_path / "problem.json"
+    path.write_text(EXAMPLE)
+    out = subprocess.run([sys.executable, "-m", "node.cli", "match", str(path), "--explain"],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["assignments"][0]["provider"] == "p1" and result["optimal"] is True
