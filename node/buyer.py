@@ -98,6 +98,8 @@ class Buyer:
             raise SubmitError("all inputs must have the same number of rows (leading dimension)")
         self.items = max(1, rows.pop())
         self.offers: dict[str, Offer] = {}
+        self._outcomes: list[JobOutcome] = []
+        self._summary: dict = {}
 
     async def _run_one(self, p2p, outcome: JobOutcome, offer: Offer) -> None:
         spec = self.spec
@@ -181,57 +183,79 @@ class Buyer:
         book = OfferBook()
         async with open_p2p_node(self.seed, ["/ip4/127.0.0.1/tcp/0"]) as p2p:
             gossip = OfferGossip(p2p, book)
-            synced = 0
             for addr in spec.bootstrap:
-                try:
-                    await p2p.connect(bootstrap_peer_id(addr), [addr])
-                    synced += await gossip.sync_with(bootstrap_peer_id(addr))
-                except (StreamClosed, DecodeError, trio.TooSlowError) as exc:
-                    log.warning("bootstrap %s: %s", addr, exc)
+                await self._sync(gossip, p2p, addr)
             offers = [e.offer for e in book.current(now_ms=now_ms())]
             if not offers:
-                raise SubmitError(f"no offers from {', '.join(spec.bootstrap)}: is the network up?")
-            self.offers = {o.peer_id: o for o in offers}
-            if not any(o.model(self.model_sha) for o in offers):
-                raise SubmitError(f"no provider offers model {spec.model_path.name} (sha256 {self.model_sha[:16]}...); "
-                                  f"{len(offers)} offers seen")
-            job_ids = [secrets.token_hex(16) for _ in range(spec.count)]
-            problem = offers_to_problem(offers, self.model_sha, self.items, spec.count, spec.max_price,
-                                        spec.weights, job_ids)
-            result = await trio.to_thread.run_sync(
-                lambda: solve(problem, solver=spec.solver, clock=time.perf_counter))
-            outcomes = {jid: JobOutcome(jid, i) for i, jid in enumerate(job_ids)}
-            for u in result.unassigned:
-                outcomes[u.job].state = "failed"
-                outcomes[u.job].error = u.explain
-            lanes: dict[tuple[str, int], list] = {}
-            for a in sorted(result.assignments, key=lambda a: (a.provider, a.slot, a.position)):
-                lanes.setdefault((a.provider, a.slot), []).append(a.job)
-
-            async def run_lane(provider_id: str, jobs: list[str]) -> None:
-                for jid in jobs:
-                    outcome = outcomes[jid]
-                    # One retry elsewhere if the chosen provider fails or vanishes mid-job.
-                    candidates = [provider_id] + [o.peer_id for o in offers
-                                                  if o.peer_id != provider_id and o.model(self.model_sha)][:1]
-                    for pid in candidates:
-                        try:
-                            await self._run_one(p2p, outcome, self.offers[pid])
-                            outcome.error = ""
-                            break
-                        except (SubmitError, DecodeError, StreamClosed, trio.TooSlowError, OSError,
-                                ConnectionError) as exc:
-                            outcome.error = f"{type(exc).__name__}: {exc}"
-                            outcome.state = "requested"
-                            log.warning("job %s on %s: %s", jid[:8], pid[-8:], outcome.error)
-                    if outcome.error:
-                        outcome.state = "failed"
-                    if on_progress:
-                        on_progress(outcome)
-
-            async with trio.open_nursery() as nursery:
-                for (pid, _slot), jobs in lanes.items():
-                    nursery.start_soon(run_lane, pid, jobs)
+                failure = f"no offers from {', '.join(spec.bootstrap)}: is the network up?"
+            elif not any(o.model(self.model_sha) for o in offers):
+                failure = (f"no provider offers model {spec.model_path.name} (sha256 {self.model_sha[:16]}...); "
+                           f"{len(offers)} offers seen")
+            else:
+                failure = ""
+                await self._run_jobs(p2p, offers, on_progress)
         self.ledger.close()
-        summary = {"offers": len(offers), "placement": result.to_json() | {"assignments": len(result.assignments)}}
-        return [outcomes[j] for j in job_ids], summary
+        # Raised out here, not inside the libp2p context, so callers get it unwrapped.
+        if failure:
+            raise SubmitError(failure)
+        return self._outcomes, self._summary
+
+    async def _sync(self, gossip: OfferGossip, p2p, addr: str) -> None:
+        # A peer that reconnects under the same id (a second `submit` from the same home)
+        # can be refused while the remote still holds the old connection: retry briefly.
+        delay_s = 0.1
+        for attempt in range(6):
+            try:
+                await p2p.connect(bootstrap_peer_id(addr), [addr])
+                await gossip.sync_with(bootstrap_peer_id(addr))
+                return
+            except (StreamClosed, DecodeError, trio.TooSlowError) as exc:
+                log.info("bootstrap %s (attempt %d): %s", addr, attempt + 1, exc)
+                await trio.sleep(delay_s)
+                delay_s *= 2
+        log.warning("bootstrap %s unreachable after retries", addr)
+
+    async def _run_jobs(self, p2p, offers: list[Offer], on_progress=None) -> None:
+        spec = self.spec
+        self.offers = {o.peer_id: o for o in offers}
+        job_ids = [secrets.token_hex(16) for _ in range(spec.count)]
+        problem = offers_to_problem(offers, self.model_sha, self.items, spec.count, spec.max_price,
+                                    spec.weights, job_ids)
+        result = await trio.to_thread.run_sync(
+            lambda: solve(problem, solver=spec.solver, clock=time.perf_counter))
+        outcomes = {jid: JobOutcome(jid, i) for i, jid in enumerate(job_ids)}
+        for u in result.unassigned:
+            outcomes[u.job].state = "failed"
+            outcomes[u.job].error = u.explain
+        lanes: dict[tuple[str, int], list] = {}
+        for a in sorted(result.assignments, key=lambda a: (a.provider, a.slot, a.position)):
+            lanes.setdefault((a.provider, a.slot), []).append(a.job)
+
+        async def run_lane(provider_id: str, jobs: list[str]) -> None:
+            for jid in jobs:
+                outcome = outcomes[jid]
+                # One retry elsewhere if the chosen provider fails or vanishes mid-job.
+                candidates = [provider_id] + [o.peer_id for o in offers
+                                              if o.peer_id != provider_id and o.model(self.model_sha)][:1]
+                for pid in candidates:
+                    try:
+                        await self._run_one(p2p, outcome, self.offers[pid])
+                        outcome.error = ""
+                        break
+                    except (SubmitError, DecodeError, StreamClosed, trio.TooSlowError, OSError,
+                            ConnectionError) as exc:
+                        outcome.error = f"{type(exc).__name__}: {exc}"
+                        outcome.state = "requested"
+                        log.warning("job %s on %s: %s", jid[:8], pid[-8:], outcome.error)
+                if outcome.error:
+                    outcome.state = "failed"
+                if on_progress:
+                    on_progress(outcome)
+
+        async with trio.open_nursery() as nursery:
+            for (pid, _slot), jobs in lanes.items():
+                nursery.start_soon(run_lane, pid, jobs)
+        placement = result.to_json()
+        placement["assignments"] = len(result.assignments)
+        self._summary = {"offers": len(offers), "placement": placement}
+        self._outcomes = [outcomes[j] for j in job_ids]

@@ -27,6 +27,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamClosed as LibStreamClosed
 from libp2p.network.stream.exceptions import StreamEOF, StreamError, StreamReset
+from libp2p.host.exceptions import StreamFailure
 from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -44,7 +45,7 @@ from protocol.stream import FRAME_HEADER, frame, frame_length
 log = logging.getLogger("idlemesh.p2p")
 
 # Errors a stream can raise when the peer goes away; each becomes StreamClosed.
-_STREAM_GONE = (LibStreamClosed, StreamEOF, StreamReset, StreamError, SwarmException, trio.BrokenResourceError,
+_STREAM_GONE = (LibStreamClosed, StreamEOF, StreamReset, StreamError, SwarmException, StreamFailure,trio.BrokenResourceError,
                 trio.ClosedResourceError, ConnectionError, OSError)
 
 
