@@ -29,6 +29,7 @@ def solve_subproblem(costs: Costs, providers: list[int], jobs: list[int], allowe
     presence: dict[tuple[int, int, int], cp_model.IntVar] = {}
     ends: dict[tuple[int, int, int], cp_model.IntVar] = {}
     per_lane: dict[tuple[int, int], list] = {}
+    per_job: dict[int, list] = {}
     static_terms, latency_terms = [], []
     # One integer scale for the whole objective: a microsecond of latency costs
     # LATENCY_UNIT, so float cost x becomes round(x * scale).
@@ -58,6 +59,7 @@ def solve_subproblem(costs: Costs, providers: list[int], jobs: list[int], allowe
                 end = model.NewIntVar(dur, hi, "")
                 interval = model.NewOptionalIntervalVar(start, dur, end, present, "")
                 presence[(j, p, s)] = present
+                per_job.setdefault(j, []).append(present)
                 ends[(j, p, s)] = end
                 per_lane.setdefault((p, s), []).append(interval)
                 static = costs.compute_s[j, p] * costs.beta[p] + latency_weight * costs.rtt_backlog_ms[p]
@@ -71,11 +73,9 @@ def solve_subproblem(costs: Costs, providers: list[int], jobs: list[int], allowe
     for intervals in per_lane.values():
         model.AddNoOverlap(intervals)
     placed_vars = []
-    for j in jobs:
-        options = [v for (jj, _, _), v in presence.items() if jj == j]
-        if options:
-            model.AddAtMostOne(options)
-            placed_vars.extend(options)
+    for options in per_job.values():
+        model.AddAtMostOne(options)
+        placed_vars.extend(options)
     placed = sum(placed_vars)
     model.Add(placed >= must_place)
     lat_coef = LATENCY_UNIT if latency_weight > 0 else 0

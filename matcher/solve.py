@@ -59,8 +59,9 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
     job_ids = [j.id for j in ordered.jobs]
     w = ordered.weights
     placeable = np.flatnonzero(allowed.any(axis=1)) if len(ordered.providers) else np.array([], dtype=np.int64)
+    placeable_set = set(placeable.tolist())
     unassigned = [explain_unassigned(ordered, costs, j) for j in range(len(ordered.jobs))
-                  if j not in set(placeable.tolist())]
+                  if j not in placeable_set]
     stats: dict = {}
     file_order = placeable.tolist()
 

@@ -142,11 +142,15 @@ class Buyer:
                           energy_j=receipt.energy_j, energy_source=receipt.energy_source,
                           compute_ms=receipt.compute_ms, now_ms=now_ms())
         outcome.state = next_state(outcome.state, "settle", role="buyer")
-        out_path = spec.out_dir / f"{outcome.index:04d}-{request.job_id[:8]}.npy"
         outputs = message.outputs
-        np.save(out_path, outputs[0].to_array()) if len(outputs) == 1 else np.savez(
-            out_path.with_suffix(".npz"), **{t.name.replace("/", "_"): t.to_array() for t in outputs})
-        outcome.output_path = str(out_path if len(outputs) == 1 else out_path.with_suffix(".npz"))
+        stem = spec.out_dir / f"{outcome.index:04d}-{request.job_id[:8]}"
+        if len(outputs) == 1:
+            out_path = stem.with_suffix(".npy")
+            np.save(out_path, outputs[0].to_array())
+        else:
+            out_path = stem.with_suffix(".npz")
+            np.savez(out_path, **{t.name.replace("/", "_"): t.to_array() for t in outputs})
+        outcome.output_path = str(out_path)
         outcome.latency_ms = latency_ms
         outcome.compute_ms = receipt.compute_ms
         # Only comparable for real devices: a simulated one reports profile time, not wall time.

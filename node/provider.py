@@ -95,12 +95,12 @@ class Provider:
 
     def calibrate(self) -> None:
         """Measure items/s per slot for each reference model on this machine."""
+        # Measure from a scratch store so the model store starts empty: buyers send
+        # models by hash only when a provider does not hold them.
+        scratch = Executor(ModelStore(self.config.home / "calibration"), slots=1)
         for path in self.config.reference_models:
             data = path.read_bytes()
             sha = hashlib.sha256(data).hexdigest()
-            # Measure from a scratch store so the model store starts empty: buyers send
-            # models by hash only when a provider does not hold them.
-            scratch = Executor(ModelStore(self.config.home / "calibration"), slots=1)
             scratch.store.put(sha, data)
             rate = scratch.measure_throughput(sha) * self.config.speed_factor
             source = "measured" if self.config.speed_factor == 1.0 else "simulated"
