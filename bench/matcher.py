@@ -50,8 +50,9 @@ def make_problem(n_jobs: int, n_prov: int, *, deadlines: bool, seed: int) -> dic
         job = {"id": f"j{i:06d}", "model": model, "items": items, "memory_mb": float(rng.choice([500, 2000, 12000])),
                "arch": None, "deadline_ms": None, "max_price": None}
         if deadlines:
-            # Deadlines a mid-range device meets when not queued too long.
-            job["deadline_ms"] = float(100 + 1000 * items / (MODELS[model] * 3.0) * rng.uniform(1.0, 4.0))
+            # Tight enough to bind: what an L4-class device needs for the job alone, times
+            # 1-3, plus network time. The unconstrained optimum queues past many of them.
+            job["deadline_ms"] = float(80 + 1000 * items / (MODELS[model] * 30.0) * rng.uniform(1.0, 3.0))
         jobs.append(job)
     return {"weights": {"energy": 1.0, "latency": 0.01, "carbon": 0.0, "price": 0.0},
             "providers": providers, "jobs": jobs}
@@ -60,8 +61,12 @@ def make_problem(n_jobs: int, n_prov: int, *, deadlines: bool, seed: int) -> dic
 def run_case(n_jobs: int, n_prov: int, deadlines: bool, time_limit_s: float, seed: int) -> dict:
     problem = problem_from_json(make_problem(n_jobs, n_prov, deadlines=deadlines, seed=seed))
     out = {"jobs": n_jobs, "providers": n_prov, "deadlines": deadlines}
+    # The first solve in a process also pays for first-touching its J x P arrays
+    # (page faults, ~0.1 s at 10M pairs); the second is the steady state of a daemon.
+    cold = solve(problem, time_limit_s=time_limit_s, seed=seed, clock=time.perf_counter)
     ours = solve(problem, time_limit_s=time_limit_s, seed=seed, clock=time.perf_counter)
-    out["optimal"] = {"solve_ms": round(ours.solve_ms, 1), "objective": ours.objective,
+    out["optimal"] = {"solve_ms": round(ours.solve_ms, 1), "cold_solve_ms": round(cold.solve_ms, 1),
+                      "objective": ours.objective,
                       "lower_bound": ours.lower_bound, "gap": ours.gap, "proven_optimal": ours.optimal,
                       "placed": len(ours.assignments), "energy_j": ours.totals["energy_j"],
                       "latency_ms_mean": ours.totals["latency_ms"] / max(1, len(ours.assignments)),
@@ -72,23 +77,24 @@ def run_case(n_jobs: int, n_prov: int, deadlines: bool, time_limit_s: float, see
                      "placed": len(base.assignments), "energy_j": base.totals["energy_j"],
                      "latency_ms_mean": base.totals["latency_ms"] / max(1, len(base.assignments)),
                      "ours_energy_saving": 1 - ours.totals["energy_j"] / base.totals["energy_j"]
-                     if base.totals["energy_j"] else None}
+                     if base.totals["energy_j"] else None,
+                     "ours_latency_saving": 1 - ours.totals["latency_ms"] / base.totals["latency_ms"]
+                     if base.totals["latency_ms"] else None}
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    ap.add_argument("--target", action="store_true",
-                    help="the issue's target sizes (10,000 x 1,000 and 2,000 x 200); slow today, see README")
+    ap.add_argument("--small", action="store_true", help="1,000 x 100 and 500 x 50 instead of the target sizes")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     if args.quick:
         cases = [(500, 50, False, 1.0), (200, 20, True, 1.0)]
-    elif args.target:
-        cases = [(10_000, 1_000, False, 1.0), (2_000, 200, True, 2.0)]
-    else:
+    elif args.small:
         cases = [(1_000, 100, False, 1.0), (500, 50, True, 2.0)]
+    else:
+        cases = [(2_000, 200, False, 1.0), (10_000, 1_000, False, 1.0), (2_000, 200, True, 2.0)]
     results = [run_case(n, p, d, t, args.seed) for n, p, d, t in cases]
     print(json.dumps({"bench": "matcher", "cases": results}, indent=2))
 

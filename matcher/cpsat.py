@@ -30,7 +30,7 @@ def solve_subproblem(costs: Costs, providers: list[int], jobs: list[int], allowe
     ends: dict[tuple[int, int, int], cp_model.IntVar] = {}
     per_lane: dict[tuple[int, int], list] = {}
     per_job: dict[int, list] = {}
-    static_terms, latency_terms = [], []
+    static_terms, latency_terms, latency_bounds = [], [], []
     # One integer scale for the whole objective: a microsecond of latency costs
     # LATENCY_UNIT, so float cost x becomes round(x * scale).
     if latency_weight > 0:
@@ -70,19 +70,25 @@ def solve_subproblem(costs: Costs, providers: list[int], jobs: list[int], allowe
                 model.Add(contrib == end).OnlyEnforceIf(present)
                 model.Add(contrib == 0).OnlyEnforceIf(present.Not())
                 latency_terms.append(contrib)
+                latency_bounds.append(hi)
     for intervals in per_lane.values():
         model.AddNoOverlap(intervals)
     placed_vars = []
     for options in per_job.values():
         model.AddAtMostOne(options)
         placed_vars.extend(options)
-    placed = sum(placed_vars)
+    # Flat sums (LinearExpr.sum / weighted_sum): Python's sum() nests one node per term,
+    # and OR-tools walks that nesting recursively, which overflowed the C stack
+    # (a segfault) on neighbourhoods of a few thousand optional intervals.
+    placed = cp_model.LinearExpr.sum(placed_vars)
     model.Add(placed >= must_place)
     lat_coef = LATENCY_UNIT if latency_weight > 0 else 0
-    cost_expr = sum(c * v for c, v in static_terms) + lat_coef * sum(latency_terms)
+    static_coefs = [c for c, _ in static_terms]
     # Lexicographic: one more placed job outweighs any possible cost.
-    worst = sum(c for c, _ in static_terms) + lat_coef * sum(v.Proto().domain[-1] for v in latency_terms)
-    model.Minimize(-(worst + 1) * placed + cost_expr)
+    worst = sum(static_coefs) + lat_coef * sum(latency_bounds)
+    model.Minimize(cp_model.LinearExpr.weighted_sum(
+        placed_vars + [v for _, v in static_terms] + latency_terms,
+        [-(worst + 1)] * len(placed_vars) + static_coefs + [lat_coef] * len(latency_terms)))
 
     # Hint: the current placement, with back-to-back start times.
     for p, lanes in hint.items():

@@ -1,16 +1,21 @@
 """Exact placement without deadlines: min-cost flow with column generation (pure).
 
-Without deadlines the problem is an assignment of jobs to (provider, k) positions,
-k counted from the end of a slot: a job k-th from last delays k-1 jobs, so its cost
-there is compute_s * (beta + gamma * k) + delta, and each (provider, k) holds at most
-`slots` jobs. The full graph (10,000 jobs x 1,000 providers x k) is far too large, so:
+Without deadlines the problem is an assignment of jobs to positions (p, k), k counted
+from the end of a slot: a job k-th from last delays k-1 jobs, so its cost there is
+compute_s * (beta_p + gamma * k) + delta_p, and each position holds at most `slots_p`
+jobs. The full graph (10,000 jobs x 1,000 providers x k) is far too large, so:
 
-1. start from a sparse graph: each job's L cheapest providers, a few positions each;
-2. solve it exactly with OR-tools' min-cost flow;
-3. compute dual potentials of that optimum (Bellman-Ford over difference constraints);
-4. price every (job, provider, k) arc left out, including the next unused position;
-5. add arcs with negative reduced cost and repeat. When none is left, the duals are
-   feasible for the full problem, which proves the placement optimal.
+1. a greedy pass (largest jobs first, each to its cheapest next position) estimates how
+   deep every provider gets; each job starts with arcs around its greedy position and
+   around where it would sit on its few cheapest other providers;
+2. OR-tools' min-cost flow solves that sparse graph exactly;
+3. dual potentials of that optimum come from Bellman-Ford over the residual graph;
+4. pricing checks every allowed (job, provider, k) at once per group of interchangeable
+   jobs (same model, same allowed providers): within a group a job's cost at a
+   position is items * slope + intercept, so the most negative reduced cost at each
+   position is a query on the upper convex hull of the group's (items, dual) points;
+5. arcs with negative reduced cost join and the flow is solved again. When none is
+   left the duals are feasible for the full problem, which proves the placement optimal.
 """
 
 from __future__ import annotations
@@ -23,10 +28,14 @@ from ortools.graph.python import min_cost_flow
 
 from .costs import Costs
 
-INITIAL_CANDIDATES = 6
-MAX_ROUNDS = 50
+DENSE_PRICING_CELLS = 200_000  # groups up to this many (job, position) pairs are priced directly
+PRICE_WINDOW = 1          # jobs either side (in size order) of each position's best, priced too
+INITIAL_K_SPREAD = 2      # positions either side of a job's greedy one it starts with
+WINDOW_PER_SLOT = 6       # jobs per slot each estimated position starts with arcs to
+MAX_ROUNDS = 60
 INT_COST_TOP = 2.0 ** 34  # scale float costs so the largest arc is about 1.7e10
 OVERFLOW_INT_COST = 2 ** 42  # far above any arc; OR-tools refuses costs that could overflow in its sums
+K_LIMIT = 1 << 20         # positions per provider, for packing (job, provider, k) into one int64
 
 
 @dataclass
@@ -38,65 +47,179 @@ class ExactSolution:
     arcs: int
 
 
-def _initial_candidates(cost1: np.ndarray, feasible_rows: np.ndarray, count: int) -> list[np.ndarray]:
-    n_prov = cost1.shape[1]
-    if n_prov <= count:
-        return [np.flatnonzero(np.isfinite(row)) for row in cost1[feasible_rows]]
-    part = np.argpartition(cost1[feasible_rows], count - 1, axis=1)[:, :count]
+def _greedy_positions(costs: Costs, allowed: np.ndarray, compute: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Largest jobs first, each to the position that costs it least now. A job placed
+    later is smaller, so it runs in front of the jobs already there: its k is the
+    provider's fill / slots + 1 and it delays none of them. Returns (provider, k)."""
+    n, n_prov = compute.shape
+    slots = costs.slots
+    masked = np.where(allowed, compute, np.inf)
+    fill = np.zeros(n_prov, dtype=np.int64)
+    multiplier = costs.beta + costs.gamma  # cost per compute-second at each next position
+    prov = np.zeros(n, dtype=np.int64)
+    k_of = np.zeros(n, dtype=np.int64)
+    with np.errstate(invalid="ignore"):
+        for j in np.argsort(-masked.min(axis=1), kind="stable").tolist():
+            p = int(np.argmin(masked[j] * multiplier + costs.delta))
+            prov[j] = p
+            k_of[j] = fill[p] // slots[p] + 1
+            fill[p] += 1
+            multiplier[p] = costs.beta[p] + costs.gamma * (fill[p] // slots[p] + 1)
+    return prov, k_of
+
+
+def _upper_hull(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the upper convex hull of points (x, y), left to right, and the slopes of
+    its edges (decreasing). For a query s, max over points of y - s*x sits at hull vertex
+    number count(edge slopes > s)."""
+    order = np.lexsort((-y, x))
+    keep = np.r_[True, x[order][1:] != x[order][:-1]]  # highest y for each x
+    order = order[keep]
+    hull: list[int] = []
+    xs, ys = x.tolist(), y.tolist()
+    for i in order.tolist():
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b when it lies on or under the segment a -> i
+            if (ys[b] - ys[a]) * (xs[i] - xs[a]) <= (ys[i] - ys[a]) * (xs[b] - xs[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    h = np.array(hull, dtype=np.int64)
+    slopes = np.diff(y[h]) / np.diff(x[h]) if len(h) > 1 else np.zeros(0)
+    return h, slopes
+
+
+def _job_groups(costs: Costs, jobs: np.ndarray, allowed: np.ndarray) -> list[np.ndarray]:
+    """Jobs with the same model and the same allowed providers, as local index arrays."""
+    packed = np.packbits(allowed, axis=1)
+    key = np.concatenate([costs.job_model[jobs].astype("<i8").view(np.uint8).reshape(len(jobs), 8), packed], axis=1)
+    _, inverse = np.unique(np.ascontiguousarray(key).view(np.dtype((np.void, key.shape[1]))).ravel(),
+                           return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0, True])
+    return [order[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+
+
+def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, items: np.ndarray,
+                 u: np.ndarray, v: np.ndarray, depth: np.ndarray, offsets: np.ndarray, n_pos: int,
+                 eps: float) -> np.ndarray:
+    """Columns with negative reduced cost for the jobs `g` (one model, allowed on `provs`),
+    as packed keys: for each job its cheapest position, for each position its cheapest
+    jobs. Exact minima, so finding none proves the group's duals feasible."""
+    n_prov = len(depth)
+    reps = depth[provs] + 1  # positions (p, k) for k <= depth_p + 1; deeper ones cost more at dual 0
+    q_prov = np.repeat(provs, reps)
+    q_k = np.arange(len(q_prov)) - np.repeat(np.cumsum(reps) - reps, reps) + 1
+    q_v = np.where(q_k <= depth[q_prov], v[np.minimum(offsets[q_prov] + q_k - 1, n_pos)], 0.0)
+    # Within the group a job's reduced cost at position q is items * slope_q + intercept_q - u_j.
+    slope = costs.seconds_per_item[model, q_prov] * (costs.beta[q_prov] + costs.gamma * q_k)
+    intercept = costs.delta[q_prov] - q_v
+    if len(g) * len(q_prov) <= DENSE_PRICING_CELLS:
+        red = items[g][:, None] * slope[None, :] + intercept[None, :] - u[g][:, None]
+        rows = np.arange(len(g))
+        by_job = np.argmin(red, axis=1)
+        by_pos = np.argmin(red, axis=0)
+        pick_j = np.concatenate([rows, by_pos])
+        pick_q = np.concatenate([by_job, np.arange(len(q_prov))])
+        bad = red[pick_j, pick_q] < -eps
+        return (g[pick_j[bad]] * n_prov + q_prov[pick_q[bad]]) * K_LIMIT + q_k[pick_q[bad]]
     out = []
-    for row, cand in zip(cost1[feasible_rows], part):
-        out.append(cand[np.isfinite(row[cand])])
-    return out
+    # Job side: each job's cheapest position, on the lower hull of the points
+    # (slope, intercept), i.e. the upper hull of (slope, -intercept).
+    q_hull, q_edge = _upper_hull(slope, -intercept)
+    at = np.searchsorted(-q_edge, -items[g], side="left")
+    for shift in (0, -1, 1):
+        q = q_hull[np.clip(at + shift, 0, len(q_hull) - 1)]
+        bad = items[g] * slope[q] + intercept[q] - u[g] < -eps
+        out.append((g[bad] * n_prov + q_prov[q[bad]]) * K_LIMIT + q_k[q[bad]])
+    # Position side: each position's cheapest job, on the upper hull of the points
+    # (items, u): the vertex maximising u - slope * items.
+    hull, edge = _upper_hull(items[g], u[g])
+    best = g[hull[np.searchsorted(-edge, -slope, side="left")]]
+    neg = items[best] * slope + intercept - u[best] < -eps
+    if neg.any():
+        # Jobs of about the same size tend to want the same position: price a few either
+        # side of the best in size order too, so fewer rounds are needed.
+        by_size = g[np.argsort(items[g], kind="stable")]
+        rank = np.searchsorted(items[by_size], items[best[neg]], side="left")
+        near = np.concatenate([best[neg][:, None], by_size[np.clip(
+            rank[:, None] + np.arange(-PRICE_WINDOW, PRICE_WINDOW + 1), 0, len(g) - 1)]], axis=1)
+        q_at = np.flatnonzero(neg)[:, None]
+        bad = items[near] * slope[q_at] + intercept[q_at] - u[near] < -eps
+        q_of = np.broadcast_to(q_at, near.shape)[bad]
+        out.append((near[bad] * n_prov + q_prov[q_of]) * K_LIMIT + q_k[q_of])
+    return np.concatenate(out)
 
 
 def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = None) -> ExactSolution:
     """Optimal placement of `jobs` (indices), each allowed where `allowed` (J x P) is true."""
-    allowed = costs.feasible if allowed is None else allowed
+    allowed = (costs.feasible if allowed is None else allowed)[jobs]
     n = len(jobs)
     if n == 0:
         return ExactSolution({}, 0.0, True, 0, 0)
     slots = costs.slots
     n_prov = len(slots)
-    with np.errstate(invalid="ignore"):
-        cost1 = np.where(allowed[jobs], costs.cost_at(jobs[:, None], np.arange(n_prov)[None, :], 1), np.inf)
-    candidates = [set(c.tolist()) for c in _initial_candidates(cost1, np.arange(n), INITIAL_CANDIDATES)]
-    # Enough positions for an even spread, and for each provider's first-choice jobs.
-    best = np.argmin(cost1, axis=1)
-    first_choice = np.bincount(best, minlength=n_prov)
-    spread = math.ceil(n / max(1, int(slots.sum()))) + 1
-    depth = np.minimum(np.maximum(spread, -(-first_choice // slots) + 1), 2 * spread + 2).astype(np.int64)
+    compute = costs.compute_s[jobs]
+    items = costs.items[jobs]
+
+    # --- initial columns ------------------------------------------------------------
+    greedy_prov, greedy_k = _greedy_positions(costs, allowed, compute)
+    greedy_depth = np.zeros(n_prov, dtype=np.int64)
+    np.maximum.at(greedy_depth, greedy_prov, greedy_k)
+    groups = _job_groups(costs, jobs, allowed)
+    group_prov = [np.flatnonzero(allowed[g[0]]) for g in groups]
+    # (a) Around each job's greedy position.
+    spread = np.arange(-INITIAL_K_SPREAD, INITIAL_K_SPREAD + 1)
+    seed_k = np.repeat(greedy_k, len(spread)) + np.tile(spread, n)
+    seeds = [((np.repeat(np.arange(n), len(spread)) * n_prov + np.repeat(greedy_prov, len(spread))) * K_LIMIT
+              + seed_k)[seed_k >= 1]]
+    # (b) From each position: on a provider the biggest jobs run last, so position k of
+    # p's greedy depth takes jobs around the matching size quantile of each group.
+    for g, provs in zip(groups, group_prov):
+        provs = provs[greedy_depth[provs] > 0]
+        if not len(provs):
+            continue
+        ranked = g[np.argsort(-items[g], kind="stable")]
+        reps = greedy_depth[provs]
+        q_prov = np.repeat(provs, reps)
+        q_k = np.arange(len(q_prov)) - np.repeat(np.cumsum(reps) - reps, reps) + 1
+        centre = np.floor((q_k - 0.5) / greedy_depth[q_prov] * len(g)).astype(np.int64)
+        half = max(1, math.ceil(WINDOW_PER_SLOT * int(slots[provs].max()) * len(g) / n / 2))
+        spots = np.clip(centre[:, None] + np.arange(-half, half + 1), 0, len(g) - 1)
+        seeds.append(((ranked[spots] * n_prov + q_prov[:, None]) * K_LIMIT + q_k[:, None]).ravel())
+    columns = np.unique(np.concatenate(seeds))
+    # Positions exist a little past the greedy depth, so pricing can fill them in one round.
+    depth = greedy_depth + greedy_depth // 4 + 1
 
     rounds = 0
     while True:
         rounds += 1
-        # --- the sparse graph ---------------------------------------------------------
+        a_k = columns % K_LIMIT
+        a_prov = (columns // K_LIMIT) % n_prov
+        a_job = columns // K_LIMIT // n_prov
+        np.maximum.at(depth, a_prov, a_k)
         offsets = np.concatenate([[0], np.cumsum(depth)])
         n_pos = int(offsets[-1])
-        arc_job, arc_prov = [], []
-        for local, cand in enumerate(candidates):
-            for p in cand:
-                arc_job.append(local)
-                arc_prov.append(p)
-        arc_job = np.array(arc_job, dtype=np.int64)
-        arc_prov = np.array(arc_prov, dtype=np.int64)
-        reps = depth[arc_prov]
-        a_job = np.repeat(arc_job, reps)
-        a_prov = np.repeat(arc_prov, reps)
-        a_k = np.arange(len(a_job)) - np.repeat(np.cumsum(reps) - reps, reps) + 1
-        a_cost = costs.cost_at(jobs[a_job], a_prov, a_k)
+        pos_prov = np.repeat(np.arange(n_prov), depth)
         a_pos = offsets[a_prov] + a_k - 1
+        a_cost = compute[a_job, a_prov] * (costs.beta[a_prov] + costs.gamma * a_k) + costs.delta[a_prov]
 
+        # --- the sparse flow --------------------------------------------------------
         scale = INT_COST_TOP / max(float(np.max(np.abs(a_cost))), 1e-30)
+        a_int = np.rint(a_cost * scale).astype(np.int64)
+        # Duals are computed on the rounded costs the flow optimised, so no float
+        # rounding can show up as a negative cycle; pricing allows for the rounding.
+        a_cost_r = a_int / scale
         flow = min_cost_flow.SimpleMinCostFlow()
         sink = n + n_pos
         # Each job may also overflow straight to the sink at a prohibitive cost, so the
         # sparse graph is always feasible; pricing then adds the positions it lacked.
         starts = np.concatenate([a_job, n + np.arange(n_pos), np.arange(n)])
         ends = np.concatenate([n + a_pos, np.full(n_pos, sink), np.full(n, sink)])
-        pos_prov = np.repeat(np.arange(n_prov), depth)
         caps = np.concatenate([np.ones(len(a_job), dtype=np.int64), slots[pos_prov], np.ones(n, dtype=np.int64)])
-        unit = np.concatenate([np.rint(a_cost * scale).astype(np.int64), np.zeros(n_pos, dtype=np.int64),
-                               np.full(n, OVERFLOW_INT_COST, dtype=np.int64)])
+        unit = np.concatenate([a_int, np.zeros(n_pos, dtype=np.int64), np.full(n, OVERFLOW_INT_COST, dtype=np.int64)])
         arcs = flow.add_arcs_with_capacity_and_unit_cost(starts, ends, caps, unit)
         supplies = np.zeros(sink + 1, dtype=np.int64)
         supplies[:n] = 1
@@ -105,22 +228,23 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
         status = flow.solve()
         if status != flow.OPTIMAL:
             raise RuntimeError(f"min-cost flow ended with status {status}")
-        flows = flow.flows(arcs[: len(a_job)])
-        used = flows > 0
+        used = flow.flows(arcs[: len(a_job)]) > 0
         # Overflowed jobs sit on a virtual position (index n_pos) whose dual is 0.
         job_pos = np.full(n, n_pos, dtype=np.int64)
         job_pos[a_job[used]] = a_pos[used]
         job_cost = np.full(n, OVERFLOW_INT_COST / scale)
-        job_cost[a_job[used]] = a_cost[used]
+        job_cost[a_job[used]] = a_cost_r[used]
         overflowed = int(np.sum(job_pos == n_pos))
         fill = np.bincount(job_pos, minlength=n_pos + 1)[:n_pos]
 
         # --- duals: v over positions (<= 0, 0 where not full), u_j = cost_j - v[pos_j] ---
+        # The largest v with v[q'] <= v[q] + cost(j, q') - cost(j, q) for each job j on q
+        # and each other arc of j: Bellman-Ford from v = 0, vectorised over arcs.
         v = np.zeros(n_pos + 1)
         other = ~used
         src = job_pos[a_job[other]]
         dst = a_pos[other]
-        w = a_cost[other] - job_cost[a_job[other]]
+        w = a_cost_r[other] - job_cost[a_job[other]]
         order = np.argsort(dst, kind="stable")
         src, dst, w = src[order], dst[order], w[order]
         if len(dst):
@@ -128,51 +252,39 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
             targets = dst[starts_idx]
             for _ in range(n_pos + 1):
                 relaxed = np.minimum.reduceat(v[src] + w, starts_idx)
-                new_v = v.copy()
-                new_v[targets] = np.minimum(v[targets], relaxed)
-                if np.array_equal(new_v, v):
+                improved = relaxed < v[targets]
+                if not improved.any():
                     break
-                v = new_v
-        eps = 1e-9 * max(1.0, float(np.max(np.abs(a_cost))))
+                v[targets[improved]] = relaxed[improved]
+        max_cost = float(np.max(np.abs(a_cost)))
+        eps = 1e-9 * max(1.0, max_cost) + 2.0 / scale
         v[n_pos] = 0.0
         duals_ok = overflowed == 0 and not np.any((v[:n_pos] < -eps) & (fill < slots[pos_prov]))
         u = job_cost - v[job_pos]
-        v = v[:n_pos]
 
-        # --- pricing: every allowed (job, provider, k <= depth+1) ---------------------
-        v_full = np.zeros(n_pos + n_prov)  # one extra, empty position per provider: v = 0
-        v_full[:n_pos] = v
-        worst_v = np.zeros(n_prov)
-        np.minimum.at(worst_v, pos_prov, v)
-        with np.errstate(invalid="ignore"):
-            screen = cost1 - u[:, None] + worst_v[None, :]  # lower bound over k
-        suspects = np.argwhere(screen < -eps)
+        # --- pricing over every allowed (job, provider, k), group by group ------------
+        # Position (p, k) for k <= depth_p + 1; deeper ones cost more at the same dual 0.
+        new_cols = [_price_group(costs, g, provs, int(costs.job_model[jobs[g[0]]]), items, u, v, depth,
+                                 offsets, n_pos, eps) for g, provs in zip(groups, group_prov) if len(provs)]
         added = 0
-        if len(suspects):
-            sj, sp = suspects[:, 0], suspects[:, 1]
-            best_red = np.full(len(sj), np.inf)
-            best_k = np.zeros(len(sj), dtype=np.int64)
-            for k in range(1, int(depth[sp].max()) + 2):
-                live = k <= depth[sp] + 1
-                idx = np.where(k <= depth[sp], offsets[sp] + k - 1, n_pos + sp)
-                red = costs.cost_at(jobs[sj], sp, k) - u[sj] - v_full[idx]
-                better = live & (red < best_red)
-                best_red[better] = red[better]
-                best_k[better] = k
-            bad = best_red < -eps
-            for j_local, p, k in zip(sj[bad], sp[bad], best_k[bad]):
-                if p not in candidates[j_local]:
-                    candidates[j_local].add(int(p))
-                    added += 1
-                if k > depth[p]:
-                    depth[p] += max(1, depth[p] // 2)
-                    added += 1
+        if new_cols:
+            fresh = np.unique(np.concatenate(new_cols))
+            at = np.minimum(np.searchsorted(columns, fresh), len(columns) - 1)
+            fresh = fresh[columns[at] != fresh]
+            added = len(fresh)
+            columns = np.sort(np.concatenate([columns, fresh]))
+            # A provider wanted one position past its depth: grow it by a quarter at once.
+            f_prov = (fresh // K_LIMIT) % n_prov
+            grow = np.zeros(n_prov, dtype=bool)
+            grow[f_prov[fresh % K_LIMIT > depth[f_prov]]] = True
+            # (Not while jobs overflow: their duals are the penalty, which says nothing of depth.)
+            depth[grow] += np.maximum(1, depth[grow] // 4) if overflowed == 0 else 1
         if added == 0 or rounds >= MAX_ROUNDS:
             position_of = {}
             for local in range(n):
                 q = job_pos[local]
-                if q == n_pos:  # still overflowing after MAX_ROUNDS: its cheapest provider, at the back
-                    p = int(np.argmin(cost1[local]))
+                if q == n_pos:  # still overflowing after MAX_ROUNDS: a candidate provider, at the back
+                    p = int(greedy_prov[local])
                     depth[p] += 1
                     position_of[int(jobs[local])] = (p, int(depth[p]))
                     continue

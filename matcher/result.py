@@ -127,7 +127,7 @@ def build_result(problem: Problem, costs: Costs, placement: Placement, unassigne
 def explain_unassigned(problem: Problem, costs: Costs, job_index: int, reason: str | None = None) -> Unassigned:
     """Why job `job_index` was left out: which check excluded how many providers."""
     job = problem.jobs[job_index]
-    stages = costs.stage[job_index]
+    stages = costs.stage_row(job_index)
     counts = {name: int(np.sum(stages == i)) for i, name in enumerate(STAGES)}
     counts = {k: v for k, v in counts.items() if v}
     if reason is None:

@@ -66,12 +66,14 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
     file_order = placeable.tolist()
 
     if solver != "optimal":
-        if solver == "greedy-price":
-            score = costs.compute_s * np.array([p.price_per_s for p in ordered.providers])[None, :]
-        elif solver == "greedy-energy":
-            score = costs.compute_s * np.array([p.marginal_w for p in ordered.providers])[None, :]
-        else:
-            score = None
+        # compute_s is inf where a model is not offered (inf * 0 = nan); such pairs are never allowed.
+        with np.errstate(invalid="ignore"):
+            if solver == "greedy-price":
+                score = costs.compute_s * np.array([p.price_per_s for p in ordered.providers])[None, :]
+            elif solver == "greedy-energy":
+                score = costs.compute_s * np.array([p.marginal_w for p in ordered.providers])[None, :]
+            else:
+                score = None
         placement, left = greedy(costs, allowed, file_order, score, round_robin=solver == "round-robin")
         unassigned += [explain_unassigned(ordered, costs, j, "deadline") for j in left]
         elapsed = (clock() - started) * 1000 if clock else 0.0
@@ -90,7 +92,8 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
 
     # Deadlines bind: the relaxation only bounds. Seed with the better of two heuristics.
     repaired, _ = repair(costs, placement, allowed, w.latency, lambda j: job_ids[j])
-    energy_score = costs.compute_s * np.array([p.marginal_w for p in ordered.providers])[None, :]
+    with np.errstate(invalid="ignore"):
+        energy_score = costs.compute_s * np.array([p.marginal_w for p in ordered.providers])[None, :]
     greedy_energy, _ = greedy(costs, allowed, sorted(file_order, key=lambda j: costs.deadline_ms[j]), energy_score)
     best = repaired if not _better(costs, w, greedy_energy, repaired) else greedy_energy
     stats["heuristic_placed"] = _placed_count(best)

@@ -173,3 +173,56 @@ def test_match_cli_prints_json(tmp_path):
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     assert result["assignments"][0]["provider"] == "p1" and result["optimal"] is True
+
+
+def _full_graph_optimum(problem: Problem) -> float:
+    """The no-deadline optimum from one min-cost flow over every (job, provider, k) arc."""
+    import numpy as np
+    from ortools.graph.python import min_cost_flow
+
+    from matcher.costs import build_costs
+    costs = build_costs(problem)
+    n, n_prov = costs.feasible.shape
+    depth = [-(-n // int(s)) for s in costs.slots]
+    offsets = np.concatenate([[0], np.cumsum(depth)])
+    flow = min_cost_flow.SimpleMinCostFlow()
+    scale = 1e6
+    sink = n + int(offsets[-1])
+    for j, p in zip(*np.nonzero(costs.feasible)):
+        for k in range(1, depth[p] + 1):
+            cost = costs.compute_s[j, p] * (costs.beta[p] + costs.gamma * k) + costs.delta[p]
+            flow.add_arc_with_capacity_and_unit_cost(int(j), n + int(offsets[p]) + k - 1, 1, int(round(cost * scale)))
+    for p in range(n_prov):
+        for k in range(depth[p]):
+            flow.add_arc_with_capacity_and_unit_cost(n + int(offsets[p]) + k, sink, int(costs.slots[p]), 0)
+    for j in range(n):
+        flow.set_node_supply(j, 1)
+    flow.set_node_supply(sink, -n)
+    assert flow.solve() == flow.OPTIMAL
+    return flow.optimal_cost() / scale
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(0, 10_000))
+def test_column_generation_matches_the_full_graph(seed):
+    # Several models, memory and price limits: many pricing groups, some of one job.
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    models = ("a", "b", "c")
+    providers = tuple(Provider(
+        f"p{i:02d}", "cuda", int(rng.integers(1, 4)), float(rng.choice([1000, 8000])), float(rng.uniform(5, 300)),
+        float(rng.uniform(0, 700)), float(rng.uniform(0, 40)), 0.0, float(rng.uniform(0, 0.002)),
+        {m: float(rng.uniform(10, 1000)) for m in models if rng.random() < 0.8}) for i in range(10))
+    jobs = tuple(Job(f"j{i:03d}", str(rng.choice(models)), int(rng.integers(1, 200)),
+                     memory_mb=float(rng.choice([500, 4000])),
+                     max_price=None if rng.random() < 0.7 else float(rng.uniform(0.001, 0.05)))
+                 for i in range(120))
+    problem = Problem(providers, jobs, Weights(energy=1.0, latency=0.01, carbon=0.1, price=5.0))
+    result = solve(problem)
+    assert check_result(problem, result) == []
+    if result.unassigned:  # only jobs no provider can take; the rest must all be placed
+        assert all(u.reason != "deadline" for u in result.unassigned)
+    placed = Problem(providers, tuple(j for j in jobs if j.id not in {u.job for u in result.unassigned}),
+                     problem.weights)
+    assert result.optimal
+    assert result.objective == pytest.approx(_full_graph_optimum(placed), rel=1e-6)
