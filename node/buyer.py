@@ -76,6 +76,8 @@ def offers_to_problem(offers: list[Offer], model_sha: str, items: int, count: in
     providers = []
     for offer in offers:
         throughput = {m.sha256: m.items_per_s for m in offer.models}
+        if model_sha not in throughput and offer.open_models_items_per_s:
+            throughput[model_sha] = offer.open_models_items_per_s
         providers.append(Provider(
             id=offer.peer_id, arch=offer.device.arch, slots=offer.slots,
             slot_memory_mb=offer.device.memory_mb / offer.slots, marginal_w=offer.power.marginal_w_per_slot,
@@ -189,10 +191,13 @@ class Buyer:
             gossip = OfferGossip(p2p, book)
             for addr in spec.bootstrap:
                 await self._sync(gossip, p2p, addr)
-            offers = [e.offer for e in book.current(now_ms=now_ms())]
-            if not offers:
+            current = [e.offer for e in book.current(now_ms=now_ms())]
+            offers = [o for o in current if o.available]
+            if not current:
                 failure = f"no offers from {', '.join(spec.bootstrap)}: is the network up?"
-            elif not any(o.model(self.model_sha) for o in offers):
+            elif not offers:
+                failure = f"all {len(current)} providers have withdrawn their capacity for now (idle-only or carbon ceiling)"
+            elif not any(o.items_per_s(self.model_sha) for o in offers):
                 failure = (f"no provider offers model {spec.model_path.name} (sha256 {self.model_sha[:16]}...); "
                            f"{len(offers)} offers seen")
             else:
@@ -240,7 +245,7 @@ class Buyer:
                 outcome = outcomes[jid]
                 # One retry elsewhere if the chosen provider fails or vanishes mid-job.
                 candidates = [provider_id] + [o.peer_id for o in offers
-                                              if o.peer_id != provider_id and o.model(self.model_sha)][:1]
+                                              if o.peer_id != provider_id and o.items_per_s(self.model_sha)][:1]
                 for pid in candidates:
                     try:
                         await self._run_one(p2p, outcome, self.offers[pid])

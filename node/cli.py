@@ -14,20 +14,106 @@ import trio
 DEFAULT_HOME = Path.home() / ".idlemesh"
 
 
+def _provider_config(args):
+    from .config import ConfigError, load_config
+
+    overrides = {
+        "listen": [args.listen] if args.listen else None, "bootstrap": args.bootstrap, "slots": args.slots,
+        "device_name": args.device_name, "memory_mb": args.memory_mb, "idle_w": args.idle_w,
+        "busy_w": args.busy_w, "marginal_w": args.marginal_w, "carbon_g_per_kwh": args.carbon,
+        "carbon_csv": args.carbon_csv, "carbon_ceiling": args.carbon_ceiling, "price_per_s": args.price_per_s,
+        "models": args.model, "speed_factor": args.speed_factor, "idle_only": args.idle_only,
+        "idle_threshold": args.idle_threshold, "idle_hold_s": args.idle_hold_s,
+    }
+    try:
+        return load_config(Path(args.home), overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"idlemesh: bad provider config: {exc}") from None
+
+
 def _provider_run(args) -> int:
     from .gossip import setup_logging
-    from .provider import Provider, ProviderConfig
+    from .provider import Provider
 
     setup_logging(args.verbose)
-    config = ProviderConfig(
-        home=Path(args.home), listen=[args.listen], bootstrap=args.bootstrap or [], slots=args.slots,
-        idle_w=args.idle_w, busy_w=args.busy_w, marginal_w_per_slot=args.marginal_w,
-        carbon_g_per_kwh=args.carbon, price_per_s=args.price_per_s,
-        reference_models=[Path(m) for m in args.model or []], speed_factor=args.speed_factor,
-        memory_mb=args.memory_mb)
-    if args.device_name:
-        config.device_name = args.device_name
+    config = _provider_config(args)
     trio.run(Provider(config).run)
+    return 0
+
+
+def _provider_calibrate(args) -> int:
+    from .calibrate import DEFAULT_BATCHES, REFERENCE_MODELS, calibrate, reference_model_path, save_profile
+    from .power import probe_meter
+    from .executor import best_execution_providers
+
+    config = _provider_config(args)
+    config.home.mkdir(parents=True, exist_ok=True)
+    paths = config.models or [reference_model_path(name) for name in REFERENCE_MODELS]
+    meter = probe_meter(want_gpu=best_execution_providers()[0] == "CUDAExecutionProvider") \
+        if config.speed_factor == 1.0 else None
+    say = (lambda line: print(line, file=sys.stderr, flush=True))
+    say(f"calibrating {len(paths)} models at batch sizes {','.join(map(str, args.batch or DEFAULT_BATCHES))}; "
+        f"energy meter: {meter.source if meter else 'none readable (declared or estimated power)'}")
+    profile = calibrate(paths, batches=tuple(args.batch or DEFAULT_BATCHES), meter=meter,
+                        declared_idle_w=config.idle_w, declared_busy_w=config.busy_w,
+                        device_name=config.device_name, speed_factor=config.speed_factor,
+                        seconds_per_point=args.seconds, progress=say)
+    path = save_profile(config.home, profile)
+    if args.json:
+        print(json.dumps({"profile": str(path), **profile.to_json()}, indent=2))
+    else:
+        p = profile.power
+        print(f"saved {path}")
+        print(f"device {profile.device_name} ({profile.execution_provider})")
+        print(f"power  idle {p.idle_w:.1f} W [{p.idle_source}]  busy {p.busy_w:.1f} W [{p.busy_source}]  "
+              f"marginal {p.marginal_w_per_slot:.1f} W/slot [{p.marginal_source}]")
+        if p.note:
+            print(f"       {p.note}")
+        for m in profile.models:
+            best = max(m.batches, key=lambda b: b.items_per_s)
+            print(f"  {m.name:<14} {m.items_per_s:9.1f} items/s per slot at batch {m.native_batch} "
+                  f"[{m.throughput_source}]; best {best.items_per_s:.1f} at batch {best.batch}")
+    return 0
+
+
+def _provider_status(args) -> int:
+    import os
+
+    from .provider import STATUS_NAME
+
+    path = Path(args.home) / STATUS_NAME
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(json.dumps({"running": False}) if args.json else f"no provider running in {args.home}")
+        return 1
+    try:
+        os.kill(status["pid"], 0)
+        alive = True
+    except (OSError, KeyError):
+        alive = False
+    age_s = (time.time() * 1000 - status.get("updated_at_ms", 0)) / 1000
+    status["running"] = alive
+    status["status_age_s"] = round(age_s, 1)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0 if alive else 1
+    if not alive:
+        print(f"provider in {args.home} is not running (stale status from {age_s:.0f} s ago)")
+        return 1
+    state = "SELLING" if status["selling"] else f"WITHDRAWN ({status['reason']})"
+    print(f"provider {status['peer_id']} (pid {status['pid']}): {state}")
+    print(f"  jobs: {status['jobs_running']} running, {status['jobs_done']} done; slots {status['slots']}")
+    print(f"  owner load {status['owner_load']:.0%} (idle-only {'on' if status['idle_only'] else 'off'}); "
+          f"grid {status['carbon_g_per_kwh']:.0f} g/kWh [{status['carbon_source']}], "
+          f"ceiling {status['carbon_ceiling'] if status['carbon_ceiling'] is not None else 'none'}")
+    power = status.get("power") or {}
+    print(f"  power: marginal {power.get('marginal_w_per_slot', 0):.1f} W/slot [{power.get('marginal_source')}], "
+          f"meter {status['meter'] or 'none'}; runtime {status['execution_provider']}")
+    for m in status.get("models", []):
+        print(f"  model {m['name']}: {m['items_per_s']:.1f} items/s [{m['source']}]")
+    if status.get("counters"):
+        print(f"  refused inputs: {status['counters']}")
     return 0
 
 
@@ -136,27 +222,48 @@ def _devnet_demo(args) -> int:
     return trio.run(run_demo, args.n, args.jobs, args.json)
 
 
+def _provider_flags(run: argparse.ArgumentParser) -> None:
+    # Defaults are None: unset flags fall back to HOME/provider.toml, then built-in defaults.
+    run.add_argument("--home", default=str(DEFAULT_HOME / "provider"))
+    run.add_argument("--listen", help="multiaddr to listen on (default /ip4/0.0.0.0/tcp/4001)")
+    run.add_argument("--bootstrap", action="append", help="bootstrap multiaddr with /p2p/ id (repeatable)")
+    run.add_argument("--slots", type=int, help="jobs run at once (default 1)")
+    run.add_argument("--device-name")
+    run.add_argument("--memory-mb", type=int)
+    run.add_argument("--idle-w", type=float, help="declared idle power, W (used when no meter is readable)")
+    run.add_argument("--busy-w", type=float, help="declared busy power, W (used when no meter is readable)")
+    run.add_argument("--marginal-w", type=float, help="declared marginal power per busy slot, W")
+    run.add_argument("--carbon", type=float, help="grid carbon intensity, g CO2/kWh (default 300)")
+    run.add_argument("--carbon-csv", help="hourly grid intensity, rows of time,g_per_kwh")
+    run.add_argument("--carbon-ceiling", type=float, help="withdraw capacity while the grid is above this g/kWh")
+    run.add_argument("--price-per-s", type=float, help="price per busy second")
+    run.add_argument("--model", action="append", help="ONNX model to offer (repeatable); throughput is measured")
+    run.add_argument("--speed-factor", type=float, help="simulate a device this many times faster")
+    run.add_argument("--idle-only", action="store_true", default=None,
+                     help="advertise slots only while the owner's own load stays low")
+    run.add_argument("--idle-threshold", type=float, help="owner CPU share above which to withdraw (default 0.2)")
+    run.add_argument("--idle-hold-s", type=float, help="seconds under the threshold before selling (default 60)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="idlemesh", description="An open marketplace for idle AI compute.")
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
 
     prov = sub.add_parser("provider", help="run a provider daemon").add_subparsers(dest="action", required=True)
-    run = prov.add_parser("run", help="advertise capacity and serve jobs")
-    run.add_argument("--home", default=str(DEFAULT_HOME / "provider"))
-    run.add_argument("--listen", default="/ip4/0.0.0.0/tcp/4001")
-    run.add_argument("--bootstrap", action="append", help="bootstrap multiaddr with /p2p/ id (repeatable)")
-    run.add_argument("--slots", type=int, default=1)
-    run.add_argument("--device-name")
-    run.add_argument("--memory-mb", type=int, default=4096)
-    run.add_argument("--idle-w", type=float, default=10.0, help="declared idle power, W")
-    run.add_argument("--busy-w", type=float, default=40.0, help="declared busy power, W")
-    run.add_argument("--marginal-w", type=float, default=30.0, help="declared marginal power per busy slot, W")
-    run.add_argument("--carbon", type=float, default=300.0, help="grid carbon intensity, g CO2/kWh")
-    run.add_argument("--price-per-s", type=float, default=0.0001, help="price per busy second")
-    run.add_argument("--model", action="append", help="ONNX model to offer (repeatable); throughput is measured")
-    run.add_argument("--speed-factor", type=float, default=1.0, help="simulate a device this many times faster")
+    run = prov.add_parser("run", help="advertise capacity and serve jobs (settings: HOME/provider.toml, flags win)")
+    _provider_flags(run)
     run.set_defaults(func=_provider_run)
+    cal = prov.add_parser("calibrate", help="measure throughput and power per model; writes HOME/profile.json")
+    _provider_flags(cal)
+    cal.add_argument("--batch", type=int, action="append", help="batch size to measure (repeatable; default 1,4,8)")
+    cal.add_argument("--seconds", type=float, default=0.5, help="seconds per measurement")
+    cal.add_argument("--json", action="store_true")
+    cal.set_defaults(func=_provider_calibrate)
+    st = prov.add_parser("status", help="what the provider in HOME is doing")
+    st.add_argument("--home", default=str(DEFAULT_HOME / "provider"))
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_provider_status)
 
     boot = sub.add_parser("bootstrap", help="run a bootstrap node").add_subparsers(dest="action", required=True)
     brun = boot.add_parser("run")

@@ -7,12 +7,12 @@ counted, logged drop (with the peer id) and, where the stream still works, a Job
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import math
-import platform
+import os
 import signal
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import trio
@@ -31,12 +31,20 @@ from protocol.messages import MAX_REQUEST_BYTES
 from protocol.tensors import tensors_sha256
 from protocol.topics import JOB_PROTOCOL, OFFERS_TOPIC
 
+from . import modelcheck
+from .calibrate import (
+    PowerFigures, Profile, calibrate, load_profile, power_figures, reference_model_path,
+    save_profile,
+)
+from .config import ProviderConfig
 from .executor import Executor, JobFailed, ModelStore
-from .gossip import OfferGossip, bootstrap_peer_id, emit, now_ms
+from .gossip import OfferGossip, emit, now_ms
 from .identity import load_key
 from .ledger import Ledger
 from .offers import OfferBook
 from .p2p import FramedStream, StreamClosed, open_p2p_node
+from .policy import Availability, CarbonSchedule, IdleGate, OwnerLoad, decide
+from .power import probe_meter
 
 log = logging.getLogger("idlemesh.provider")
 
@@ -46,45 +54,35 @@ READ_TIMEOUT_S = 30.0
 SEEN_JOBS_MAX = 100_000
 
 
-def local_arch() -> str:
-    machine = platform.machine().lower()
-    return "arm64" if machine in ("arm64", "aarch64") else "x86_64"
-
-
-@dataclass
-class ProviderConfig:
-    home: Path
-    listen: list[str]
-    bootstrap: list[str]
-    slots: int = 1
-    device_name: str = field(default_factory=lambda: platform.processor() or platform.machine())
-    arch: str = field(default_factory=local_arch)
-    memory_mb: int = 4096
-    idle_w: float = 10.0
-    busy_w: float = 40.0
-    marginal_w_per_slot: float = 30.0
-    power_source: str = "declared"
-    carbon_g_per_kwh: float = 300.0
-    carbon_source: str = "declared"
-    price_per_s: float = 0.0001
-    reference_models: list[Path] = field(default_factory=list)
-    # Simulated devices scale measured throughput; 1.0 means this machine as it is.
-    speed_factor: float = 1.0
+DEFAULT_MODELS = ("squeezenet", "shufflenet", "resnet50")
+POLICY_INTERVAL_S = 2.0
+STATUS_NAME = "status.json"
 
 
 class Provider:
     def __init__(self, config: ProviderConfig):
         self.config = config
         self.seed, self.key = load_key(config.home)
-        self.store = ModelStore(config.home / "models")
-        self.executor = Executor(self.store, slots=config.slots)
+        self.simulated = config.speed_factor != 1.0
+        self.store = ModelStore(config.home / "models", budget_bytes=int(config.model_budget_mb * (1 << 20)))
+        self.executor = Executor(self.store, slots=config.slots, job_memory_mb=config.job_memory_mb)
+        # A simulated device's energy follows its profile; metering this machine would mislabel it.
+        self.meter = None if self.simulated else probe_meter(
+            want_gpu=self.executor.execution_provider == "CUDAExecutionProvider")
         self.ledger = Ledger(config.home / "ledger.sqlite")
         self.models: list[ModelCapability] = []
+        self.profile: Profile | None = None
+        self.power: PowerFigures | None = None
         self.book = OfferBook()
         self.counters: dict[str, int] = {}
+        self.jobs_done = 0
         self._seen_jobs: OrderedDict[str, None] = OrderedDict()
         self._signed_offer: bytes | None = None
         self._queued = 0
+        self.carbon = CarbonSchedule(config.carbon_g_per_kwh, config.carbon_csv)
+        self.idle_gate = IdleGate(config.idle_threshold, config.idle_hold_s)
+        self.owner_load = 0.0
+        self.availability = self._decide(0.0, 0.0, first=True)
         self.p2p = None
 
     def count(self, name: str, peer: str, detail: object) -> None:
@@ -93,39 +91,120 @@ class Provider:
 
     # --- capability and offer ---------------------------------------------------------
 
-    def calibrate(self) -> None:
-        """Measure items/s per slot for each reference model on this machine."""
-        # Measure from a scratch store so the model store starts empty: buyers send
-        # models by hash only when a provider does not hold them.
-        scratch = Executor(ModelStore(self.config.home / "calibration"), slots=1)
-        for path in self.config.reference_models:
-            data = path.read_bytes()
-            sha = hashlib.sha256(data).hexdigest()
-            scratch.store.put(sha, data)
-            rate = scratch.measure_throughput(sha) * self.config.speed_factor
-            source = "measured" if self.config.speed_factor == 1.0 else "simulated"
-            name = path.stem.removeprefix("light_")
-            self.models.append(ModelCapability(name, sha, rate, source))
-            log.info("calibrated %s: %.1f items/s per slot (%s)", name, rate, source)
+    def model_paths(self) -> list[Path]:
+        return self.config.models or [reference_model_path(name) for name in DEFAULT_MODELS]
+
+    def prepare(self) -> None:
+        """Throughput from HOME/profile.json when it covers our models, else measured now
+        (and saved); power from the meter, else declared, else published estimates."""
+        c = self.config
+        paths = self.model_paths()
+        wanted = {}
+        for path in paths:
+            verdict = modelcheck.check(str(path))  # the operator's own files: checked in-process
+            if not verdict["ok"]:
+                raise SystemExit(f"model {path}: {verdict['error']}")
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            wanted[sha] = path
+            self.executor.trust(sha, verdict)
+        profile = load_profile(c.home)
+        if profile is None or {m.sha256 for m in profile.models} != set(wanted) or \
+                profile.speed_factor != c.speed_factor:
+            profile = calibrate(paths, batches=(), meter=self.meter, declared_idle_w=c.idle_w,
+                                declared_busy_w=c.busy_w, device_name=c.device_name, speed_factor=c.speed_factor,
+                                seconds_per_point=0.3, progress=lambda line: log.info("calibrate: %s", line))
+            save_profile(c.home, profile)
+        self.profile = profile
+        self.models = [ModelCapability(m.name, m.sha256, m.items_per_s, m.throughput_source) for m in profile.models]
+        if self.meter is not None and profile.power.busy_source == self.meter.source:
+            power = profile.power
+        else:
+            power = power_figures(None, [], None, c.idle_w, c.busy_w, c.device_name or profile.device_name,
+                                   self.simulated)
+        if c.marginal_w is not None:
+            power = PowerFigures(power.idle_w, power.idle_source, power.busy_w, power.busy_source, c.marginal_w,
+                                 "simulated" if self.simulated else "declared", power.note)
+        self.power = power
+        self.executor.idle_w = power.idle_w
+        for m in self.models:
+            log.info("model %s: %.1f items/s per slot (%s)", m.name, m.items_per_s, m.throughput_source)
+        log.info("power: idle %.1f W (%s), marginal %.1f W/slot (%s)", power.idle_w, power.idle_source,
+                 power.marginal_w_per_slot, power.marginal_source)
 
     def build_offer(self) -> Offer:
-        c = self.config
+        c, power = self.config, self.power
         issued = now_ms()
         backlog_ms = 1000.0 * self._queued / max(1, c.slots)  # crude: a second per queued job
+        open_rate = min((m.items_per_s for m in self.models), default=None) if c.open_models else None
         return Offer(
             provider=self.key.public_key, peer_id=self.key.peer_id, addrs=tuple(self.p2p.listen_addrs),
-            device=Device(c.arch, c.device_name[:128], c.memory_mb), slots=c.slots, models=tuple(self.models),
-            power=PowerProfile(c.idle_w, c.busy_w, c.marginal_w_per_slot, c.power_source, c.power_source,
-                               c.power_source),
-            carbon_g_per_kwh=c.carbon_g_per_kwh, carbon_source=c.carbon_source, price_per_s=c.price_per_s,
-            backlog_ms=backlog_ms, issued_at_ms=issued, expires_at_ms=issued + OFFER_TTL_MS,
-            execution_provider=self.executor.execution_provider,
+            device=Device(c.arch, (c.device_name or self.profile.device_name)[:128], c.memory_mb), slots=c.slots,
+            models=tuple(self.models),
+            power=PowerProfile(power.idle_w, power.busy_w, power.marginal_w_per_slot, power.idle_source,
+                               power.busy_source, power.marginal_source),
+            carbon_g_per_kwh=self.carbon.at(datetime.now(timezone.utc)), carbon_source=self.carbon.source,
+            price_per_s=c.price_per_s, backlog_ms=backlog_ms, issued_at_ms=issued,
+            expires_at_ms=issued + OFFER_TTL_MS, idle_only=c.idle_only,
+            execution_provider=self.executor.execution_provider, available=self.availability.selling,
+            carbon_ceiling_g_per_kwh=c.carbon_ceiling, open_models_items_per_s=open_rate,
         )
 
     def refresh_offer(self) -> bytes:
         self._signed_offer = sign_offer(self.key, self.build_offer())
         self.book.add(self._signed_offer, now_ms=now_ms())
         return self._signed_offer
+
+    # --- when to sell -----------------------------------------------------------------
+
+    def _decide(self, owner_load: float, now_s: float, *, first: bool = False) -> Availability:
+        idle_open = self.idle_gate.update(owner_load, now_s) if not first else not self.config.idle_only
+        return decide(idle_only=self.config.idle_only, idle_open=idle_open, owner_load=owner_load,
+                      carbon_now=self.carbon.at(datetime.now(timezone.utc)),
+                      carbon_ceiling=self.config.carbon_ceiling)
+
+    async def _watch_policy(self) -> None:
+        sensor = OwnerLoad(gpu=self.meter if hasattr(self.meter, "other_processes") else None)
+        while True:
+            await trio.sleep(POLICY_INTERVAL_S)
+            self.owner_load = sensor.read()
+            now = self._decide(self.owner_load, trio.current_time())
+            if now.selling != self.availability.selling:
+                # Jobs in flight finish; the offer changes at once so buyers stop placing.
+                log.info("capacity %s: %s", "offered again" if now.selling else "withdrawn", now.reason)
+                emit("availability", selling=now.selling, reason=now.reason)
+                self.availability = now
+                await self._publish_now()
+            self.availability = now
+            self.write_status()
+
+    async def _publish_now(self) -> None:
+        signed = self.refresh_offer()
+        try:
+            await self.p2p.publish(OFFERS_TOPIC, signed)
+        except (StreamClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("publish failed: %s", exc)
+
+    def status(self) -> dict:
+        return {
+            "pid": os.getpid(), "peer_id": self.key.peer_id, "updated_at_ms": now_ms(),
+            "selling": self.availability.selling, "reason": self.availability.reason,
+            "owner_load": round(self.owner_load, 3), "jobs_running": self._queued, "jobs_done": self.jobs_done,
+            "counters": self.counters, "slots": self.config.slots,
+            "carbon_g_per_kwh": self.carbon.at(datetime.now(timezone.utc)), "carbon_source": self.carbon.source,
+            "carbon_ceiling": self.config.carbon_ceiling, "idle_only": self.config.idle_only,
+            "meter": self.meter.source if self.meter else None,
+            "execution_provider": self.executor.execution_provider,
+            "power": vars(self.power) if self.power else None,
+            "models": [{"name": m.name, "items_per_s": m.items_per_s, "source": m.throughput_source}
+                       for m in self.models],
+            "addrs": list(self.p2p.listen_addrs) if self.p2p else [],
+        }
+
+    def write_status(self) -> None:
+        path = self.config.home / STATUS_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.status(), indent=2))
+        os.replace(tmp, path)
 
     async def _advertise(self, gossip: OfferGossip) -> None:
         while True:
@@ -179,7 +258,13 @@ class Provider:
             self._seen_jobs[request.job_id] = None
             if len(self._seen_jobs) > SEEN_JOBS_MAX:
                 self._seen_jobs.popitem(last=False)
+            if not self.availability.selling:
+                raise JobFailed("withdrawn", f"not selling now: {self.availability.reason}")
             capability = next((m for m in self.models if m.sha256 == request.model_sha256), None)
+            if capability is None and self.config.open_models and self.models:
+                # A model we do not list: priced at the open-model estimate we advertise.
+                capability = ModelCapability(request.model_name or "open", request.model_sha256,
+                                             min(m.items_per_s for m in self.models), "declared")
             if capability is None:
                 raise JobFailed("unknown-model", f"model {request.model_sha256} is not offered here")
             expected_price = request.items / capability.items_per_s * self.config.price_per_s
@@ -207,18 +292,19 @@ class Provider:
         self._queued += 1
         try:
             await stream.send(encode_message(Accepted(request.job_id, self._queued - 1)))
-            with trio.fail_after(request.timeout_ms / 1000):
-                started_ms = now_ms()
-                result = await self.executor.run(request.model_sha256, request.inputs)
-        except trio.TooSlowError:
-            raise JobFailed("timeout", f"job ran past its {request.timeout_ms} ms timeout") from None
+            started_ms = now_ms()
+            result = await self.executor.run(request.model_sha256, request.inputs,
+                                             timeout_s=request.timeout_ms / 1000)
         finally:
             self._queued -= 1
         c = self.config
         # A simulated device reports the time its profile implies; the outputs stay real.
-        compute_ms = result.compute_ms if c.speed_factor == 1.0 else result.compute_ms / c.speed_factor
-        energy_source = c.power_source if c.speed_factor == 1.0 else "simulated"
-        energy_j = compute_ms / 1000 * c.marginal_w_per_slot
+        compute_ms = result.compute_ms / c.speed_factor
+        if result.energy_j is not None:
+            energy_j, energy_source = result.energy_j, result.energy_source  # the meter's delta
+        else:
+            energy_j = compute_ms / 1000 * self.power.marginal_w_per_slot
+            energy_source = self.power.marginal_source
         price = min(compute_ms / 1000 * c.price_per_s, request.max_price)
         receipt = Receipt(
             job_id=request.job_id, buyer=request.buyer, provider=self.key.public_key,
@@ -229,7 +315,9 @@ class Provider:
         )
         signed = sign_receipt(self.key, receipt)
         await stream.send(encode_message(JobResult(request.job_id, tuple(result.outputs), signed)))
-        emit("job", job_id=request.job_id, buyer=peer, compute_ms=round(compute_ms, 3))
+        self.jobs_done += 1
+        emit("job", job_id=request.job_id, buyer=peer, compute_ms=round(compute_ms, 3),
+             energy_j=round(energy_j, 6), energy_source=energy_source)
         ack_bytes = None
         accepted = None
         try:
@@ -249,7 +337,7 @@ class Provider:
     # --- lifetime ---------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.calibrate()
+        self.prepare()
         async with open_p2p_node(self.seed, self.config.listen) as p2p:
             self.p2p = p2p
             self.refresh_offer()
@@ -260,6 +348,8 @@ class Provider:
                 p2p.keep_connected(self.config.bootstrap,
                                    on_connect=lambda pid: self._announce_to(gossip, pid))
                 nursery.start_soon(self._advertise, gossip)
+                nursery.start_soon(self._watch_policy)
+                self.write_status()
                 emit("ready", role="provider", peer_id=p2p.peer_id, addrs=p2p.listen_addrs,
                      models=[m.name for m in self.models])
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -267,4 +357,5 @@ class Provider:
                         break
                 nursery.cancel_scope.cancel()
         self.ledger.close()
+        (self.config.home / STATUS_NAME).unlink(missing_ok=True)
         emit("stopped", role="provider", counters=self.counters)

@@ -119,6 +119,13 @@ class Offer:
     expires_at_ms: int
     idle_only: bool = False
     execution_provider: str = "CPUExecutionProvider"
+    # False while the provider withdraws its capacity (owner busy, grid over its carbon
+    # ceiling): the offer stays current so buyers learn it at once, but places nothing.
+    available: bool = True
+    carbon_ceiling_g_per_kwh: float | None = None
+    # Set when the provider also runs models it does not list (sent by hash on demand):
+    # the items/s it assumes for them, a conservative estimate from its slowest listed one.
+    open_models_items_per_s: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -129,6 +136,8 @@ class Offer:
             "price_per_s": self.price_per_s, "backlog_ms": self.backlog_ms,
             "issued_at_ms": self.issued_at_ms, "expires_at_ms": self.expires_at_ms,
             "idle_only": self.idle_only, "execution_provider": self.execution_provider,
+            "available": self.available, "carbon_ceiling_g_per_kwh": self.carbon_ceiling_g_per_kwh,
+            "open_models_items_per_s": self.open_models_items_per_s,
         }
 
     @classmethod
@@ -159,6 +168,9 @@ class Offer:
             issued_at_ms=issued, expires_at_ms=expires,
             idle_only=f.bool("idle_only", default=False),
             execution_provider=f.str("execution_provider", max_len=64, default="CPUExecutionProvider"),
+            available=f.bool("available", default=True),
+            carbon_ceiling_g_per_kwh=f.float("carbon_ceiling_g_per_kwh", min=0.0, max=5000.0, default=None),
+            open_models_items_per_s=f.float("open_models_items_per_s", min=1e-9, max=1e9, default=None),
         )
 
     def model(self, sha256: str) -> ModelCapability | None:
@@ -166,6 +178,11 @@ class Offer:
             if m.sha256 == sha256:
                 return m
         return None
+
+    def items_per_s(self, sha256: str) -> float | None:
+        """Throughput for a model: listed, else the open-model estimate, else None."""
+        listed = self.model(sha256)
+        return listed.items_per_s if listed else self.open_models_items_per_s
 
 
 def sign_offer(key: SigningKey, offer: Offer) -> bytes:

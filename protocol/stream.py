@@ -31,6 +31,9 @@ ERROR_CODES = (
     "replay",           # this job id was seen before
     "unknown-model",    # the provider neither offers nor holds the model
     "model-invalid",    # the model bytes do not hash to the id, or do not load
+    "model-unsupported",  # a valid model this runtime cannot run (opset, operator)
+    "too-large",        # the model or the job's memory is over the provider's limits
+    "withdrawn",        # the provider is not selling capacity now (owner busy, grid too dirty)
     "bad-input",        # inputs do not fit the model
     "price",            # the job would cost more than its ceiling
     "busy",             # no slot before the request expires

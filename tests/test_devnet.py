@@ -87,3 +87,27 @@ async def test_provider_survives_garbage_then_serves(tmp_path, input_array):
     assert [o.state for o in outcomes] == ["settled", "settled"]
     log = (net.providers[0].home / "node.log").read_text()
     assert log.count("bad-request from") == 3
+
+
+async def test_hostile_models_fail_their_jobs_and_the_provider_keeps_serving(tmp_path, input_array):
+    from .hostile_models import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    async with open_devnet(1, root=tmp_path / "net") as net:
+        for name, (path, codes) in corpus.items():
+            # A fresh buyer identity per run (see README: same-home reconnects can be refused).
+            spec = SubmitSpec(model_path=path, inputs={"X": np.zeros((1, 4), np.float32)}, count=1,
+                              bootstrap=[net.bootstrap_addr], home=tmp_path / f"buyer-{name}",
+                              out_dir=tmp_path / "out")
+            outcomes, _ = await Buyer(spec).run()
+            assert outcomes[0].state == "failed", name
+            assert any(f": {code}: " in outcomes[0].error for code in codes), (name, outcomes[0].error)
+        spec = SubmitSpec(model_path=MODEL, inputs={"data_0": input_array}, count=2,
+                          bootstrap=[net.bootstrap_addr], home=tmp_path / "buyer-honest", out_dir=tmp_path / "out")
+        outcomes, _ = await Buyer(spec).run()
+        assert [o.state for o in outcomes] == ["settled", "settled"], [o.error for o in outcomes]
+        assert {o.energy_source for o in outcomes} == {"declared"}
+        home = net.providers[0].home
+    # Only the honest jobs reached the provider's ledger.
+    db = sqlite3.connect(home / "ledger.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0] == 2
