@@ -13,7 +13,7 @@ import numpy as np
 import trio
 
 from matcher import Job, Problem, Provider, Weights, solve
-from protocol.errors import DecodeError
+from protocol.errors import DecodeError, SignatureError
 from protocol.lifecycle import next_state
 from protocol.messages import JobRequest, Offer, ReceiptAck, SignedReceipt, sign_job_request, sign_receipt_ack
 from protocol.stream import (
@@ -24,7 +24,7 @@ from protocol.topics import JOB_PROTOCOL
 
 from .gossip import OfferGossip, bootstrap_peer_id, now_ms
 from .identity import load_key
-from .ledger import Ledger
+from .ledger import Ledger, LedgerError
 from .offers import OfferBook
 from .p2p import StreamClosed, open_p2p_node
 
@@ -91,7 +91,7 @@ class Buyer:
     def __init__(self, spec: SubmitSpec):
         self.spec = spec
         self.seed, self.key = load_key(spec.home)
-        self.ledger = Ledger(spec.home / "ledger.sqlite")
+        self.ledger = Ledger(spec.home / "ledger.sqlite", self.key.public_key)
         self.model_bytes = spec.model_path.read_bytes()
         self.model_sha = hashlib.sha256(self.model_bytes).hexdigest()
         self.tensors = tuple(Tensor.from_array(name, arr) for name, arr in spec.inputs.items())
@@ -132,17 +132,18 @@ class Buyer:
                         raise SubmitError(f"provider {offer.peer_id[-8:]} refused: {message.code}: {message.message}")
                     else:
                         break
-                signed = self._verify(message, request, offer)
+                try:
+                    signed = self._verify(message, request, offer)
+                except DecodeError as exc:
+                    await self._reject(stream, message, request, str(exc))
+                    raise
                 outcome.state = next_state(outcome.state, "deliver", role="buyer")
                 ack = ReceiptAck(request.job_id, signed.body_sha256, True, "", now_ms())
                 ack_bytes = sign_receipt_ack(self.key, ack)
                 await stream.send(encode_message(Ack(ack_bytes)))
         latency_ms = (time.perf_counter() - started) * 1000
         receipt = signed.receipt
-        self.ledger.apply(job_id=request.job_id, role="buyer", counterparty=offer.peer_id,
-                          receipt=signed.envelope_bytes, ack=ack_bytes, accepted=True, price=receipt.price,
-                          energy_j=receipt.energy_j, energy_source=receipt.energy_source,
-                          compute_ms=receipt.compute_ms, now_ms=now_ms())
+        self.ledger.apply(signed.envelope_bytes, ack_bytes, now_ms=now_ms())
         outcome.state = next_state(outcome.state, "settle", role="buyer")
         outputs = message.outputs
         stem = spec.out_dir / f"{outcome.index:04d}-{request.job_id[:8]}"
@@ -160,6 +161,22 @@ class Buyer:
         outcome.energy_j = receipt.energy_j
         outcome.energy_source = receipt.energy_source
         outcome.price = receipt.price
+
+    async def _reject(self, stream, message, request: JobRequest, reason: str) -> None:
+        """Sign a rejection with the reason; keep it if the receipt itself verifies."""
+        try:
+            signed = SignedReceipt.parse(message.receipt)
+        except (DecodeError, SignatureError):
+            return  # not a receipt of this provider at all: nothing to countersign
+        ack = sign_receipt_ack(self.key, ReceiptAck(request.job_id, signed.body_sha256, False, reason[:512], now_ms()))
+        try:
+            self.ledger.apply(signed.envelope_bytes, ack, now_ms=now_ms())
+        except LedgerError as exc:
+            log.warning("rejected receipt not recorded: %s", exc)
+        try:
+            await stream.send(encode_message(Ack(ack)))
+        except (StreamClosed, trio.TooSlowError):
+            pass
 
     def _verify(self, message, request: JobRequest, offer: Offer) -> SignedReceipt:
         signed = SignedReceipt.parse(message.receipt)

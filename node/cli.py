@@ -245,6 +245,112 @@ def _provider_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--idle-hold-s", type=float, help="seconds under the threshold before selling (default 60)")
 
 
+def _open_ledger(home: str):
+    from .identity import load_key
+    from .ledger import Ledger
+
+    path = Path(home) / "ledger.sqlite"
+    if not path.exists():
+        raise SystemExit(f"idlemesh: no ledger in {home} (use --home to point at a buyer or provider home)")
+    _, key = load_key(Path(home))
+    return Ledger(path, key.public_key), key
+
+
+def _ledger(args) -> int:
+    ledger, _ = _open_ledger(args.home)
+    balances = ledger.balances()
+    total = ledger.total_pico()
+    if args.json:
+        print(json.dumps({"me": ledger.me, "balances": [vars(b) for b in balances],
+                          "entries_sum_pico": total, "conserved": total == 0}, indent=2))
+        return 0
+    print(f"ledger of {ledger.me}")
+    if not balances:
+        print("  no accepted receipts yet")
+    for b in balances:
+        side = "owes us" if b.net_price > 0 else "we owe" if b.net_price < 0 else "even"
+        print(f"  {b.counterparty}  {b.receipts:5d} receipts  net {b.net_price:+.9g} ({side})  {b.energy_j:.3f} J")
+    print(f"  entries sum to {total} pico-units ({'conserved' if total == 0 else 'NOT CONSERVED'})")
+    return 0
+
+
+def _receipts(args) -> int:
+    ledger, _ = _open_ledger(args.home)
+    rows = ledger.history(counterparty=args.peer, limit=args.limit)
+    if args.export:
+        out = Path(args.export)
+        out.mkdir(parents=True, exist_ok=True)
+        for row in rows:
+            receipt, ack = ledger.receipt_bytes(row["receipt_id"])
+            (out / f"{row['receipt_id']}.receipt").write_bytes(receipt)
+            if ack:
+                (out / f"{row['receipt_id']}.ack").write_bytes(ack)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'receipt':<34} {'role':<8} {'counterparty':<14} {'status':<9} {'price':>12} {'energy_j':>10} source")
+    for r in rows:
+        print(f"{r['receipt_id']:<34} {r['role']:<8} ...{r['counterparty'][-10:]:<11} {r['status']:<9} "
+              f"{r['price']:12.4g} {r['energy_j']:10.4f} {r['energy_source']}" +
+              (f"  ({r['reason']})" if r["reason"] else ""))
+    if args.export:
+        print(f"wrote {len(rows)} receipts to {args.export}")
+    return 0
+
+
+def _settle(args) -> int:
+    from .gossip import now_ms
+    from .ledger import LedgerError
+
+    ledger, key = _open_ledger(args.home)
+    try:
+        signed, statement = ledger.statement(key, args.peer, now_ms=now_ms())
+    except LedgerError as exc:
+        raise SystemExit(f"idlemesh: {exc}") from None
+    out = Path(args.out or f"statement-{args.peer[-8:]}.idm")
+    out.write_bytes(signed)
+    summary = {"file": str(out), "issuer": ledger.me, "counterparty": args.peer, "receipts": statement.receipts,
+               "net_price": statement.net_price, "energy_j": statement.energy_j,
+               "receipts_sha256": statement.receipts_sha256, "as_of_ms": statement.as_of_ms}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"signed statement written to {out}: {statement.receipts} receipts with {args.peer}, "
+              f"net {statement.net_price:+.9g} ({'they owe us' if statement.net_price > 0 else 'we owe them'})")
+    return 0
+
+
+def _verify(args) -> int:
+    from protocol.errors import DecodeError
+    from protocol.settlement import open_any
+    from protocol.signing import peer_id_from_public_key
+
+    from .gossip import now_ms
+
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"idlemesh: {exc}") from None
+    try:
+        kind, env, message = open_any(data, now_ms=now_ms())
+    except DecodeError as exc:
+        if args.json:
+            print(json.dumps({"valid": False, "error": str(exc)}))
+        else:
+            print(f"INVALID: {exc}")
+        return 1
+    fields = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in message.to_wire().items()
+              if not isinstance(v, (list, dict))}
+    out = {"valid": True, "type": kind, "signer": peer_id_from_public_key(env.signer), "fields": fields}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"VALID {kind} signed by {out['signer']}")
+        for k, v in fields.items():
+            print(f"  {k}: {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="idlemesh", description="An open marketplace for idle AI compute.")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -282,6 +388,28 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--solver", default="optimal")
     sm.add_argument("--json", action="store_true")
     sm.set_defaults(func=_submit)
+
+    lg = sub.add_parser("ledger", help="balances per counterparty, from this node's ledger")
+    lg.add_argument("--home", default=str(DEFAULT_HOME / "buyer"))
+    lg.add_argument("--json", action="store_true")
+    lg.set_defaults(func=_ledger)
+    rc = sub.add_parser("receipts", help="receipt history")
+    rc.add_argument("--home", default=str(DEFAULT_HOME / "buyer"))
+    rc.add_argument("--peer", help="only receipts with this peer id")
+    rc.add_argument("--limit", type=int, default=100)
+    rc.add_argument("--export", help="also write each signed receipt (and ack) to this directory")
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(func=_receipts)
+    se = sub.add_parser("settle", help="write a signed statement of the netted balance with PEER")
+    se.add_argument("peer")
+    se.add_argument("--home", default=str(DEFAULT_HOME / "buyer"))
+    se.add_argument("--out", help="file for the signed statement (default statement-<peer>.idm)")
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(func=_settle)
+    vf = sub.add_parser("verify", help="check a signed receipt, ack, statement, dispute or offer offline")
+    vf.add_argument("file")
+    vf.add_argument("--json", action="store_true")
+    vf.set_defaults(func=_verify)
 
     mt = sub.add_parser("match", help="solve a placement problem file and print JSON")
     mt.add_argument("problem")

@@ -1,7 +1,15 @@
-"""Durable receipt ledger: SQLite in WAL mode, synchronous=FULL, each receipt applied once.
+"""Durable settlement ledger: SQLite in WAL mode with synchronous=FULL.
 
-The job id is the receipt id (PRIMARY KEY), so applying the same receipt again, or a
-second receipt for the same job, changes nothing.
+- A receipt is applied at most once, keyed by its id (the job id). The ledger verifies
+  it itself: the provider's signature, and the buyer's countersignature when present
+  (signed by the receipt's buyer, over this receipt's exact body). Anything that does
+  not verify, or does not involve this node, changes nothing.
+- Money moves as append-only double entries, in integer pico-units so sums are exact:
+  an accepted receipt debits the buyer and credits the provider by its price. Entries
+  are never updated or deleted (triggers refuse it), so every balance is conserved:
+  the sum of all entries is always zero.
+- A receipt stored without an ack (the buyer vanished) moves no money until a valid
+  ack arrives; a rejection is kept with its reason and moves none.
 """
 
 from __future__ import annotations
@@ -10,57 +18,247 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol.errors import DecodeError, SignatureError
+from protocol.messages import SignedReceipt, open_receipt_ack
+from protocol.settlement import Dispute, Statement, receipts_digest, sign_statement
+from protocol.signing import SigningKey, peer_id_from_public_key
+
+PICO = 10**12
+MAX_PRICE = 9_000_000  # pico-units of a larger price would not fit in SQLite's int64
+SCHEMA_VERSION = 2
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS receipts (
-    job_id TEXT PRIMARY KEY,
+    receipt_id TEXT PRIMARY KEY,
     role TEXT NOT NULL CHECK (role IN ('buyer', 'provider')),
+    buyer TEXT NOT NULL,
+    provider TEXT NOT NULL,
     counterparty TEXT NOT NULL,
+    counterparty_key BLOB NOT NULL,
     receipt BLOB NOT NULL,
+    receipt_sha256 TEXT NOT NULL,
     ack BLOB,
-    accepted INTEGER,
-    price REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('accepted', 'rejected', 'unacked')),
+    reason TEXT NOT NULL DEFAULT '',
+    price_pico INTEGER NOT NULL,
     energy_j REAL NOT NULL,
     energy_source TEXT NOT NULL,
     compute_ms REAL NOT NULL,
     applied_at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    receipt_id TEXT NOT NULL REFERENCES receipts(receipt_id),
+    account TEXT NOT NULL,
+    amount_pico INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    UNIQUE (receipt_id, account)
+);
+CREATE TABLE IF NOT EXISTS disputes (
+    receipt_id TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    dispute BLOB NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
+    BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
+    BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS receipts_no_delete BEFORE DELETE ON receipts
+    BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS receipts_settle_once BEFORE UPDATE ON receipts
+    WHEN OLD.status != 'unacked' OR NEW.receipt != OLD.receipt
+    BEGIN SELECT RAISE(ABORT, 'a settled receipt never changes'); END;
 """
+
+
+class LedgerError(ValueError):
+    """A receipt or ack that does not verify or does not concern this node."""
+
+
+@dataclass(frozen=True)
+class Applied:
+    applied: bool   # False: this receipt id was already applied, nothing changed
+    status: str     # accepted / rejected / unacked
+    receipt_id: str
 
 
 @dataclass(frozen=True)
 class Balance:
     counterparty: str
     receipts: int
-    price: float
+    net_price: float  # > 0: the counterparty owes us
     energy_j: float
 
 
 class Ledger:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, own_public_key: bytes):
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.me = peer_id_from_public_key(own_public_key)
         self.db = sqlite3.connect(path, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version < SCHEMA_VERSION:
+            old = self.db.execute("SELECT name FROM sqlite_master WHERE name = 'receipts'").fetchone()
+            if old:  # a first-slice ledger: keep it, untouched, beside the new tables
+                self.db.execute("ALTER TABLE receipts RENAME TO receipts_v1")
+            self.db.executescript(SCHEMA)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        else:
+            self.db.executescript(SCHEMA)
 
-    def apply(self, *, job_id: str, role: str, counterparty: str, receipt: bytes, ack: bytes | None,
-              accepted: bool | None, price: float, energy_j: float, energy_source: str,
-              compute_ms: float, now_ms: int) -> bool:
-        """Record a receipt once. Returns False (and changes nothing) if the id is known."""
-        cur = self.db.execute(
-            "INSERT OR IGNORE INTO receipts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (job_id, role, counterparty, receipt, ack, None if accepted is None else int(accepted),
-             price, energy_j, energy_source, compute_ms, now_ms))
+    # --- applying -----------------------------------------------------------------------
+
+    def _check_ack(self, signed: SignedReceipt, ack_bytes: bytes) -> tuple[str, str]:
+        try:
+            env, ack = open_receipt_ack(ack_bytes)
+        except (DecodeError, SignatureError) as exc:
+            raise LedgerError(f"ack does not verify: {exc}") from None
+        r = signed.receipt
+        if env.signer != r.buyer:
+            raise LedgerError("ack is not signed by the receipt's buyer")
+        if ack.job_id != r.job_id or ack.receipt_sha256 != signed.body_sha256:
+            raise LedgerError("ack is for another receipt")
+        return ("accepted" if ack.accepted else "rejected"), ack.reason
+
+    def apply(self, receipt: bytes, ack: bytes | None, *, now_ms: int) -> Applied:
+        """Apply a provider-signed receipt (and the buyer's ack, if any) exactly once."""
+        try:
+            signed = SignedReceipt.parse(receipt)
+        except (DecodeError, SignatureError) as exc:
+            raise LedgerError(f"receipt does not verify: {exc}") from None
+        r = signed.receipt
+        buyer, provider = peer_id_from_public_key(r.buyer), peer_id_from_public_key(r.provider)
+        if self.me == provider:
+            role, counterparty, counterparty_key = "provider", buyer, r.buyer
+        elif self.me == buyer:
+            role, counterparty, counterparty_key = "buyer", provider, r.provider
+        else:
+            raise LedgerError("receipt involves neither party of this ledger")
+        price_pico = round(r.price * PICO)
+        if r.price > MAX_PRICE:
+            raise LedgerError(f"price {r.price} is over what one receipt may carry ({MAX_PRICE})")
+        status, reason = self._check_ack(signed, ack) if ack is not None else ("unacked", "")
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO receipts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (r.job_id, role, buyer, provider, counterparty, counterparty_key, receipt, signed.body_sha256,
+                 ack, status, reason, price_pico, r.energy_j, r.energy_source, r.compute_ms, now_ms))
+            applied = cur.rowcount == 1
+            if applied and status == "accepted":
+                self._post(r.job_id, buyer, provider, price_pico, now_ms)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        if not applied:
+            status = self.db.execute("SELECT status FROM receipts WHERE receipt_id = ?", (r.job_id,)).fetchone()[0]
+        return Applied(applied, status, r.job_id)
+
+    def apply_ack(self, ack: bytes, *, now_ms: int) -> Applied:
+        """A late countersignature for a receipt stored unacked: settles it, once."""
+        try:
+            _, parsed = open_receipt_ack(ack)
+        except (DecodeError, SignatureError) as exc:
+            raise LedgerError(f"ack does not verify: {exc}") from None
+        row = self.db.execute("SELECT receipt, status FROM receipts WHERE receipt_id = ?", (parsed.job_id,)).fetchone()
+        if row is None:
+            raise LedgerError(f"no receipt {parsed.job_id} to acknowledge")
+        signed = SignedReceipt.parse(row[0])
+        status, reason = self._check_ack(signed, ack)
+        if row[1] != "unacked":
+            return Applied(False, row[1], parsed.job_id)
+        r = signed.receipt
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = self.db.execute("UPDATE receipts SET ack = ?, status = ?, reason = ? "
+                                  "WHERE receipt_id = ? AND status = 'unacked'", (ack, status, reason, r.job_id))
+            applied = cur.rowcount == 1
+            if applied and status == "accepted":
+                self._post(r.job_id, peer_id_from_public_key(r.buyer), peer_id_from_public_key(r.provider),
+                           round(r.price * PICO), now_ms)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return Applied(applied, status, r.job_id)
+
+    def _post(self, receipt_id: str, buyer: str, provider: str, price_pico: int, now_ms: int) -> None:
+        self.db.executemany("INSERT INTO entries (receipt_id, account, amount_pico, at_ms) VALUES (?,?,?,?)",
+                            [(receipt_id, buyer, -price_pico, now_ms), (receipt_id, provider, price_pico, now_ms)])
+
+    def record_dispute(self, signed_dispute: bytes, dispute: Dispute, *, now_ms: int) -> bool:
+        cur = self.db.execute("INSERT OR IGNORE INTO disputes VALUES (?,?,?,?)",
+                              (dispute.job_id, peer_id_from_public_key(dispute.provider), signed_dispute, now_ms))
         return cur.rowcount == 1
+
+    # --- reading ------------------------------------------------------------------------
 
     def count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
 
+    def has(self, receipt_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM receipts WHERE receipt_id = ?", (receipt_id,)).fetchone() is not None
+
+    def total_pico(self) -> int:
+        """Sum of every entry: zero in a conserved ledger."""
+        return self.db.execute("SELECT COALESCE(SUM(amount_pico), 0) FROM entries").fetchone()[0]
+
     def balances(self) -> list[Balance]:
         rows = self.db.execute(
-            "SELECT counterparty, COUNT(*), SUM(price), SUM(energy_j) FROM receipts "
-            "WHERE accepted IS NOT 0 GROUP BY counterparty ORDER BY counterparty").fetchall()
-        return [Balance(*row) for row in rows]
+            "SELECT r.counterparty, COUNT(*), "
+            "COALESCE(SUM((SELECT amount_pico FROM entries e WHERE e.receipt_id = r.receipt_id AND e.account = ?)), 0),"
+            " SUM(r.energy_j) FROM receipts r WHERE r.status = 'accepted' GROUP BY r.counterparty "
+            "ORDER BY r.counterparty", (self.me,)).fetchall()
+        return [Balance(cp, n, amount / PICO, energy) for cp, n, amount, energy in rows]
+
+    def history(self, *, counterparty: str | None = None, limit: int = 100) -> list[dict]:
+        query = ("SELECT receipt_id, role, counterparty, status, reason, price_pico, energy_j, energy_source, "
+                 "compute_ms, applied_at_ms FROM receipts")
+        args: tuple = ()
+        if counterparty:
+            query += " WHERE counterparty = ?"
+            args = (counterparty,)
+        query += " ORDER BY applied_at_ms DESC, receipt_id LIMIT ?"
+        keys = ("receipt_id", "role", "counterparty", "status", "reason", "price", "energy_j", "energy_source",
+                "compute_ms", "applied_at_ms")
+        out = []
+        for row in self.db.execute(query, args + (limit,)):
+            item = dict(zip(keys, row))
+            item["price"] /= PICO
+            out.append(item)
+        return out
+
+    def receipt_bytes(self, receipt_id: str) -> tuple[bytes, bytes | None] | None:
+        row = self.db.execute("SELECT receipt, ack FROM receipts WHERE receipt_id = ?", (receipt_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def reputation(self) -> dict[str, dict[str, int]]:
+        """Per provider, from this node's own receipts: accepted, rejected, disputed."""
+        out: dict[str, dict[str, int]] = {}
+        for provider, status, n in self.db.execute(
+                "SELECT provider, status, COUNT(*) FROM receipts WHERE role = 'buyer' GROUP BY provider, status"):
+            out.setdefault(provider, {"accepted": 0, "rejected": 0, "disputed": 0, "unacked": 0})[status] = n
+        for provider, n in self.db.execute("SELECT provider, COUNT(*) FROM disputes GROUP BY provider"):
+            out.setdefault(provider, {"accepted": 0, "rejected": 0, "disputed": 0, "unacked": 0})["disputed"] = n
+        return out
+
+    def statement(self, key: SigningKey, counterparty: str, *, now_ms: int) -> tuple[bytes, Statement]:
+        """A signed statement of the netted balance with `counterparty` (accepted receipts)."""
+        rows = self.db.execute(
+            "SELECT r.counterparty_key, r.receipt_sha256, r.energy_j, "
+            "(SELECT amount_pico FROM entries e WHERE e.receipt_id = r.receipt_id AND e.account = ?) "
+            "FROM receipts r WHERE r.counterparty = ? AND r.status = 'accepted'", (self.me, counterparty)).fetchall()
+        if not rows:
+            raise LedgerError(f"no accepted receipts with {counterparty}")
+        statement = Statement(
+            issuer=key.public_key, counterparty=rows[0][0], receipts=len(rows),
+            net_price=sum(r[3] for r in rows) / PICO, energy_j=sum(r[2] for r in rows),
+            receipts_sha256=receipts_digest([r[1] for r in rows]), as_of_ms=now_ms)
+        return sign_statement(key, statement), statement
 
     def close(self) -> None:
         self.db.close()
+

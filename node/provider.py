@@ -19,8 +19,8 @@ import trio
 
 from protocol.errors import DecodeError, ExpiredError
 from protocol.messages import (
-    Device, ModelCapability, Offer, PowerProfile, Receipt, SignedReceipt, check_window, open_job_request,
-    open_receipt_ack, sign_offer, sign_receipt,
+    Device, ModelCapability, Offer, PowerProfile, Receipt, check_window, open_job_request,
+    sign_offer, sign_receipt,
 )
 from protocol.signing import SigningKey
 from protocol.stream import (
@@ -40,7 +40,7 @@ from .config import ProviderConfig
 from .executor import Executor, JobFailed, ModelStore
 from .gossip import OfferGossip, emit, now_ms
 from .identity import load_key
-from .ledger import Ledger
+from .ledger import Ledger, LedgerError
 from .offers import OfferBook
 from .p2p import FramedStream, StreamClosed, open_p2p_node
 from .policy import Availability, CarbonSchedule, IdleGate, OwnerLoad, decide
@@ -69,7 +69,7 @@ class Provider:
         # A simulated device's energy follows its profile; metering this machine would mislabel it.
         self.meter = None if self.simulated else probe_meter(
             want_gpu=self.executor.execution_provider == "CUDAExecutionProvider")
-        self.ledger = Ledger(config.home / "ledger.sqlite")
+        self.ledger = Ledger(config.home / "ledger.sqlite", self.key.public_key)
         self.models: list[ModelCapability] = []
         self.profile: Profile | None = None
         self.power: PowerFigures | None = None
@@ -319,20 +319,18 @@ class Provider:
         emit("job", job_id=request.job_id, buyer=peer, compute_ms=round(compute_ms, 3),
              energy_j=round(energy_j, 6), energy_source=energy_source)
         ack_bytes = None
-        accepted = None
         try:
             payload = await stream.receive(max_bytes=MAX_CONTROL_FRAME_BYTES, timeout_s=READ_TIMEOUT_S)
-            ack_frame = decode_message(payload, max_bytes=MAX_CONTROL_FRAME_BYTES, expect=("ack",))
-            env, ack = open_receipt_ack(ack_frame.ack)
-            if env.signer != request.buyer or ack.job_id != request.job_id or \
-                    ack.receipt_sha256 != SignedReceipt.parse(signed).body_sha256:
-                raise DecodeError("ack does not match this job's receipt or buyer")
-            ack_bytes, accepted = ack_frame.ack, ack.accepted
+            ack_bytes = decode_message(payload, max_bytes=MAX_CONTROL_FRAME_BYTES, expect=("ack",)).ack
         except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
             self.count("no-ack", peer, exc)
-        self.ledger.apply(job_id=request.job_id, role="provider", counterparty=peer, receipt=signed,
-                          ack=ack_bytes, accepted=accepted, price=price, energy_j=energy_j,
-                          energy_source=energy_source, compute_ms=compute_ms, now_ms=now_ms())
+        try:
+            applied = self.ledger.apply(signed, ack_bytes, now_ms=now_ms())
+        except LedgerError as exc:
+            # A bad countersignature: keep our receipt, unacked, and count the peer's input.
+            self.count("bad-ack", peer, exc)
+            applied = self.ledger.apply(signed, None, now_ms=now_ms())
+        emit("settled", job_id=request.job_id, status=applied.status)
 
     # --- lifetime ---------------------------------------------------------------------
 

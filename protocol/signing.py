@@ -29,6 +29,9 @@ DOMAINS: dict[str, bytes] = {
     "job-request": b"idlemesh/v1/job-request\x00",
     "receipt": b"idlemesh/v1/receipt\x00",
     "receipt-ack": b"idlemesh/v1/receipt-ack\x00",
+    "statement": b"idlemesh/v1/statement\x00",
+    "dispute": b"idlemesh/v1/dispute\x00",
+    "reputation": b"idlemesh/v1/reputation\x00",
 }
 
 

@@ -43,7 +43,7 @@ async def test_devnet_jobs_match_local_onnxruntime_and_receipts_verify(tmp_path,
         assert o.energy_source == "declared"
     # The buyer's ledger holds each receipt once, and every stored receipt verifies.
     db = sqlite3.connect(tmp_path / "buyer" / "ledger.sqlite")
-    rows = db.execute("SELECT job_id, receipt FROM receipts").fetchall()
+    rows = db.execute("SELECT receipt_id, receipt FROM receipts WHERE status = 'accepted'").fetchall()
     assert sorted(r[0] for r in rows) == sorted(o.job_id for o in outcomes)
     model_sha = hashlib.sha256(MODEL.read_bytes()).hexdigest()
     for job_id, blob in rows:
@@ -54,7 +54,9 @@ async def test_devnet_jobs_match_local_onnxruntime_and_receipts_verify(tmp_path,
     provider_rows = 0
     for pid, home in provider_homes.items():
         pdb = sqlite3.connect(home / "ledger.sqlite")
-        provider_rows += pdb.execute("SELECT COUNT(*) FROM receipts WHERE accepted = 1").fetchone()[0]
+        provider_rows += pdb.execute("SELECT COUNT(*) FROM receipts WHERE status = 'accepted'").fetchone()[0]
+        # Money is conserved: each accepted receipt posted a debit and an equal credit.
+        assert pdb.execute("SELECT COALESCE(SUM(amount_pico), 0) FROM entries").fetchone()[0] == 0
     assert provider_rows == 8
 
 
