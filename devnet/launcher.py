@@ -65,7 +65,12 @@ async def _pump(stream, send: trio.MemorySendChannel) -> None:
                 except ValueError:
                     continue
                 if isinstance(event, dict):
-                    await send.send(event)
+                    try:
+                        send.send_nowait(event)
+                    except trio.WouldBlock:
+                        # Nobody is reading (a long `devnet up`): drop the event rather
+                        # than stall the pipe, which would block the child's stdout.
+                        pass
 
 
 async def _wait_event(child: Child, name: str, timeout_s: float) -> dict:

@@ -11,15 +11,21 @@ from typing import Callable
 import trio
 
 from protocol.errors import DecodeError
+from protocol.messages import open_offer
 from protocol.stream import MAX_SYNC_OFFERS, OfferSync, decode_message, encode_message
 from protocol.topics import OFFER_SYNC_PROTOCOL, OFFERS_TOPIC
 
 from .offers import OfferBook
 from .p2p import FramedStream, P2PNode, StreamClosed
+from .ratelimit import PeerRateLimit
 
 log = logging.getLogger("idlemesh.gossip")
 SYNC_FRAME_BYTES = 8 * 1024 * 1024
 SYNC_TIMEOUT_S = 10.0
+# Honest nodes publish an offer every 10-30 s and sync on (re)connect: these leave an
+# order of magnitude of headroom and still cap what one peer can make us verify.
+GOSSIP_PER_ORIGIN = (0.5, 10.0)   # offers per second sustained, burst
+SYNC_PER_PEER = (1.0, 10.0)       # offer-sync streams per second sustained, burst
 
 
 def now_ms() -> int:
@@ -41,12 +47,25 @@ class OfferGossip:
         self.own_offer = own_offer
         self.on_new_offer = on_new_offer
         self.bad_inputs = 0
+        self.on_bad_input: Callable[[str, str, object], None] | None = None
         self._known: set[str] = set()
+        self._gossip_limit = PeerRateLimit(*GOSSIP_PER_ORIGIN)
+        self._sync_limit = PeerRateLimit(*SYNC_PER_PEER)
         p2p.set_validator(OFFERS_TOPIC, self._validate)
         p2p.set_stream_handler(OFFER_SYNC_PROTOCOL, self._serve_sync)
 
+    def _bad(self, code: str, peer: str, detail: object) -> None:
+        self.bad_inputs += 1
+        log.info("%s from %s: %s", code, peer, detail)
+        if self.on_bad_input:
+            self.on_bad_input(code, peer, detail)
+
     def _validate(self, origin: str, data: bytes) -> bool:
-        # Runs before forwarding: forged, expired, oversized and stale offers stop here.
+        # Runs before forwarding: floods, forged, expired, oversized, duplicate and stale
+        # offers stop here (a duplicate is never newer than the one the book holds).
+        if not self._gossip_limit.allow(origin, time.monotonic()):
+            self._bad("rate-limited", origin, "offer gossip over the per-origin rate")
+            return False
         offer = self.book.check(data, now_ms=now_ms())
         return offer is not None and offer.peer_id == origin
 
@@ -69,14 +88,21 @@ class OfferGossip:
         return tuple(([own] if own else []) + others)[:MAX_SYNC_OFFERS]
 
     async def _serve_sync(self, stream: FramedStream) -> None:
+        if not self._sync_limit.allow(stream.remote_peer_id, time.monotonic()):
+            self._bad("rate-limited", stream.remote_peer_id, "offer sync over the per-peer rate")
+            return
         try:
             payload = await stream.receive(max_bytes=SYNC_FRAME_BYTES, timeout_s=SYNC_TIMEOUT_S)
             message = decode_message(payload, max_bytes=SYNC_FRAME_BYTES, expect=("offers",))
         except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
-            self.bad_inputs += 1
-            log.info("offer sync from %s dropped: %s", stream.remote_peer_id, exc)
+            self._bad("bad-sync", stream.remote_peer_id, exc)
             return
         for signed in message.offers:
+            try:
+                open_offer(signed, now_ms=now_ms())  # a stale but genuine offer is no fault
+            except DecodeError as exc:
+                self._bad("bad-offer", stream.remote_peer_id, f"offer in sync: {exc}")
+                continue
             self._take(signed)
         try:
             await stream.send(encode_message(OfferSync(self._outgoing())))

@@ -45,6 +45,7 @@ from .offers import OfferBook
 from .p2p import FramedStream, StreamClosed, open_p2p_node
 from .policy import Availability, CarbonSchedule, IdleGate, OwnerLoad, decide
 from .power import probe_meter
+from .ratelimit import PeerRateLimit
 
 log = logging.getLogger("idlemesh.provider")
 
@@ -56,6 +57,7 @@ SEEN_JOBS_MAX = 100_000
 
 DEFAULT_MODELS = ("squeezenet", "shufflenet", "resnet50")
 POLICY_INTERVAL_S = 2.0
+JOBS_PER_PEER = (20.0, 60.0)  # job streams per second sustained, burst, per peer
 STATUS_NAME = "status.json"
 
 
@@ -77,6 +79,7 @@ class Provider:
         self.counters: dict[str, int] = {}
         self.jobs_done = 0
         self._seen_jobs: OrderedDict[str, None] = OrderedDict()
+        self._job_limit = PeerRateLimit(*JOBS_PER_PEER)
         self._signed_offer: bytes | None = None
         self._queued = 0
         self.carbon = CarbonSchedule(config.carbon_g_per_kwh, config.carbon_csv)
@@ -86,8 +89,11 @@ class Provider:
         self.p2p = None
 
     def count(self, name: str, peer: str, detail: object) -> None:
+        """Count a refused input from a peer; the event lets a watcher (devnet, tests)
+        see each one as it happens."""
         self.counters[name] = self.counters.get(name, 0) + 1
         log.info("%s from %s: %s", name, peer, detail)
+        emit("refused", code=name, peer=peer)
 
     # --- capability and offer ---------------------------------------------------------
 
@@ -234,6 +240,10 @@ class Provider:
 
     async def _serve_job(self, stream: FramedStream) -> None:
         peer = stream.remote_peer_id
+        if not self._job_limit.allow(peer, trio.current_time()):
+            self.count("rate-limited", peer, "job streams over the per-peer rate")
+            await self._fail(stream, "rate-limited", "too many job streams from this peer; slow down")
+            return
         try:
             payload = await stream.receive(max_bytes=MAX_REQUEST_BYTES + 1024, timeout_s=READ_TIMEOUT_S)
             submit = decode_message(payload, max_bytes=MAX_REQUEST_BYTES + 1024, expect=("submit",))
@@ -340,6 +350,7 @@ class Provider:
             self.p2p = p2p
             self.refresh_offer()
             gossip = OfferGossip(p2p, self.book, own_offer=lambda: self._signed_offer)
+            gossip.on_bad_input = self.count
             p2p.set_stream_handler(JOB_PROTOCOL, self._serve_job)
             async with trio.open_nursery() as nursery:
                 await nursery.start(gossip.run)

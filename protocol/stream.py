@@ -34,6 +34,7 @@ ERROR_CODES = (
     "model-unsupported",  # a valid model this runtime cannot run (opset, operator)
     "too-large",        # the model or the job's memory is over the provider's limits
     "withdrawn",        # the provider is not selling capacity now (owner busy, grid too dirty)
+    "rate-limited",     # this peer opened job streams faster than the provider allows
     "bad-input",        # inputs do not fit the model
     "price",            # the job would cost more than its ceiling
     "busy",             # no slot before the request expires

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -60,35 +61,101 @@ async def test_devnet_jobs_match_local_onnxruntime_and_receipts_verify(tmp_path,
     assert provider_rows == 8
 
 
-async def test_provider_survives_garbage_then_serves(tmp_path, input_array):
+async def _collect(child, event: str, count: int, timeout_s: float = 30.0) -> list[dict]:
+    got = []
+    with trio.fail_after(timeout_s):
+        async for item in child.events:
+            if item.get("event") == event:
+                got.append(item)
+                if len(got) == count:
+                    return got
+    raise AssertionError(f"{child.name} exited after {len(got)} of {count} '{event}' events")
+
+
+async def test_flood_of_bad_input_is_counted_and_honest_jobs_still_settle(tmp_path, input_array):
+    from contextlib import AsyncExitStack
+
+    from protocol.messages import JobRequest, sign_job_request
+    from protocol.signing import SigningKey
+    from protocol.stream import Ack, OfferSync
+
     async with open_devnet(1, root=tmp_path / "net") as net:
-        provider = net.providers[0].ready
-        async with open_p2p_node(bytes(32), ["/ip4/127.0.0.1/tcp/0"]) as p2p:
-            # Garbage frame, oversized frame header, and a well-formed but unsigned request.
-            for payload in (b"\x00\x00\x00\x05hello", b"\xff\xff\xff\xff", encode_message(SubmitJob(b"not an envelope"))):
-                async with p2p.open_stream(provider["peer_id"], provider["addrs"], JOB_PROTOCOL) as stream:
-                    if payload.startswith(b"\x00\x00") or payload.startswith(b"\xff"):
-                        await stream.send_raw(payload)
-                    else:
-                        await stream.send(payload)
+        child = net.providers[0]
+        provider = child.ready
+        target = (provider["peer_id"], provider["addrs"])
+        attacker_key = SigningKey(bytes(32))
+        async with open_p2p_node(bytes(32), ["/ip4/127.0.0.1/tcp/0"]) as p2p, AsyncExitStack() as held:
+            # Half-open streams: a frame header promising 1 MB, then silence, held open
+            # while everything else happens.
+            for _ in range(5):
+                stream = await held.enter_async_context(p2p.open_stream(*target, JOB_PROTOCOL))
+                await stream.send_raw(b"\x00\x10\x00\x00")
+            sent = {}
+
+            async def one_frame(raw: bytes) -> None:
+                async with p2p.open_stream(*target, JOB_PROTOCOL) as stream:
+                    await stream.send_raw(raw)
                     try:
                         reply = decode_message(await stream.receive(max_bytes=1 << 16, timeout_s=10),
                                                max_bytes=1 << 16, expect=("error",))
-                        assert isinstance(reply, JobError) and reply.code == "bad-request"
+                        assert isinstance(reply, JobError)
                     except StreamClosed:
                         pass
-            # A forged offer pushed through offer sync is dropped, not stored.
-            gossip = OfferGossip(p2p, OfferBook())
+
+            frames = [b"\x00\x00\x00\x05hello"] * 20 + [b"\xff\xff\xff\xff"] * 5
+            frames += [encode_message(SubmitJob(b"not an envelope"))] * 5
+            for raw in frames:
+                await one_frame(raw if raw.startswith((b"\x00\x00", b"\xff")) else len(raw).to_bytes(4, "big") + raw)
+            sent["frames"] = len(frames)
+            # Forged offers through offer sync, one stream each.
             forged = codec.encode({"v": 1, "type": "offer", "signer": b"\x01" * 32, "body": b"x", "sig": b"\x00" * 64})
-            gossip.own_offer = lambda: forged
-            await gossip.sync_with(bootstrap_peer_id(net.bootstrap_addr), [net.bootstrap_addr])
-        spec = SubmitSpec(model_path=MODEL, inputs={"data_0": input_array}, count=2,
-                          bootstrap=[net.bootstrap_addr], home=tmp_path / "buyer", out_dir=tmp_path / "out")
-        outcomes, summary = await Buyer(spec).run()
-        assert summary["offers"] == 1  # the forged one never entered the bootstrap's book
-    assert [o.state for o in outcomes] == ["settled", "settled"]
-    log = (net.providers[0].home / "node.log").read_text()
-    assert log.count("bad-request from") == 3
+            from protocol.topics import OFFER_SYNC_PROTOCOL
+            for _ in range(3):
+                async with p2p.open_stream(*target, OFFER_SYNC_PROTOCOL) as stream:
+                    await stream.send(encode_message(OfferSync((forged,))))
+                    await stream.receive(max_bytes=1 << 20, timeout_s=10)
+            # A signed job request, then the same bytes again: the replay is refused.
+            book = OfferBook()
+            await OfferGossip(p2p, book).sync_with(bootstrap_peer_id(net.bootstrap_addr), [net.bootstrap_addr])
+            (entry,) = book.current(now_ms=int(time.time() * 1000))
+            issued = int(time.time() * 1000)
+            request = sign_job_request(attacker_key, JobRequest(
+                job_id="ab" * 16, buyer=attacker_key.public_key, provider=entry.offer.provider,
+                model_sha256=hashlib.sha256(MODEL.read_bytes()).hexdigest(), model_name="squeezenet",
+                inputs=(Tensor.from_array("data_0", input_array),), items=1, max_price=1.0,
+                issued_at_ms=issued, expires_at_ms=issued + 60_000))
+            async with p2p.open_stream(*target, JOB_PROTOCOL) as stream:
+                await stream.send(encode_message(SubmitJob(request)))
+                reply = decode_message(await stream.receive(max_bytes=1 << 16, timeout_s=10),
+                                       max_bytes=1 << 16, expect=("need-model",))
+            # ... we hung up instead of sending the model (counted as stream-closed)
+            async with p2p.open_stream(*target, JOB_PROTOCOL) as stream:
+                await stream.send(encode_message(SubmitJob(request)))
+                reply = decode_message(await stream.receive(max_bytes=1 << 16, timeout_s=10),
+                                       max_bytes=1 << 16, expect=("error",))
+                assert reply.code == "replay"
+            refused = await _collect(child, "refused", sent["frames"] + 3 + 2)
+            codes = [e["code"] for e in refused]
+            assert set(codes) <= {"bad-request", "rate-limited", "bad-offer", "stream-closed", "replay"}, codes
+            assert codes.count("bad-offer") == 3 and codes.count("replay") == 1
+            # Honest work still goes through while the half-open streams hang on.
+            spec = SubmitSpec(model_path=MODEL, inputs={"data_0": input_array}, count=2,
+                              bootstrap=[net.bootstrap_addr], home=tmp_path / "buyer", out_dir=tmp_path / "out")
+            outcomes, summary = await Buyer(spec).run()
+            assert [o.state for o in outcomes] == ["settled", "settled"], [o.error for o in outcomes]
+            assert summary["offers"] == 1  # nothing forged entered any book
+            await _collect(child, "settled", 2)
+            # Replaying the buyer's settled receipt and ack at the provider changes nothing.
+            db = sqlite3.connect(tmp_path / "buyer" / "ledger.sqlite")
+            receipt, ack = db.execute("SELECT receipt, ack FROM receipts LIMIT 1").fetchone()
+            for frame in (encode_message(Ack(ack)), encode_message(SubmitJob(receipt))):
+                await one_frame(len(frame).to_bytes(4, "big") + frame)
+            replays = await _collect(child, "refused", 2)
+            assert {e["code"] for e in replays} == {"bad-request"}
+        home = child.home
+    pdb = sqlite3.connect(home / "ledger.sqlite")
+    assert pdb.execute("SELECT COUNT(*) FROM receipts").fetchone()[0] == 2
+    assert pdb.execute("SELECT COALESCE(SUM(amount_pico), 0) FROM entries").fetchone()[0] == 0
 
 
 async def test_hostile_models_fail_their_jobs_and_the_provider_keeps_serving(tmp_path, input_array):

@@ -111,3 +111,12 @@ def test_statement_and_verify_reject_any_altered_byte(tmp_path, capsys):
             path.write_bytes(bytes(altered))
             assert main(["verify", str(path)]) == 1, f"byte {i} of a {kind}"
     assert "INVALID" in capsys.readouterr().out
+
+
+def test_peer_rate_limit_is_per_peer_and_refills():
+    from node.ratelimit import PeerRateLimit
+    limit = PeerRateLimit(rate_per_s=1.0, burst=3.0)
+    assert [limit.allow("a", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert limit.allow("b", 0.0)              # another peer has its own bucket
+    assert not limit.allow("a", 0.5)
+    assert limit.allow("a", 1.6)              # refilled at 1 per second
