@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import secrets
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from protocol.topics import JOB_PROTOCOL
 
 from .gossip import OfferGossip, bootstrap_peer_id, now_ms
 from .identity import load_key
+from .journal import Journal
 from .ledger import Ledger, LedgerError
 from .offers import OfferBook
 from .p2p import StreamClosed, open_p2p_node
@@ -31,6 +32,7 @@ from .p2p import StreamClosed, open_p2p_node
 log = logging.getLogger("idlemesh.buyer")
 RESULT_FRAME_BYTES = 96 * 1024 * 1024
 JOB_TTL_MS = 10 * 60_000
+RETRY_PROVIDERS = 3  # the placed provider and up to two others, per job
 
 
 class SubmitError(Exception):
@@ -69,6 +71,23 @@ class SubmitSpec:
     solver: str = "optimal"
     weights: Weights = Weights()
     job_timeout_s: float = 120.0
+    resume: str | None = None  # "latest" or a batch id: finish a journalled batch instead
+
+
+def resume_spec(home: Path, bootstrap: list[str], batch: str = "latest", **overrides) -> SubmitSpec:
+    """The spec of a journalled batch, to finish it after a crash."""
+    journal = Journal(home)
+    try:
+        found = journal.latest_unfinished() if batch == "latest" else journal.batch(batch)
+    finally:
+        journal.close()
+    if found is None:
+        raise SubmitError(f"nothing to resume in {home}" if batch == "latest" else f"no batch {batch} in {home}")
+    if not found.model_path.exists():
+        raise SubmitError(f"batch {found.batch_id}: model {found.model_path} is gone")
+    return SubmitSpec(model_path=found.model_path, inputs=found.load_inputs(), count=found.count,
+                      bootstrap=bootstrap, home=home, out_dir=found.out_dir, max_price=found.max_price,
+                      solver=found.solver, resume=found.batch_id, **overrides)
 
 
 def offers_to_problem(offers: list[Offer], model_sha: str, items: int, count: int, max_price: float,
@@ -92,14 +111,20 @@ class Buyer:
         self.spec = spec
         self.seed, self.key = load_key(spec.home)
         self.ledger = Ledger(spec.home / "ledger.sqlite", self.key.public_key)
+        self.journal = Journal(spec.home)
         self.model_bytes = spec.model_path.read_bytes()
         self.model_sha = hashlib.sha256(self.model_bytes).hexdigest()
+        if spec.resume:
+            batch = self.journal.batch(spec.resume)
+            if batch is None or batch.model_sha256 != self.model_sha:
+                raise SubmitError(f"batch {spec.resume}: the model file changed since it was submitted")
         self.tensors = tuple(Tensor.from_array(name, arr) for name, arr in spec.inputs.items())
         rows = {t.shape[0] if t.shape else 1 for t in self.tensors}
         if len(rows) != 1:
             raise SubmitError("all inputs must have the same number of rows (leading dimension)")
         self.items = max(1, rows.pop())
         self.offers: dict[str, Offer] = {}
+        self.batch_id = spec.resume or ""
         self._outcomes: list[JobOutcome] = []
         self._summary: dict = {}
 
@@ -114,6 +139,7 @@ class Buyer:
         started = time.perf_counter()
         outcome.provider = offer.peer_id
         outcome.attempts.append(offer.peer_id)
+        self.journal.sent(outcome.job_id, offer.peer_id, now_ms())
         with trio.fail_after(spec.job_timeout_s + 30):
             async with p2p.open_stream(offer.peer_id, offer.addrs, JOB_PROTOCOL) as stream:
                 await stream.send(encode_message(SubmitJob(sign_job_request(self.key, request))))
@@ -131,6 +157,8 @@ class Buyer:
                     elif message.kind == "error":
                         raise SubmitError(f"provider {offer.peer_id[-8:]} refused: {message.code}: {message.message}")
                     else:
+                        if outcome.state == "requested":  # a result kept from before our restart
+                            outcome.state = next_state(next_state(outcome.state, "accept"), "start")
                         break
                 try:
                     signed = self._verify(message, request, offer)
@@ -143,16 +171,12 @@ class Buyer:
                 await stream.send(encode_message(Ack(ack_bytes)))
         latency_ms = (time.perf_counter() - started) * 1000
         receipt = signed.receipt
+        # Outputs first, then the ledger, then the journal: after a crash at any point the
+        # ledger says whether the job was paid for, and a paid job's outputs exist.
+        out_path = self._write_outputs(outcome, message.outputs)
         self.ledger.apply(signed.envelope_bytes, ack_bytes, now_ms=now_ms())
+        self.journal.settled(outcome.job_id, str(out_path), now_ms())
         outcome.state = next_state(outcome.state, "settle", role="buyer")
-        outputs = message.outputs
-        stem = spec.out_dir / f"{outcome.index:04d}-{request.job_id[:8]}"
-        if len(outputs) == 1:
-            out_path = stem.with_suffix(".npy")
-            np.save(out_path, outputs[0].to_array())
-        else:
-            out_path = stem.with_suffix(".npz")
-            np.savez(out_path, **{t.name.replace("/", "_"): t.to_array() for t in outputs})
         outcome.output_path = str(out_path)
         outcome.latency_ms = latency_ms
         outcome.compute_ms = receipt.compute_ms
@@ -161,6 +185,19 @@ class Buyer:
         outcome.energy_j = receipt.energy_j
         outcome.energy_source = receipt.energy_source
         outcome.price = receipt.price
+
+    def _write_outputs(self, outcome: JobOutcome, outputs) -> Path:
+        stem = self.spec.out_dir / f"{outcome.index:04d}-{outcome.job_id[:8]}"
+        if len(outputs) == 1:
+            out_path = stem.with_suffix(".npy")
+            tmp = stem.with_suffix(".tmp.npy")
+            np.save(tmp, outputs[0].to_array())
+        else:
+            out_path = stem.with_suffix(".npz")
+            tmp = stem.with_suffix(".tmp.npz")
+            np.savez(tmp, **{t.name.replace("/", "_"): t.to_array() for t in outputs})
+        os.replace(tmp, out_path)
+        return out_path
 
     async def _reject(self, stream, message, request: JobRequest, reason: str) -> None:
         """Sign a rejection with the reason; keep it if the receipt itself verifies."""
@@ -221,6 +258,7 @@ class Buyer:
                 failure = ""
                 await self._run_jobs(p2p, offers, on_progress)
         self.ledger.close()
+        self.journal.close()
         # Raised out here, not inside the libp2p context, so callers get it unwrapped.
         if failure:
             raise SubmitError(failure)
@@ -241,28 +279,55 @@ class Buyer:
                 delay_s *= 2
         log.warning("bootstrap %s unreachable after retries", addr)
 
+    def _journal_batch(self) -> tuple[list[str], dict[str, JobOutcome]]:
+        """The batch's job ids and an outcome for each; jobs already paid for are done."""
+        spec = self.spec
+        if spec.resume:
+            rows = self.journal.jobs(spec.resume)
+            job_ids = [r.job_id for r in rows]
+        else:
+            batch, job_ids = self.journal.new_batch(
+                model_path=spec.model_path, model_sha256=self.model_sha, inputs=spec.inputs, count=spec.count,
+                max_price=spec.max_price, solver=spec.solver, out_dir=spec.out_dir, now_ms=now_ms())
+            self.batch_id = batch.batch_id
+            rows = self.journal.jobs(batch.batch_id)
+        outcomes = {}
+        for r in rows:
+            outcome = JobOutcome(r.job_id, r.index, provider=r.provider)
+            if self.ledger.has(r.job_id):
+                # Paid for before a crash: the ledger is the truth; outputs were written first.
+                outcome.state = "settled"
+                outcome.output_path = r.output_path
+                if r.state != "settled":
+                    self.journal.settled(r.job_id, r.output_path, now_ms())
+            outcomes[r.job_id] = outcome
+        return job_ids, outcomes
+
     async def _run_jobs(self, p2p, offers: list[Offer], on_progress=None) -> None:
         spec = self.spec
         self.offers = {o.peer_id: o for o in offers}
-        job_ids = [secrets.token_hex(16) for _ in range(spec.count)]
-        problem = offers_to_problem(offers, self.model_sha, self.items, spec.count, spec.max_price,
-                                    spec.weights, job_ids)
+        job_ids, outcomes = self._journal_batch()
+        todo = [j for j in job_ids if outcomes[j].state != "settled"]
+        problem = offers_to_problem(offers, self.model_sha, self.items, len(todo), spec.max_price,
+                                    spec.weights, todo)
         result = await trio.to_thread.run_sync(
             lambda: solve(problem, solver=spec.solver, clock=time.perf_counter))
-        outcomes = {jid: JobOutcome(jid, i) for i, jid in enumerate(job_ids)}
         for u in result.unassigned:
             outcomes[u.job].state = "failed"
             outcomes[u.job].error = u.explain
+            self.journal.failed(u.job, u.explain, now_ms())
         lanes: dict[tuple[str, int], list] = {}
         for a in sorted(result.assignments, key=lambda a: (a.provider, a.slot, a.position)):
             lanes.setdefault((a.provider, a.slot), []).append(a.job)
+        able = [o.peer_id for o in offers if o.items_per_s(self.model_sha)]
 
         async def run_lane(provider_id: str, jobs: list[str]) -> None:
             for jid in jobs:
                 outcome = outcomes[jid]
-                # One retry elsewhere if the chosen provider fails or vanishes mid-job.
-                candidates = [provider_id] + [o.peer_id for o in offers
-                                              if o.peer_id != provider_id and o.items_per_s(self.model_sha)][:1]
+                # A provider this job was sent to before a restart may hold its result;
+                # then the placed one; then others, if one fails or vanishes mid-job.
+                earlier = [outcome.provider] if outcome.provider in self.offers else []
+                candidates = list(dict.fromkeys(earlier + [provider_id] + able))[:RETRY_PROVIDERS + len(earlier)]
                 for pid in candidates:
                     try:
                         await self._run_one(p2p, outcome, self.offers[pid])
@@ -275,6 +340,7 @@ class Buyer:
                         log.warning("job %s on %s: %s", jid[:8], pid[-8:], outcome.error)
                 if outcome.error:
                     outcome.state = "failed"
+                    self.journal.failed(jid, outcome.error, now_ms())
                 if on_progress:
                     on_progress(outcome)
 
@@ -283,5 +349,6 @@ class Buyer:
                 nursery.start_soon(run_lane, pid, jobs)
         placement = result.to_json()
         placement["assignments"] = len(result.assignments)
-        self._summary = {"offers": len(offers), "placement": placement}
+        self._summary = {"offers": len(offers), "placement": placement, "batch": self.batch_id,
+                         "resumed": bool(spec.resume), "already_settled": len(job_ids) - len(todo)}
         self._outcomes = [outcomes[j] for j in job_ids]

@@ -126,11 +126,31 @@ def _bootstrap_run(args) -> int:
     return 0
 
 
-def _parse_inputs(values: list[str]) -> dict[str, np.ndarray]:
+def _model_input_names(model_path: str) -> list[str]:
+    import onnx
+
+    try:
+        graph = onnx.load(model_path, load_external_data=False).graph
+    except Exception as exc:  # noqa: BLE001 - any parse failure: the buyer must name inputs
+        raise SystemExit(f"idlemesh: cannot read {model_path} to name its inputs ({exc}); use --input NAME=X.npy")
+    initializers = {i.name for i in graph.initializer}
+    return [i.name for i in graph.input if i.name not in initializers]
+
+
+def _parse_inputs(values: list[str], model_path: str) -> dict[str, np.ndarray]:
     inputs = {}
     for value in values:
         name, _, path = value.rpartition("=")
-        inputs[name] = np.load(path, allow_pickle=False)
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"idlemesh: cannot load input {path}: {exc}") from None
+    if "" in inputs:
+        # An unnamed --input X.npy feeds the model's only input.
+        names = _model_input_names(model_path)
+        if len(names) != 1 or len(inputs) != 1:
+            raise SystemExit(f"idlemesh: the model takes inputs {names}: name each with --input NAME=X.npy")
+        inputs = {names[0]: inputs[""]}
     return inputs
 
 
@@ -147,29 +167,40 @@ def _print_outcomes(outcomes, summary, as_json: bool) -> None:
             print(f"    error: {o.error}")
     settled = [o for o in outcomes if o.state == "settled"]
     providers = {o.provider for o in settled}
+    sources = ", ".join(sorted({o.energy_source for o in settled})) or "none"
     print(f"\n{len(settled)}/{len(outcomes)} jobs settled with verified receipts from {len(providers)} providers"
-          f"; energy {sum(o.energy_j for o in settled):.3f} J (declared/simulated profiles, not metered)")
+          f"; energy {sum(o.energy_j for o in settled):.3f} J (how obtained: {sources})")
+    if summary.get("resumed"):
+        print(f"resumed batch {summary['batch']}: {summary['already_settled']} jobs were already paid for")
 
 
 def _submit(args) -> int:
-    from .buyer import Buyer, SubmitError, SubmitSpec
+    from .buyer import Buyer, SubmitError, SubmitSpec, resume_spec
     from .gossip import setup_logging
 
     setup_logging(args.verbose)
-    model = Path(args.model)
-    if not model.exists():
-        print(f"error: model file {model} not found", file=sys.stderr)
-        return 2
     try:
-        inputs = _parse_inputs(args.input)
-    except (OSError, ValueError) as exc:
-        print(f"error: cannot read input: {exc}", file=sys.stderr)
-        return 2
-    spec = SubmitSpec(model_path=model, inputs=inputs, count=args.count, bootstrap=args.bootstrap,
-                      home=Path(args.home), out_dir=Path(args.out), max_price=args.max_price, solver=args.solver)
-    try:
+        if args.resume:
+            spec = resume_spec(Path(args.home), args.bootstrap, args.resume)
+        else:
+            if not args.model or not args.input:
+                print("error: give MODEL and --input (or --resume to finish a journalled batch)", file=sys.stderr)
+                return 2
+            model = Path(args.model)
+            if not model.exists():
+                print(f"error: model file {model} not found", file=sys.stderr)
+                return 2
+            inputs = _parse_inputs(args.input, args.model)
+            spec = SubmitSpec(model_path=model, inputs=inputs, count=args.count, bootstrap=args.bootstrap,
+                              home=Path(args.home), out_dir=Path(args.out), max_price=args.max_price,
+                              solver=args.solver)
         buyer = Buyer(spec)
-        outcomes, summary = trio.run(buyer.run)
+
+        def progress(outcome) -> None:
+            if args.events:  # one JSON line per finished job, for scripts watching a long batch
+                print(json.dumps({"event": "job", **outcome.to_json()}), flush=True)
+
+        outcomes, summary = trio.run(lambda: buyer.run(on_progress=progress))
     except SubmitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -378,8 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     brun.set_defaults(func=_bootstrap_run)
 
     sm = sub.add_parser("submit", help="submit ONNX inference jobs")
-    sm.add_argument("model")
-    sm.add_argument("--input", action="append", required=True, help="X.npy, or NAME=X.npy for a named input")
+    sm.add_argument("model", nargs="?", help="ONNX model file (not needed with --resume)")
+    sm.add_argument("--input", action="append", help="X.npy, or NAME=X.npy for a named input")
     sm.add_argument("--count", type=int, default=1, help="number of jobs")
     sm.add_argument("--bootstrap", action="append", required=True)
     sm.add_argument("--home", default=str(DEFAULT_HOME / "buyer"))
@@ -387,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--max-price", type=float, default=1.0, help="price ceiling per job")
     sm.add_argument("--solver", default="optimal")
     sm.add_argument("--json", action="store_true")
+    sm.add_argument("--events", action="store_true", help="print a JSON line as each job finishes")
+    sm.add_argument("--resume", nargs="?", const="latest", metavar="BATCH",
+                    help="finish the latest unfinished batch in --home (or BATCH) after a crash")
     sm.set_defaults(func=_submit)
 
     lg = sub.add_parser("ledger", help="balances per counterparty, from this node's ledger")

@@ -58,6 +58,7 @@ SEEN_JOBS_MAX = 100_000
 DEFAULT_MODELS = ("squeezenet", "shufflenet", "resnet50")
 POLICY_INTERVAL_S = 2.0
 JOBS_PER_PEER = (20.0, 60.0)  # job streams per second sustained, burst, per peer
+KEPT_RESULTS_BYTES = 256 << 20  # results kept until acked, for buyers that lost them
 STATUS_NAME = "status.json"
 
 
@@ -80,6 +81,9 @@ class Provider:
         self.jobs_done = 0
         self._seen_jobs: OrderedDict[str, None] = OrderedDict()
         self._job_limit = PeerRateLimit(*JOBS_PER_PEER)
+        self._results: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # job -> (buyer, result frame)
+        self._results_bytes = 0
+        self._running: set[str] = set()
         self._signed_offer: bytes | None = None
         self._queued = 0
         self.carbon = CarbonSchedule(config.carbon_g_per_kwh, config.carbon_csv)
@@ -263,7 +267,15 @@ class Provider:
                              max_ttl_ms=3_600_000, max_skew_ms=30_000)
             except ExpiredError as exc:
                 raise JobFailed("expired", str(exc)) from None
-            if request.job_id in self._seen_jobs:
+            if request.job_id in self._seen_jobs or self.ledger.has(request.job_id):
+                kept = self._results.get(request.job_id)
+                if kept is not None and kept[0] == request.buyer:
+                    # The buyer lost our answer (it crashed or the stream broke): same bytes again.
+                    await stream.send(kept[1])
+                    await self._settle(stream, peer, request.job_id)
+                    return
+                if request.job_id in self._running:
+                    raise JobFailed("busy", f"job {request.job_id} is still running; ask again later")
                 raise JobFailed("replay", f"job {request.job_id} was already received")
             self._seen_jobs[request.job_id] = None
             if len(self._seen_jobs) > SEEN_JOBS_MAX:
@@ -300,13 +312,16 @@ class Provider:
     async def _run_job(self, stream: FramedStream, peer: str, request, capability: ModelCapability) -> None:
         received_ms = now_ms()
         self._queued += 1
+        self._running.add(request.job_id)
         try:
             await stream.send(encode_message(Accepted(request.job_id, self._queued - 1)))
+            emit("accepted", job_id=request.job_id, buyer=peer)
             started_ms = now_ms()
             result = await self.executor.run(request.model_sha256, request.inputs,
                                              timeout_s=request.timeout_ms / 1000)
         finally:
             self._queued -= 1
+            self._running.discard(request.job_id)
         c = self.config
         # A simulated device reports the time its profile implies; the outputs stay real.
         compute_ms = result.compute_ms / c.speed_factor
@@ -324,23 +339,40 @@ class Provider:
             issued_at_ms=now_ms(), execution_provider=self.executor.execution_provider,
         )
         signed = sign_receipt(self.key, receipt)
-        await stream.send(encode_message(JobResult(request.job_id, tuple(result.outputs), signed)))
+        # Durable before the buyer can see it: a crash from here on never loses the
+        # receipt, and a resubmission of the job gets these same bytes back.
+        self.ledger.apply(signed, None, now_ms=now_ms())
+        frame = encode_message(JobResult(request.job_id, tuple(result.outputs), signed))
+        self._keep_result(request.job_id, request.buyer, frame)
         self.jobs_done += 1
         emit("job", job_id=request.job_id, buyer=peer, compute_ms=round(compute_ms, 3),
              energy_j=round(energy_j, 6), energy_source=energy_source)
-        ack_bytes = None
+        await stream.send(frame)
+        await self._settle(stream, peer, request.job_id)
+
+    async def _settle(self, stream: FramedStream, peer: str, job_id: str) -> None:
+        """Wait for the buyer's countersignature and apply it, once."""
         try:
             payload = await stream.receive(max_bytes=MAX_CONTROL_FRAME_BYTES, timeout_s=READ_TIMEOUT_S)
             ack_bytes = decode_message(payload, max_bytes=MAX_CONTROL_FRAME_BYTES, expect=("ack",)).ack
         except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
             self.count("no-ack", peer, exc)
+            return
         try:
-            applied = self.ledger.apply(signed, ack_bytes, now_ms=now_ms())
+            applied = self.ledger.apply_ack(ack_bytes, now_ms=now_ms())
         except LedgerError as exc:
-            # A bad countersignature: keep our receipt, unacked, and count the peer's input.
-            self.count("bad-ack", peer, exc)
-            applied = self.ledger.apply(signed, None, now_ms=now_ms())
-        emit("settled", job_id=request.job_id, status=applied.status)
+            self.count("bad-ack", peer, exc)  # our receipt stays, unacked
+            return
+        if applied.applied:
+            self._results.pop(job_id, None)
+        emit("settled", job_id=job_id, status=applied.status)
+
+    def _keep_result(self, job_id: str, buyer: bytes, frame: bytes) -> None:
+        self._results[job_id] = (buyer, frame)
+        self._results_bytes += len(frame)
+        while self._results_bytes > KEPT_RESULTS_BYTES and self._results:
+            _, (_, old) = self._results.popitem(last=False)
+            self._results_bytes -= len(old)
 
     # --- lifetime ---------------------------------------------------------------------
 

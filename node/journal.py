@@ -1,0 +1,135 @@
+"""The buyer's job journal: what was submitted and how far each job got, on disk
+(SQLite WAL, synchronous=FULL) before anything goes on the wire. After a crash,
+`idlemesh submit --resume` reads it and finishes the batch; the ledger stays the truth
+about what was paid for, so a job whose receipt is there is never run or paid twice.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    created_at_ms INTEGER NOT NULL,
+    model_path TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    inputs_path TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    max_price REAL NOT NULL,
+    solver TEXT NOT NULL,
+    out_dir TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    batch_id TEXT NOT NULL REFERENCES batches(batch_id),
+    idx INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'settled', 'failed')),
+    provider TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT '',
+    output_path TEXT NOT NULL DEFAULT '',
+    updated_at_ms INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: str
+    model_path: Path
+    model_sha256: str
+    inputs_path: Path
+    count: int
+    max_price: float
+    solver: str
+    out_dir: Path
+
+    def load_inputs(self) -> dict[str, np.ndarray]:
+        with np.load(self.inputs_path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+
+
+@dataclass(frozen=True)
+class JournalJob:
+    job_id: str
+    index: int
+    state: str
+    provider: str
+    attempts: int
+    output_path: str
+
+
+class Journal:
+    def __init__(self, home: Path):
+        home.mkdir(parents=True, exist_ok=True)
+        self.home = home
+        self.db = sqlite3.connect(home / "jobs.sqlite", isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def new_batch(self, *, model_path: Path, model_sha256: str, inputs: dict[str, np.ndarray], count: int,
+                  max_price: float, solver: str, out_dir: Path, now_ms: int) -> tuple[Batch, list[str]]:
+        batch_id = secrets.token_hex(8)
+        folder = self.home / "batches" / batch_id
+        folder.mkdir(parents=True, exist_ok=True)
+        inputs_path = folder / "inputs.npz"
+        tmp = folder / "inputs.tmp.npz"
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **inputs)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, inputs_path)
+        job_ids = [secrets.token_hex(16) for _ in range(count)]
+        batch = Batch(batch_id, model_path.resolve(), model_sha256, inputs_path, count, max_price, solver,
+                      out_dir.resolve())
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("INSERT INTO batches VALUES (?,?,?,?,?,?,?,?,?)",
+                        (batch_id, now_ms, str(batch.model_path), model_sha256, str(inputs_path), count,
+                         max_price, solver, str(batch.out_dir)))
+        self.db.executemany("INSERT INTO jobs (job_id, batch_id, idx, state, updated_at_ms) VALUES (?,?,?,?,?)",
+                            [(jid, batch_id, i, "pending", now_ms) for i, jid in enumerate(job_ids)])
+        self.db.execute("COMMIT")
+        return batch, job_ids
+
+    def latest_unfinished(self) -> Batch | None:
+        row = self.db.execute(
+            "SELECT b.* FROM batches b WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = b.batch_id "
+            "AND j.state != 'settled') ORDER BY b.created_at_ms DESC LIMIT 1").fetchone()
+        return self._batch(row) if row else None
+
+    def batch(self, batch_id: str) -> Batch | None:
+        row = self.db.execute("SELECT * FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        return self._batch(row) if row else None
+
+    @staticmethod
+    def _batch(row) -> Batch:
+        batch_id, _, model_path, sha, inputs_path, count, max_price, solver, out_dir = row
+        return Batch(batch_id, Path(model_path), sha, Path(inputs_path), count, max_price, solver, Path(out_dir))
+
+    def jobs(self, batch_id: str) -> list[JournalJob]:
+        rows = self.db.execute("SELECT job_id, idx, state, provider, attempts, output_path FROM jobs "
+                               "WHERE batch_id = ? ORDER BY idx", (batch_id,)).fetchall()
+        return [JournalJob(*row) for row in rows]
+
+    def sent(self, job_id: str, provider: str, now_ms: int) -> None:
+        self.db.execute("UPDATE jobs SET state = 'sent', provider = ?, attempts = attempts + 1, updated_at_ms = ? "
+                        "WHERE job_id = ? AND state != 'settled'", (provider, now_ms, job_id))
+
+    def settled(self, job_id: str, output_path: str, now_ms: int) -> None:
+        self.db.execute("UPDATE jobs SET state = 'settled', output_path = ?, error = '', updated_at_ms = ? "
+                        "WHERE job_id = ?", (output_path, now_ms, job_id))
+
+    def failed(self, job_id: str, error: str, now_ms: int) -> None:
+        self.db.execute("UPDATE jobs SET state = 'failed', error = ?, updated_at_ms = ? "
+                        "WHERE job_id = ? AND state != 'settled'", (error[:1000], now_ms, job_id))
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,104 @@
+"""kill -9 against real processes: no accepted job is lost, no receipt applies twice."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import trio
+
+from devnet.launcher import LIGHT_MODELS, open_devnet
+from node.buyer import Buyer, SubmitSpec
+
+MODEL = LIGHT_MODELS / "light_squeezenet.onnx"
+REPO = Path(__file__).resolve().parents[1]
+
+
+async def _wait_for(child, event: str, count: int) -> None:
+    seen = 0
+    async for item in child.events:
+        if item.get("event") == event:
+            seen += 1
+            if seen == count:
+                return
+    raise AssertionError(f"{child.name} exited before {count} '{event}' events")
+
+
+def _ledger_ids(home: Path) -> list[str]:
+    db = sqlite3.connect(home / "ledger.sqlite")
+    return [r[0] for r in db.execute("SELECT receipt_id FROM receipts WHERE status = 'accepted'")]
+
+
+async def test_kill_9_of_a_provider_mid_batch_loses_no_job(tmp_path):
+    rows = np.random.default_rng(1).random((24, 3, 224, 224), dtype=np.float32)  # ~0.1 s a job
+    async with open_devnet(2, root=tmp_path / "net") as net:
+        spec = SubmitSpec(model_path=MODEL, inputs={"data_0": rows}, count=16, bootstrap=[net.bootstrap_addr],
+                          home=tmp_path / "buyer", out_dir=tmp_path / "out")
+        killed = []
+        results = {}
+
+        async def buyer() -> None:
+            results["outcomes"], _ = await Buyer(spec).run()
+
+        async def kill_the_first_busy_provider(nursery_scope) -> None:
+            async with trio.open_nursery() as watchers:
+                async def watch(child):
+                    await _wait_for(child, "accepted", 2)  # it is mid-batch now
+                    child.process.kill()                   # SIGKILL: no cleanup at all
+                    killed.append(child)
+                    watchers.cancel_scope.cancel()
+                for child in net.providers:
+                    watchers.start_soon(watch, child)
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(buyer)
+                nursery.start_soon(kill_the_first_busy_provider, nursery.cancel_scope)
+        victim_home = killed[0].home
+    outcomes = results["outcomes"]
+    assert [o.state for o in outcomes] == ["settled"] * 16, [o.error for o in outcomes]
+    assert any(len(o.attempts) > 1 for o in outcomes)   # some were re-placed
+    ids = _ledger_ids(tmp_path / "buyer")
+    assert sorted(ids) == sorted(o.job_id for o in outcomes)  # each job paid exactly once
+    # The killed provider's ledger survived the kill and holds no receipt twice.
+    db = sqlite3.connect(victim_home / "ledger.sqlite")
+    assert db.execute("SELECT COUNT(*) = COUNT(DISTINCT receipt_id) FROM receipts").fetchone()[0] == 1
+    assert db.execute("SELECT COALESCE(SUM(amount_pico), 0) FROM entries").fetchone()[0] == 0
+
+
+async def test_kill_9_of_the_buyer_then_resume_settles_every_job_once(tmp_path):
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(2).random((16, 3, 224, 224), dtype=np.float32))
+    home, out = tmp_path / "buyer", tmp_path / "out"
+    async with open_devnet(2, root=tmp_path / "net") as net:
+        cmd = [sys.executable, "-m", "node.cli", "submit", str(MODEL), "--input", str(x), "--count", "20",
+               "--bootstrap", net.bootstrap_addr, "--home", str(home), "--out", str(out), "--events"]
+        process = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+        settled, buffer = 0, b""
+        with trio.fail_after(120):
+            while settled < 3:
+                chunk = await process.stdout.receive_some()
+                assert chunk, "the buyer exited before settling 3 jobs"
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                settled += sum(1 for line in lines if b'"state": "settled"' in line)
+        process.kill()  # SIGKILL, mid-batch
+        await process.wait()
+        before = _ledger_ids(home)
+        assert 3 <= len(before) < 20
+        done = await trio.run_process(
+            [sys.executable, "-m", "node.cli", "submit", "--resume", "--bootstrap", net.bootstrap_addr,
+             "--home", str(home), "--json"], capture_stdout=True, stderr=subprocess.DEVNULL, cwd=REPO, check=False)
+    summary = json.loads(done.stdout)
+    assert done.returncode == 0, summary
+    assert summary["resumed"] and summary["already_settled"] >= len(before)
+    assert [j["state"] for j in summary["jobs"]] == ["settled"] * 20
+    ids = _ledger_ids(home)
+    assert len(ids) == len(set(ids)) == 20 and set(before) <= set(ids)
+    assert len(list(out.glob("*.npy"))) == 20
+    journal = sqlite3.connect(home / "jobs.sqlite")
+    assert journal.execute("SELECT COUNT(*) FROM jobs WHERE state = 'settled'").fetchone()[0] == 20
