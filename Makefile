@@ -22,6 +22,8 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/matcher.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/executor.py
+	$(BIN)/python bench/trust.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

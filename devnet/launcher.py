@@ -117,7 +117,8 @@ def provider_args(i: int, home: Path, bootstrap: str, models: list[Path]) -> lis
 
 @asynccontextmanager
 async def open_devnet(n_providers: int, *, root: Path | None = None, models: list[Path] | None = None,
-                      progress=None, timeout_s: float = 120.0) -> AsyncIterator[Devnet]:
+                      progress=None, timeout_s: float = 120.0,
+                      extra_args: dict[int, list[str]] | None = None) -> AsyncIterator[Devnet]:
     """A running devnet; every child is stopped when the block exits, however it exits."""
     root = root or Path(tempfile.mkdtemp(prefix="idlemesh-devnet-"))
     models = models or [LIGHT_MODELS / m for m in DEFAULT_MODELS]
@@ -133,8 +134,8 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
             say(f"bootstrap ready at {bootstrap_addr}")
             for i in range(n_providers):
                 home = root / f"provider-{i}"
-                children.append(await _start(nursery, f"provider-{i}", home,
-                                             provider_args(i, home, bootstrap_addr, models)))
+                args = provider_args(i, home, bootstrap_addr, models) + (extra_args or {}).get(i, [])
+                children.append(await _start(nursery, f"provider-{i}", home, args))
             for i, child in enumerate(children[1:], start=1):
                 child.ready = await _wait_event(child, "ready", timeout_s)
                 await _wait_event(child, "announced", timeout_s)

@@ -18,7 +18,7 @@ async def run_bootstrap(home: Path, listen: list[str]) -> None:
     async with open_p2p_node(seed, listen) as p2p:
         gossip = OfferGossip(p2p, OfferBook(), on_new_offer=lambda pid: emit("offer", provider=pid))
         async with trio.open_nursery() as nursery:
-            await nursery.start(gossip.run)
+            await nursery.start(lambda task_status: gossip.run(relay_digests=True, task_status=task_status))
             emit("ready", role="bootstrap", peer_id=p2p.peer_id, addrs=p2p.listen_addrs)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:

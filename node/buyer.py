@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,14 @@ from protocol.messages import JobRequest, Offer, ReceiptAck, SignedReceipt, sign
 from protocol.stream import (
     MAX_CONTROL_FRAME_BYTES, Ack, ModelBlob, SubmitJob, decode_message, encode_message,
 )
+from protocol.settlement import Dispute, sign_dispute
 from protocol.tensors import Tensor, tensors_sha256
 from protocol.topics import JOB_PROTOCOL
 
 from .gossip import OfferGossip, bootstrap_peer_id, now_ms
 from .identity import load_key
 from .journal import Journal
+from .reputation import own_digest, provider_scores
 from .ledger import Ledger, LedgerError
 from .offers import OfferBook
 from .p2p import StreamClosed, open_p2p_node
@@ -54,6 +57,7 @@ class JobOutcome:
     error: str = ""
     output_path: str = ""
     attempts: list[str] = field(default_factory=list)
+    spot_check: dict | None = None
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -72,6 +76,10 @@ class SubmitSpec:
     weights: Weights = Weights()
     job_timeout_s: float = 120.0
     resume: str | None = None  # "latest" or a batch id: finish a journalled batch instead
+    spot_check: float = 0.0    # fraction of jobs re-run on a second provider and compared
+    atol: float = 1e-4         # outputs agree when |a - b| <= atol + rtol * |b|
+    rtol: float = 1e-3
+    min_reputation: float = 0.25  # providers scored below this are not used (unseen: 0.5)
 
 
 def resume_spec(home: Path, bootstrap: list[str], batch: str = "latest", **overrides) -> SubmitSpec:
@@ -125,10 +133,11 @@ class Buyer:
         self.items = max(1, rows.pop())
         self.offers: dict[str, Offer] = {}
         self.batch_id = spec.resume or ""
+        self.excluded: dict[str, float] = {}
         self._outcomes: list[JobOutcome] = []
         self._summary: dict = {}
 
-    async def _run_one(self, p2p, outcome: JobOutcome, offer: Offer) -> None:
+    async def _run_one(self, p2p, outcome: JobOutcome, offer: Offer, *, out_dir: Path | None = None) -> None:
         spec = self.spec
         issued = now_ms()
         request = JobRequest(
@@ -173,7 +182,7 @@ class Buyer:
         receipt = signed.receipt
         # Outputs first, then the ledger, then the journal: after a crash at any point the
         # ledger says whether the job was paid for, and a paid job's outputs exist.
-        out_path = self._write_outputs(outcome, message.outputs)
+        out_path = self._write_outputs(outcome, message.outputs, out_dir or spec.out_dir)
         self.ledger.apply(signed.envelope_bytes, ack_bytes, now_ms=now_ms())
         self.journal.settled(outcome.job_id, str(out_path), now_ms())
         outcome.state = next_state(outcome.state, "settle", role="buyer")
@@ -186,8 +195,9 @@ class Buyer:
         outcome.energy_source = receipt.energy_source
         outcome.price = receipt.price
 
-    def _write_outputs(self, outcome: JobOutcome, outputs) -> Path:
-        stem = self.spec.out_dir / f"{outcome.index:04d}-{outcome.job_id[:8]}"
+    def _write_outputs(self, outcome: JobOutcome, outputs, out_dir: Path) -> Path:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = out_dir / f"{outcome.index:04d}-{outcome.job_id[:8]}"
         if len(outputs) == 1:
             out_path = stem.with_suffix(".npy")
             tmp = stem.with_suffix(".tmp.npy")
@@ -243,20 +253,36 @@ class Buyer:
         book = OfferBook()
         async with open_p2p_node(self.seed, ["/ip4/127.0.0.1/tcp/0"]) as p2p:
             gossip = OfferGossip(p2p, book)
+            gossip.own_digest = lambda: own_digest(self.key, self.ledger.reputation(), self.ledger.provider_keys(),
+                                                   now_ms=now_ms())
             for addr in spec.bootstrap:
                 await self._sync(gossip, p2p, addr)
             current = [e.offer for e in book.current(now_ms=now_ms())]
-            offers = [o for o in current if o.available]
+            scores = provider_scores(self.ledger.reputation(), gossip.reputation, self.key.public_key)
+            trusted = [o for o in current if scores.get(o.peer_id, 0.5) >= spec.min_reputation]
+            self.excluded = {o.peer_id: round(scores[o.peer_id], 3) for o in current if o not in trusted}
+            offers = [o for o in trusted if o.available]
             if not current:
                 failure = f"no offers from {', '.join(spec.bootstrap)}: is the network up?"
+            elif not trusted:
+                failure = f"all {len(current)} providers score under --min-reputation {spec.min_reputation}"
             elif not offers:
-                failure = f"all {len(current)} providers have withdrawn their capacity for now (idle-only or carbon ceiling)"
+                failure = f"all {len(trusted)} providers have withdrawn their capacity for now (idle-only or carbon ceiling)"
             elif not any(o.items_per_s(self.model_sha) for o in offers):
                 failure = (f"no provider offers model {spec.model_path.name} (sha256 {self.model_sha[:16]}...); "
                            f"{len(offers)} offers seen")
             else:
                 failure = ""
                 await self._run_jobs(p2p, offers, on_progress)
+                if spec.spot_check > 0:
+                    await self._spot_check(p2p, offers)
+                # Share what we learned: our signed digest rides on a last sync.
+                for addr in spec.bootstrap:
+                    with trio.move_on_after(5):
+                        try:
+                            await gossip.sync_with(bootstrap_peer_id(addr))
+                        except (StreamClosed, DecodeError) as exc:
+                            log.info("final sync with %s: %s", addr, exc)
         self.ledger.close()
         self.journal.close()
         # Raised out here, not inside the libp2p context, so callers get it unwrapped.
@@ -350,5 +376,81 @@ class Buyer:
         placement = result.to_json()
         placement["assignments"] = len(result.assignments)
         self._summary = {"offers": len(offers), "placement": placement, "batch": self.batch_id,
-                         "resumed": bool(spec.resume), "already_settled": len(job_ids) - len(todo)}
+                         "resumed": bool(spec.resume), "already_settled": len(job_ids) - len(todo),
+                         "excluded_by_reputation": self.excluded}
         self._outcomes = [outcomes[j] for j in job_ids]
+
+    async def _spot_check(self, p2p, offers: list[Offer]) -> None:
+        """Re-run a fraction of settled jobs on a different provider and compare outputs.
+        On a mismatch a third provider breaks the tie, and the one that disagrees with
+        the other two gets a signed dispute; with no third provider the mismatch is
+        reported as inconclusive, never pinned on anyone. Which jobs are checked hashes
+        the job id: reproducible, and not something a provider can predict."""
+        spec = self.spec
+        tally = {"checked": 0, "disputes": 0, "inconclusive": 0}
+        able = [o for o in offers if o.items_per_s(self.model_sha)]
+        for outcome in list(self._outcomes):
+            if outcome.state != "settled" or not outcome.output_path:
+                continue
+            if int(hashlib.sha256(bytes.fromhex(outcome.job_id)).hexdigest()[:8], 16) / 2**32 >= spec.spot_check:
+                continue
+            others = [o for o in able if o.peer_id != outcome.provider]
+            check = await self._rerun(p2p, outcome, others)
+            if check is None:
+                continue
+            tally["checked"] += 1
+            diff, agree = _compare(Path(outcome.output_path), Path(check.output_path), spec.atol, spec.rtol)
+            outcome.spot_check = {"by": check.provider, "max_abs_diff": diff, "agree": agree}
+            if agree:
+                continue
+            third = await self._rerun(p2p, outcome, [o for o in others if o.peer_id != check.provider])
+            if third is None:
+                tally["inconclusive"] += 1
+                outcome.spot_check["verdict"] = "inconclusive: no third provider to break the tie"
+                continue
+            _, original_ok = _compare(Path(outcome.output_path), Path(third.output_path), spec.atol, spec.rtol)
+            _, check_ok = _compare(Path(check.output_path), Path(third.output_path), spec.atol, spec.rtol)
+            if original_ok == check_ok:
+                tally["inconclusive"] += 1
+                outcome.spot_check["verdict"] = "inconclusive: the tie-break agrees with both or neither"
+                continue
+            outlier = check if original_ok else outcome
+            tally["disputes"] += 1
+            self._dispute(outlier, third, diff)
+            outcome.spot_check["verdict"] = f"disputed {outlier.provider}"
+            log.warning("job %s: provider %s disagrees with two others (by up to %.3g): disputed",
+                        outcome.job_id[:8], outlier.provider[-8:], diff)
+        self._summary["spot_checks"] = tally
+
+    async def _rerun(self, p2p, outcome: JobOutcome, candidates: list[Offer]) -> JobOutcome | None:
+        for offer in candidates[:2]:
+            rerun = JobOutcome(secrets.token_hex(16), outcome.index)
+            try:
+                await self._run_one(p2p, rerun, offer, out_dir=self.spec.out_dir / "spot-checks")
+                return rerun
+            except (SubmitError, DecodeError, StreamClosed, trio.TooSlowError, OSError) as exc:
+                log.warning("spot check of %s on %s failed: %s", outcome.job_id[:8], offer.peer_id[-8:], exc)
+        return None
+
+    def _dispute(self, outlier: JobOutcome, witness: JobOutcome, diff: float) -> None:
+        bad = SignedReceipt.parse(self.ledger.receipt_bytes(outlier.job_id)[0])
+        good = SignedReceipt.parse(self.ledger.receipt_bytes(witness.job_id)[0])
+        dispute = Dispute(outlier.job_id, bad.receipt.provider, bad.body_sha256, good.receipt.provider,
+                          good.body_sha256, diff, self.spec.atol, now_ms())
+        self.ledger.record_dispute(sign_dispute(self.key, dispute), dispute, now_ms=now_ms())
+
+
+def _load_outputs(path: Path) -> list[np.ndarray]:
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            return [data[k] for k in sorted(data.files)]
+    return [np.load(path, allow_pickle=False)]
+
+
+def _compare(a: Path, b: Path, atol: float, rtol: float) -> tuple[float, bool]:
+    left, right = _load_outputs(a), _load_outputs(b)
+    if len(left) != len(right) or any(x.shape != y.shape for x, y in zip(left, right)):
+        return float("inf"), False
+    diff = max((float(np.max(np.abs(x.astype(np.float64) - y))) if x.size else 0.0) for x, y in zip(left, right))
+    agree = all(np.allclose(x, y, atol=atol, rtol=rtol) for x, y in zip(left, right))
+    return diff, agree

@@ -24,6 +24,7 @@ def _provider_config(args):
         "carbon_csv": args.carbon_csv, "carbon_ceiling": args.carbon_ceiling, "price_per_s": args.price_per_s,
         "models": args.model, "speed_factor": args.speed_factor, "idle_only": args.idle_only,
         "idle_threshold": args.idle_threshold, "idle_hold_s": args.idle_hold_s,
+        "fault_output_noise": args.fault_output_noise,
     }
     try:
         return load_config(Path(args.home), overrides)
@@ -181,7 +182,8 @@ def _submit(args) -> int:
     setup_logging(args.verbose)
     try:
         if args.resume:
-            spec = resume_spec(Path(args.home), args.bootstrap, args.resume)
+            spec = resume_spec(Path(args.home), args.bootstrap, args.resume, spot_check=args.spot_check,
+                               min_reputation=args.min_reputation)
         else:
             if not args.model or not args.input:
                 print("error: give MODEL and --input (or --resume to finish a journalled batch)", file=sys.stderr)
@@ -193,7 +195,7 @@ def _submit(args) -> int:
             inputs = _parse_inputs(args.input, args.model)
             spec = SubmitSpec(model_path=model, inputs=inputs, count=args.count, bootstrap=args.bootstrap,
                               home=Path(args.home), out_dir=Path(args.out), max_price=args.max_price,
-                              solver=args.solver)
+                              solver=args.solver, spot_check=args.spot_check, min_reputation=args.min_reputation)
         buyer = Buyer(spec)
 
         def progress(outcome) -> None:
@@ -274,6 +276,7 @@ def _provider_flags(run: argparse.ArgumentParser) -> None:
                      help="advertise slots only while the owner's own load stays low")
     run.add_argument("--idle-threshold", type=float, help="owner CPU share above which to withdraw (default 0.2)")
     run.add_argument("--idle-hold-s", type=float, help="seconds under the threshold before selling (default 60)")
+    run.add_argument("--fault-output-noise", type=float, help=argparse.SUPPRESS)  # devnet: a lying provider
 
 
 def _open_ledger(home: str):
@@ -419,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--solver", default="optimal")
     sm.add_argument("--json", action="store_true")
     sm.add_argument("--events", action="store_true", help="print a JSON line as each job finishes")
+    sm.add_argument("--spot-check", type=float, default=0.0, metavar="FRACTION",
+                    help="re-run this fraction of jobs on a second provider and compare outputs (default 0)")
+    sm.add_argument("--min-reputation", type=float, default=0.25,
+                    help="skip providers whose reputation score is below this (new providers score 0.5)")
     sm.add_argument("--resume", nargs="?", const="latest", metavar="BATCH",
                     help="finish the latest unfinished batch in --home (or BATCH) after a crash")
     sm.set_defaults(func=_submit)

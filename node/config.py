@@ -61,6 +61,7 @@ class ProviderConfig:
     model_budget_mb: float = 2048.0
     job_memory_mb: float = 4096.0
     open_models: bool = True
+    fault_output_noise: float = 0.0       # devnet fault injection only: perturb outputs
 
     def check(self) -> None:
         problems = []
@@ -94,7 +95,7 @@ _KINDS = {
     "idle_w": float, "busy_w": float, "marginal_w": float, "carbon_g_per_kwh": float, "carbon_csv": Path,
     "carbon_ceiling": float, "price_per_s": float, "models": list, "speed_factor": float, "idle_only": bool,
     "idle_threshold": float, "idle_hold_s": float, "model_budget_mb": float, "job_memory_mb": float,
-    "open_models": bool,
+    "open_models": bool, "fault_output_noise": float,
 }
 _PATH_KEYS = {"carbon_csv"}
 _PATH_LIST_KEYS = {"models"}

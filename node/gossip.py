@@ -12,12 +12,13 @@ import trio
 
 from protocol.errors import DecodeError
 from protocol.messages import open_offer
-from protocol.stream import MAX_SYNC_OFFERS, OfferSync, decode_message, encode_message
-from protocol.topics import OFFER_SYNC_PROTOCOL, OFFERS_TOPIC
+from protocol.stream import MAX_SYNC_DIGESTS, MAX_SYNC_OFFERS, OfferSync, decode_message, encode_message
+from protocol.topics import OFFER_SYNC_PROTOCOL, OFFERS_TOPIC, REPUTATION_TOPIC
 
 from .offers import OfferBook
 from .p2p import FramedStream, P2PNode, StreamClosed
 from .ratelimit import PeerRateLimit
+from .reputation import ReputationBook
 
 log = logging.getLogger("idlemesh.gossip")
 SYNC_FRAME_BYTES = 8 * 1024 * 1024
@@ -26,6 +27,8 @@ SYNC_TIMEOUT_S = 10.0
 # order of magnitude of headroom and still cap what one peer can make us verify.
 GOSSIP_PER_ORIGIN = (0.5, 10.0)   # offers per second sustained, burst
 SYNC_PER_PEER = (1.0, 10.0)       # offer-sync streams per second sustained, burst
+DIGEST_PER_ORIGIN = (0.05, 3.0)   # reputation digests: one per 20 s sustained
+DIGEST_RELAY_S = 30.0             # a relaying node publishes at most one digest this often
 
 
 def now_ms() -> int:
@@ -50,6 +53,11 @@ class OfferGossip:
         self.on_bad_input: Callable[[str, str, object], None] | None = None
         self._known: set[str] = set()
         self._gossip_limit = PeerRateLimit(*GOSSIP_PER_ORIGIN)
+        self._digest_limit = PeerRateLimit(*DIGEST_PER_ORIGIN)
+        self.reputation = ReputationBook()
+        self.own_digest: Callable[[], bytes | None] = lambda: None
+        self._relayed: set[bytes] = set()
+        p2p.set_validator(REPUTATION_TOPIC, self._validate_digest)
         self._sync_limit = PeerRateLimit(*SYNC_PER_PEER)
         p2p.set_validator(OFFERS_TOPIC, self._validate)
         p2p.set_stream_handler(OFFER_SYNC_PROTOCOL, self._serve_sync)
@@ -76,16 +84,55 @@ class OfferGossip:
             if self.on_new_offer:
                 self.on_new_offer(offer.peer_id)
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        async with self.p2p.subscribe(OFFERS_TOPIC) as messages:
-            task_status.started()
-            async for _origin, data in messages:
-                self._take(data)
+    def _validate_digest(self, origin: str, data: bytes) -> bool:
+        if not self._digest_limit.allow(origin, time.monotonic()):
+            self._bad("rate-limited", origin, "reputation gossip over the per-origin rate")
+            return False
+        return self.reputation.add(data, now_ms=now_ms())
 
-    def _outgoing(self) -> tuple[bytes, ...]:
+    async def run(self, *, relay_digests: bool = False, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            async with self.p2p.subscribe(OFFERS_TOPIC) as messages, \
+                    self.p2p.subscribe(REPUTATION_TOPIC) as digests:
+                nursery.start_soon(self._drain, digests)
+                if relay_digests:
+                    nursery.start_soon(self._relay_digests)
+                task_status.started()
+                async for _origin, data in messages:
+                    self._take(data)
+                nursery.cancel_scope.cancel()
+
+    async def _drain(self, digests) -> None:
+        async for _origin, _data in digests:
+            pass  # the validator already stored each valid digest
+
+    async def _relay_digests(self) -> None:
+        """Bootstrap nodes pass on digests that buyers pushed through sync, one at a time,
+        at most every DIGEST_RELAY_S: gossip stays within its budget."""
+        while True:
+            await trio.sleep(DIGEST_RELAY_S)
+            fresh = [d for d in self.reputation.current(now_ms=now_ms()) if d not in self._relayed]
+            if fresh:
+                self._relayed.add(fresh[0])
+                try:
+                    await self.p2p.publish(REPUTATION_TOPIC, fresh[0])
+                except (StreamClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.info("digest relay failed: %s", exc)
+
+    def _outgoing(self) -> OfferSync:
         own = self.own_offer()
         others = [e.signed for e in self.book.current(now_ms=now_ms()) if e.offer.peer_id != self.p2p.peer_id]
-        return tuple(([own] if own else []) + others)[:MAX_SYNC_OFFERS]
+        digest = self.own_digest()
+        digests = ([digest] if digest else []) + self.reputation.current(now_ms=now_ms())
+        return OfferSync(tuple(([own] if own else []) + others)[:MAX_SYNC_OFFERS],
+                         tuple(dict.fromkeys(digests))[:MAX_SYNC_DIGESTS])
+
+    def _take_digests(self, digests: tuple[bytes, ...], peer: str) -> None:
+        for signed in digests:
+            before = self.reputation.rejected
+            self.reputation.add(signed, now_ms=now_ms())  # an older digest is no fault ...
+            if self.reputation.rejected > before:          # ... a forged or expired one is
+                self._bad("bad-digest", peer, "reputation digest in sync does not verify or has expired")
 
     async def _serve_sync(self, stream: FramedStream) -> None:
         if not self._sync_limit.allow(stream.remote_peer_id, time.monotonic()):
@@ -104,19 +151,21 @@ class OfferGossip:
                 self._bad("bad-offer", stream.remote_peer_id, f"offer in sync: {exc}")
                 continue
             self._take(signed)
+        self._take_digests(message.digests, stream.remote_peer_id)
         try:
-            await stream.send(encode_message(OfferSync(self._outgoing())))
+            await stream.send(encode_message(self._outgoing()))
         except (StreamClosed, trio.TooSlowError):
             pass
 
     async def sync_with(self, peer_id: str, addrs: list[str] | tuple[str, ...] = ()) -> int:
         """Push our offers to `peer_id` and take its book. Returns how many offers came back."""
         async with self.p2p.open_stream(peer_id, addrs, OFFER_SYNC_PROTOCOL) as stream:
-            await stream.send(encode_message(OfferSync(self._outgoing())))
+            await stream.send(encode_message(self._outgoing()))
             payload = await stream.receive(max_bytes=SYNC_FRAME_BYTES, timeout_s=SYNC_TIMEOUT_S)
         message = decode_message(payload, max_bytes=SYNC_FRAME_BYTES, expect=("offers",))
         for signed in message.offers:
             self._take(signed)
+        self._take_digests(message.digests, peer_id)
         return len(message.offers)
 
 

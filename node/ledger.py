@@ -236,14 +236,21 @@ class Ledger:
         return (row[0], row[1]) if row else None
 
     def reputation(self) -> dict[str, dict[str, int]]:
-        """Per provider, from this node's own receipts: accepted, rejected, disputed."""
+        """Per provider, from this node's own receipts: accepted (and undisputed), rejected, disputed."""
         out: dict[str, dict[str, int]] = {}
         for provider, status, n in self.db.execute(
                 "SELECT provider, status, COUNT(*) FROM receipts WHERE role = 'buyer' GROUP BY provider, status"):
             out.setdefault(provider, {"accepted": 0, "rejected": 0, "disputed": 0, "unacked": 0})[status] = n
         for provider, n in self.db.execute("SELECT provider, COUNT(*) FROM disputes GROUP BY provider"):
-            out.setdefault(provider, {"accepted": 0, "rejected": 0, "disputed": 0, "unacked": 0})["disputed"] = n
+            row = out.setdefault(provider, {"accepted": 0, "rejected": 0, "disputed": 0, "unacked": 0})
+            row["disputed"] = n
+            row["accepted"] = max(0, row["accepted"] - n)  # a disputed receipt is no longer good
         return out
+
+    def provider_keys(self) -> dict[str, bytes]:
+        """Public key of each provider we bought from, by peer id."""
+        return {provider: key for provider, key in self.db.execute(
+            "SELECT DISTINCT provider, counterparty_key FROM receipts WHERE role = 'buyer'")}
 
     def statement(self, key: SigningKey, counterparty: str, *, now_ms: int) -> tuple[bytes, Statement]:
         """A signed statement of the netted balance with `counterparty` (accepted receipts)."""

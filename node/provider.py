@@ -15,6 +15,7 @@ from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import trio
 
 from protocol.errors import DecodeError, ExpiredError
@@ -28,7 +29,7 @@ from protocol.stream import (
     decode_message, encode_message,
 )
 from protocol.messages import MAX_REQUEST_BYTES
-from protocol.tensors import tensors_sha256
+from protocol.tensors import Tensor, tensors_sha256
 from protocol.topics import JOB_PROTOCOL, OFFERS_TOPIC
 
 from . import modelcheck
@@ -322,6 +323,11 @@ class Provider:
         finally:
             self._queued -= 1
             self._running.discard(request.job_id)
+        if self.config.fault_output_noise:
+            # Devnet fault injection: a provider that returns wrong numbers under a
+            # self-consistent receipt, which only a spot check can catch.
+            result.outputs = [Tensor.from_array(t.name, t.to_array() + np.float32(self.config.fault_output_noise))
+                              for t in result.outputs]
         c = self.config
         # A simulated device reports the time its profile implies; the outputs stay real.
         compute_ms = result.compute_ms / c.speed_factor

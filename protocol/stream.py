@@ -23,6 +23,7 @@ FRAME_HEADER = struct.Struct(">I")
 MAX_CONTROL_FRAME_BYTES = 64 * 1024
 MAX_MODEL_BYTES = 256 * 1024 * 1024
 MAX_SYNC_OFFERS = 4096
+MAX_SYNC_DIGESTS = 256
 
 ERROR_CODES = (
     "bad-request",      # the request did not decode or verify
@@ -104,9 +105,11 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class OfferSync:
-    """Both directions of offer sync: the sender's current signed offers (its own first)."""
+    """Both directions of offer sync: the sender's current signed offers (its own first),
+    and the signed reputation digests it holds."""
 
     offers: tuple[bytes, ...]
+    digests: tuple[bytes, ...] = ()
     kind = "offers"
 
 
@@ -129,7 +132,7 @@ def encode_message(msg: StreamMessage) -> bytes:
     elif isinstance(msg, Ack):
         body = {"ack": msg.ack}
     elif isinstance(msg, OfferSync):
-        body = {"offers": list(msg.offers)}
+        body = {"offers": list(msg.offers), "digests": list(msg.digests)}
     else:  # pragma: no cover - a programming error, not peer input
         raise TypeError(f"not a stream message: {msg!r}")
     body["kind"] = msg.kind
@@ -137,6 +140,12 @@ def encode_message(msg: StreamMessage) -> bytes:
 
 
 def _offer_bytes(value: Any, path: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) > 64 * 1024:
+        raise DecodeError(f"{path}: expected bytes of at most 65536, got {type(value).__name__}")
+    return value
+
+
+def _digest_bytes(value: Any, path: str) -> bytes:
     if not isinstance(value, bytes) or len(value) > 64 * 1024:
         raise DecodeError(f"{path}: expected bytes of at most 65536, got {type(value).__name__}")
     return value
@@ -165,5 +174,6 @@ def decode_message(data: bytes, *, max_bytes: int, expect: tuple[str, ...]) -> S
     if kind == "ack":
         return Ack(f.bytes("ack", max_len=8 * 1024))
     if kind == "offers":
-        return OfferSync(tuple(f.list("offers", _offer_bytes, max_len=MAX_SYNC_OFFERS)))
+        return OfferSync(tuple(f.list("offers", _offer_bytes, max_len=MAX_SYNC_OFFERS)),
+                         tuple(f.list("digests", _digest_bytes, max_len=MAX_SYNC_DIGESTS, default=[])))
     raise DecodeError(f"frame.kind: unknown kind {kind!r}")

@@ -3,3 +3,4 @@
 OFFERS_TOPIC = "idlemesh/offers/1"
 OFFER_SYNC_PROTOCOL = "/idlemesh/offer-sync/1.0.0"
 JOB_PROTOCOL = "/idlemesh/job/1.0.0"
+REPUTATION_TOPIC = "idlemesh/reputation/1"
