@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from protocol import codec
 from protocol.errors import DecodeError, ExpiredError, LocalProtocolError, SignatureError
 from protocol.lifecycle import next_state
+from protocol.settlement import open_any, open_dispute, open_reputation, open_statement
 from protocol.messages import (
     Device, JobRequest, ModelCapability, Offer, PowerProfile, Receipt, ReceiptAck, open_job_request,
     open_offer, open_receipt, open_receipt_ack, sign_job_request, sign_offer, sign_receipt, sign_receipt_ack,
@@ -155,6 +156,7 @@ def test_frame_cap_and_ext_types_refused():
 @given(st.binary(max_size=512))
 def test_garbage_bytes_give_decode_error_only(data):
     for opener in (lambda b: open_offer(b, now_ms=NOW), open_job_request, open_receipt, open_receipt_ack,
+                   open_statement, open_dispute, open_reputation, lambda b: open_any(b, now_ms=NOW),
                    lambda b: decode_message(b, max_bytes=4096, expect=("submit", "offers", "result", "error"))):
         try:
             opener(data)
@@ -175,7 +177,8 @@ def test_well_formed_but_wrong_msgpack_gives_decode_error_only(value):
     import msgpack
 
     data = msgpack.packb(value, use_bin_type=True)
-    for opener in (lambda b: open_offer(b, now_ms=NOW), open_receipt,
+    for opener in (lambda b: open_offer(b, now_ms=NOW), open_receipt, open_statement, open_reputation,
+                   lambda b: open_any(b, now_ms=NOW),
                    lambda b: decode_message(b, max_bytes=4096, expect=("submit", "offers", "result", "error"))):
         try:
             opener(data)
@@ -212,3 +215,29 @@ def test_lifecycle_table():
 
 def test_model_hash_is_plain_sha256():
     assert codec.sha256_hex(b"abc") == hashlib.sha256(b"abc").hexdigest()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["statement", "dispute", "reputation"]), st.text(max_size=16), msgpack_values)
+def test_mutated_settlement_bodies_give_decode_error_only(kind, field, value):
+    from protocol.settlement import (
+        Dispute, ReputationDigest, ReputationEntry, Statement, sign_dispute, sign_reputation, sign_statement,
+    )
+    key = PROVIDER
+    messages = {
+        "statement": Statement(key.public_key, b"c" * 32, 3, -1.5, 2.0, "ab" * 32, NOW),
+        "dispute": Dispute("cd" * 16, b"p" * 32, "ab" * 32, b"q" * 32, "ef" * 32, 0.5, 1e-4, NOW),
+        "reputation": ReputationDigest(key.public_key, (ReputationEntry(b"p" * 32, 3, 1, 0),), NOW, NOW + 1000),
+    }
+    wire = messages[kind].to_wire()
+    for name in (list(wire) if field == "" else [field]):
+        mutated = dict(wire)
+        mutated[name] = value
+        signed = _seal_raw(key, kind, codec.encode(mutated))
+        try:
+            open_any(signed, now_ms=NOW)
+        except DecodeError:
+            pass
+    # and the untouched message verifies, signed the normal way
+    sign = {"statement": sign_statement, "dispute": sign_dispute, "reputation": sign_reputation}[kind]
+    assert open_any(sign(key, messages[kind]), now_ms=NOW)[0] == kind
