@@ -40,6 +40,7 @@ class Child:
     home: Path
     events: "trio.MemoryReceiveChannel[dict]"
     ready: dict = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -47,6 +48,17 @@ class Devnet:
     root: Path
     bootstrap_addr: str
     children: list[Child]
+    _nursery: trio.Nursery | None = None
+
+    async def restart(self, child: Child, timeout_s: float = 60.0) -> Child:
+        """Start a stopped (or killed) provider again with the same home and arguments."""
+        if child.process.returncode is None:
+            child.process.kill()
+        await child.process.wait()
+        fresh = await _start(self._nursery, child.name, child.home, child.args)
+        self.children[self.children.index(child)] = fresh
+        fresh.ready = await _wait_event(fresh, "ready", timeout_s)
+        return fresh
 
     @property
     def providers(self) -> list[Child]:
@@ -90,12 +102,13 @@ async def _start(nursery: trio.Nursery, name: str, home: Path, args: list[str]) 
         start_new_session=True)  # our own process group: Ctrl-C reaches us, we stop them in order
     send, receive = trio.open_memory_channel[dict](1000)
     nursery.start_soon(_pump, process.stdout, send)
-    return Child(name, process, home, receive)
+    return Child(name, process, home, receive, args=list(args))
 
 
 async def _stop(children: list[Child]) -> None:
     for child in reversed(children):
         if child.process.returncode is None:
+            child.process.send_signal(signal.SIGCONT)  # a paused child cannot act on SIGTERM
             child.process.send_signal(signal.SIGTERM)
     for child in reversed(children):
         with trio.move_on_after(10) as scope:
@@ -115,11 +128,54 @@ def provider_args(i: int, home: Path, bootstrap: str, models: list[Path]) -> lis
     return args
 
 
+def host_profile(models: list[Path]) -> tuple[dict[str, float], float]:
+    """This machine's measured items/s per model on one slot, and its resnet50 rate: the
+    yardstick a simulated device's published resnet50 figure is scaled against."""
+    from node.calibrate import calibrate, reference_model_path
+
+    reference = reference_model_path("resnet50")
+    measured = calibrate(list(dict.fromkeys([*models, reference])), batches=(), seconds_per_point=0.3)
+    rates = {m.sha256: m.items_per_s for m in measured.models}
+    return rates, next(m.items_per_s for m in measured.models if m.name == "resnet50")
+
+
+def fleet_provider_args(member, home: Path, bootstrap: str, models: list[Path], host_rates: dict[str, float],
+                        host_resnet50: float) -> list[str]:
+    """Arguments for a simulated device, and its profile.json written in advance: the
+    throughput is this machine's, scaled, and every figure is labelled simulated."""
+    import hashlib
+
+    from node.calibrate import ModelFigures, PowerFigures, Profile, model_name, save_profile
+    from node.executor import best_execution_providers
+
+    device = member.device
+    speed = device.resnet50_img_s / host_resnet50
+    figures = []
+    for path in models:
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        figures.append(ModelFigures(model_name(path), sha, 1, host_rates[sha] * speed, "simulated", []))
+    power = PowerFigures(device.idle_w, "simulated", device.busy_w, "simulated", device.marginal_w_per_slot,
+                         "simulated", f"published profile: {device.source}"[:200])
+    home.mkdir(parents=True, exist_ok=True)
+    save_profile(home, Profile(device.name, best_execution_providers()[0], power, figures, 0, speed))
+    args = ["provider", "run", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", bootstrap,
+            "--slots", str(device.slots), "--device-name", device.name, "--arch", device.arch,
+            "--memory-mb", str(device.memory_mb), "--idle-w", str(device.idle_w), "--busy-w", str(device.busy_w),
+            "--marginal-w", str(device.marginal_w_per_slot), "--carbon", str(member.region.carbon_g_per_kwh),
+            "--carbon-source", f"simulated: {member.region.name}, {member.region.source}"[:120],
+            "--price-per-s", str(device.price_per_s), "--speed-factor", repr(speed),
+            "--link-delay-ms", str(member.link_ms)]
+    for m in models:
+        args += ["--model", str(m)]
+    return args
+
+
 @asynccontextmanager
 async def open_devnet(n_providers: int, *, root: Path | None = None, models: list[Path] | None = None,
                       progress=None, timeout_s: float = 120.0,
-                      extra_args: dict[int, list[str]] | None = None) -> AsyncIterator[Devnet]:
-    """A running devnet; every child is stopped when the block exits, however it exits."""
+                      extra_args: dict[int, list[str]] | None = None, fleet=None) -> AsyncIterator[Devnet]:
+    """A running devnet; every child is stopped when the block exits, however it exits.
+    With a fleet (devnet/fleet.py) the providers are its simulated devices."""
     root = root or Path(tempfile.mkdtemp(prefix="idlemesh-devnet-"))
     models = models or [LIGHT_MODELS / m for m in DEFAULT_MODELS]
     say = progress or (lambda text: None)
@@ -132,15 +188,24 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
             boot.ready = await _wait_event(boot, "ready", timeout_s)
             bootstrap_addr = boot.ready["addrs"][0]
             say(f"bootstrap ready at {bootstrap_addr}")
+            if fleet is not None:
+                say("measuring this machine once, to scale the fleet's published throughput")
+                host_rates, host_resnet50 = await trio.to_thread.run_sync(host_profile, models)
+                members = fleet.pick(n_providers)
             for i in range(n_providers):
                 home = root / f"provider-{i}"
-                args = provider_args(i, home, bootstrap_addr, models) + (extra_args or {}).get(i, [])
+                if fleet is not None:
+                    args = fleet_provider_args(members[i], home, bootstrap_addr, models, host_rates, host_resnet50)
+                else:
+                    args = provider_args(i, home, bootstrap_addr, models)
+                args += (extra_args or {}).get(i, [])
                 children.append(await _start(nursery, f"provider-{i}", home, args))
             for i, child in enumerate(children[1:], start=1):
                 child.ready = await _wait_event(child, "ready", timeout_s)
                 await _wait_event(child, "announced", timeout_s)
-                say(f"provider {i}/{n_providers} ready: {child.ready['peer_id']}")
-            yield Devnet(root, bootstrap_addr, children)
+                label = f" ({members[i - 1].device.name}, {members[i - 1].region.name})" if fleet is not None else ""
+                say(f"provider {i}/{n_providers} ready{label}: {child.ready['peer_id']}")
+            yield Devnet(root, bootstrap_addr, children, nursery)
         finally:
             with trio.CancelScope(shield=True):
                 await _stop(children)

@@ -58,6 +58,9 @@ class JobOutcome:
     output_path: str = ""
     attempts: list[str] = field(default_factory=list)
     spot_check: dict | None = None
+    # Latency on the device the provider is: the wall latency for a real machine; for a
+    # simulated one, its link's round trip + its queue + its compute, all at device speed.
+    device_latency_ms: float = 0.0
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -75,6 +78,7 @@ class SubmitSpec:
     solver: str = "optimal"
     weights: Weights = Weights()
     job_timeout_s: float = 120.0
+    deadline_ms: float | None = None  # each job must finish within this (placement honours it)
     resume: str | None = None  # "latest" or a batch id: finish a journalled batch instead
     spot_check: float = 0.0    # fraction of jobs re-run on a second provider and compared
     atol: float = 1e-4         # outputs agree when |a - b| <= atol + rtol * |b|
@@ -99,7 +103,7 @@ def resume_spec(home: Path, bootstrap: list[str], batch: str = "latest", **overr
 
 
 def offers_to_problem(offers: list[Offer], model_sha: str, items: int, count: int, max_price: float,
-                      weights: Weights, job_ids: list[str]) -> Problem:
+                      weights: Weights, job_ids: list[str], deadline_ms: float | None = None) -> Problem:
     providers = []
     for offer in offers:
         throughput = {m.sha256: m.items_per_s for m in offer.models}
@@ -108,9 +112,10 @@ def offers_to_problem(offers: list[Offer], model_sha: str, items: int, count: in
         providers.append(Provider(
             id=offer.peer_id, arch=offer.device.arch, slots=offer.slots,
             slot_memory_mb=offer.device.memory_mb / offer.slots, marginal_w=offer.power.marginal_w_per_slot,
-            carbon_g_per_kwh=offer.carbon_g_per_kwh, rtt_ms=0.0, backlog_ms=offer.backlog_ms,
+            carbon_g_per_kwh=offer.carbon_g_per_kwh, rtt_ms=offer.link_rtt_ms or 0.0, backlog_ms=offer.backlog_ms,
             price_per_s=offer.price_per_s, throughput=throughput))
-    jobs = tuple(Job(id=job_ids[i], model=model_sha, items=items, max_price=max_price) for i in range(count))
+    jobs = tuple(Job(id=job_ids[i], model=model_sha, items=items, max_price=max_price, deadline_ms=deadline_ms)
+                 for i in range(count))
     return Problem(tuple(providers), jobs, weights)
 
 
@@ -192,6 +197,8 @@ class Buyer:
         # Only comparable for real devices: a simulated one reports profile time, not wall time.
         outcome.overhead_ms = latency_ms - receipt.compute_ms
         outcome.energy_j = receipt.energy_j
+        outcome.device_latency_ms = latency_ms if receipt.energy_source != "simulated" else \
+            (offer.link_rtt_ms or 0.0) + receipt.queue_ms + receipt.compute_ms
         outcome.energy_source = receipt.energy_source
         outcome.price = receipt.price
 
@@ -335,7 +342,7 @@ class Buyer:
         job_ids, outcomes = self._journal_batch()
         todo = [j for j in job_ids if outcomes[j].state != "settled"]
         problem = offers_to_problem(offers, self.model_sha, self.items, len(todo), spec.max_price,
-                                    spec.weights, todo)
+                                    spec.weights, todo, spec.deadline_ms)
         result = await trio.to_thread.run_sync(
             lambda: solve(problem, solver=spec.solver, clock=time.perf_counter))
         for u in result.unassigned:

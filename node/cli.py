@@ -24,7 +24,8 @@ def _provider_config(args):
         "carbon_csv": args.carbon_csv, "carbon_ceiling": args.carbon_ceiling, "price_per_s": args.price_per_s,
         "models": args.model, "speed_factor": args.speed_factor, "idle_only": args.idle_only,
         "idle_threshold": args.idle_threshold, "idle_hold_s": args.idle_hold_s,
-        "fault_output_noise": args.fault_output_noise,
+        "fault_output_noise": args.fault_output_noise, "link_delay_ms": args.link_delay_ms,
+        "arch": args.arch, "carbon_source": args.carbon_source,
     }
     try:
         return load_config(Path(args.home), overrides)
@@ -233,8 +234,16 @@ def _match(args) -> int:
 def _devnet_up(args) -> int:
     from devnet.launcher import open_devnet
 
+    fleet = None
+    if args.fleet:
+        from devnet.fleet import FleetError, load_fleet
+        try:
+            fleet = load_fleet(Path(args.fleet))
+        except FleetError as exc:
+            raise SystemExit(f"idlemesh: bad fleet file: {exc}") from None
+
     async def main():
-        async with open_devnet(args.n, root=Path(args.root) if args.root else None,
+        async with open_devnet(args.n, root=Path(args.root) if args.root else None, fleet=fleet,
                                progress=lambda t: print(t, file=sys.stderr, flush=True)) as net:
             print(json.dumps({"bootstrap": net.bootstrap_addr, "root": str(net.root),
                               "providers": [c.ready["peer_id"] for c in net.providers]}), flush=True)
@@ -247,6 +256,43 @@ def _devnet_up(args) -> int:
     except KeyboardInterrupt:
         print("devnet stopped", file=sys.stderr)
     return 0
+
+
+def _devnet_run(args) -> int:
+    from devnet.fleet import FleetError, load_fleet
+    from devnet.report import write_report
+    from devnet.run import run_scenario
+    from devnet.scenario import ScenarioError, load_scenario
+    from .gossip import setup_logging
+
+    setup_logging(args.verbose)
+    try:
+        scenario = load_scenario(Path(args.scenario))
+        if args.providers:
+            scenario.providers = args.providers
+        if args.solver:
+            scenario.solvers = args.solver
+        fleet_path = Path(args.fleet) if args.fleet else None
+        from devnet.fleet import DEFAULT_FLEET
+        fleet_name = load_fleet(fleet_path or scenario.fleet or DEFAULT_FLEET).name
+    except (ScenarioError, FleetError) as exc:
+        raise SystemExit(f"idlemesh: {exc}") from None
+    out = Path(args.out or f"devnet-report-{scenario.name}")
+    say = (lambda line: print(line, file=sys.stderr, flush=True))
+    runs = trio.run(lambda: run_scenario(scenario, out / "runs", fleet_path=fleet_path, say=say))
+    report = write_report(scenario, fleet_name, runs, out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, s in report["solvers"].items():
+            print(f"{name:14} settled {s['settled']}/{s['jobs']}  {s['energy_j_per_job']:.4f} J/job  "
+                  f"p50 {s['latency_ms_p50'] or 0:.0f} ms  misses {s['deadline_misses']}  lost {s['jobs_lost']}  "
+                  f"applied twice {s['receipts_applied_twice']}")
+        for name, c in report["ours_vs"].items():
+            print(f"ours vs {name}: {100 * (c['energy_saving'] or 0):.0f}% less energy per job (simulated)")
+        print(f"report: {out / 'index.html'} and {out / 'report.json'}")
+    lost = sum(report["jobs_lost"].values()) + sum(report["receipts_applied_twice"].values())
+    return 0 if lost == 0 else 1
 
 
 def _devnet_demo(args) -> int:
@@ -262,12 +308,14 @@ def _provider_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--bootstrap", action="append", help="bootstrap multiaddr with /p2p/ id (repeatable)")
     run.add_argument("--slots", type=int, help="jobs run at once (default 1)")
     run.add_argument("--device-name")
+    run.add_argument("--arch", choices=["cuda", "arm64", "x86_64"], help="advertised arch (default: this machine's)")
     run.add_argument("--memory-mb", type=int)
     run.add_argument("--idle-w", type=float, help="declared idle power, W (used when no meter is readable)")
     run.add_argument("--busy-w", type=float, help="declared busy power, W (used when no meter is readable)")
     run.add_argument("--marginal-w", type=float, help="declared marginal power per busy slot, W")
     run.add_argument("--carbon", type=float, help="grid carbon intensity, g CO2/kWh (default 300)")
     run.add_argument("--carbon-csv", help="hourly grid intensity, rows of time,g_per_kwh")
+    run.add_argument("--carbon-source", help="where the static --carbon figure comes from (default: declared)")
     run.add_argument("--carbon-ceiling", type=float, help="withdraw capacity while the grid is above this g/kWh")
     run.add_argument("--price-per-s", type=float, help="price per busy second")
     run.add_argument("--model", action="append", help="ONNX model to offer (repeatable); throughput is measured")
@@ -277,6 +325,7 @@ def _provider_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--idle-threshold", type=float, help="owner CPU share above which to withdraw (default 0.2)")
     run.add_argument("--idle-hold-s", type=float, help="seconds under the threshold before selling (default 60)")
     run.add_argument("--fault-output-noise", type=float, help=argparse.SUPPRESS)  # devnet: a lying provider
+    run.add_argument("--link-delay-ms", type=float, help="devnet: simulated one-way link delay added on the wire")
 
 
 def _open_ledger(home: str):
@@ -464,7 +513,16 @@ def build_parser() -> argparse.ArgumentParser:
     up = dn.add_parser("up", help="start a bootstrap node and N providers")
     up.add_argument("-n", type=int, default=3)
     up.add_argument("--root", help="directory for node homes (default: a new temp dir)")
+    up.add_argument("--fleet", help="fleet file (TOML) of simulated devices; e.g. devnet/fleets/default.toml")
     up.set_defaults(func=_devnet_up)
+    drun = dn.add_parser("run", help="replay a scenario trace with our matcher and each baseline; write a report")
+    drun.add_argument("scenario", help="scenario file (TOML), e.g. devnet/scenarios/default.toml")
+    drun.add_argument("--fleet", help="fleet file (overrides the scenario's)")
+    drun.add_argument("--providers", type=int, help="number of providers (overrides the scenario's)")
+    drun.add_argument("--solver", action="append", help="run only these solvers (repeatable)")
+    drun.add_argument("--out", help="report directory (default devnet-report-<scenario>)")
+    drun.add_argument("--json", action="store_true")
+    drun.set_defaults(func=_devnet_run)
     demo = dn.add_parser("demo", help="start a devnet, submit jobs, print receipts, stop")
     demo.add_argument("-n", type=int, default=3)
     demo.add_argument("--jobs", type=int, default=12)

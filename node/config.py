@@ -50,6 +50,7 @@ class ProviderConfig:
     busy_w: float | None = None
     marginal_w: float | None = None       # declared per busy slot; default busy - idle
     carbon_g_per_kwh: float = 300.0
+    carbon_source: str = "declared"
     carbon_csv: Path | None = None
     carbon_ceiling: float | None = None
     price_per_s: float = 0.0001
@@ -62,6 +63,7 @@ class ProviderConfig:
     job_memory_mb: float = 4096.0
     open_models: bool = True
     fault_output_noise: float = 0.0       # devnet fault injection only: perturb outputs
+    link_delay_ms: float = 0.0            # devnet: one-way delay of this provider's simulated link
 
     def check(self) -> None:
         problems = []
@@ -82,6 +84,9 @@ class ProviderConfig:
                 problems.append(f"model file not found: {path}")
         if self.carbon_csv is not None and not Path(self.carbon_csv).is_file():
             problems.append(f"carbon_csv not found: {self.carbon_csv}")
+        from protocol.messages import ARCHES
+        if self.arch not in ARCHES:
+            problems.append(f"arch must be one of {ARCHES}, got {self.arch!r}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -92,10 +97,10 @@ class ConfigError(ValueError):
 
 _KINDS = {
     "listen": list, "bootstrap": list, "slots": int, "device_name": str, "arch": str, "memory_mb": int,
-    "idle_w": float, "busy_w": float, "marginal_w": float, "carbon_g_per_kwh": float, "carbon_csv": Path,
+    "idle_w": float, "busy_w": float, "marginal_w": float, "carbon_g_per_kwh": float, "carbon_source": str, "carbon_csv": Path,
     "carbon_ceiling": float, "price_per_s": float, "models": list, "speed_factor": float, "idle_only": bool,
     "idle_threshold": float, "idle_hold_s": float, "model_budget_mb": float, "job_memory_mb": float,
-    "open_models": bool, "fault_output_noise": float,
+    "open_models": bool, "fault_output_noise": float, "link_delay_ms": float,
 }
 _PATH_KEYS = {"carbon_csv"}
 _PATH_LIST_KEYS = {"models"}

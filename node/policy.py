@@ -35,8 +35,9 @@ class CarbonSchedule:
     time is an ISO hour (2026-11-22T14:00, UTC unless it says) or an hour of day 0-23
     (UTC) for a typical-day profile. The latest row at or before now applies."""
 
-    def __init__(self, static_g_per_kwh: float, csv_path: Path | None = None):
+    def __init__(self, static_g_per_kwh: float, csv_path: Path | None = None, static_source: str = "declared"):
         self.static = static_g_per_kwh
+        self.static_source = static_source
         self.source_path = csv_path
         self.by_time: list[tuple[datetime, float]] = []
         self.by_hour: dict[int, float] = {}
@@ -69,7 +70,7 @@ class CarbonSchedule:
 
     @property
     def source(self) -> str:
-        return f"schedule:{self.source_path.name}" if self.source_path else "declared"
+        return f"schedule:{self.source_path.name}" if self.source_path else self.static_source
 
     def at(self, now: datetime) -> float:
         if self.by_time:

@@ -87,7 +87,7 @@ class Provider:
         self._running: set[str] = set()
         self._signed_offer: bytes | None = None
         self._queued = 0
-        self.carbon = CarbonSchedule(config.carbon_g_per_kwh, config.carbon_csv)
+        self.carbon = CarbonSchedule(config.carbon_g_per_kwh, config.carbon_csv, config.carbon_source)
         self.idle_gate = IdleGate(config.idle_threshold, config.idle_hold_s)
         self.owner_load = 0.0
         self.availability = self._decide(0.0, 0.0, first=True)
@@ -158,6 +158,7 @@ class Provider:
             expires_at_ms=issued + OFFER_TTL_MS, idle_only=c.idle_only,
             execution_provider=self.executor.execution_provider, available=self.availability.selling,
             carbon_ceiling_g_per_kwh=c.carbon_ceiling, open_models_items_per_s=open_rate,
+            link_rtt_ms=2 * c.link_delay_ms if c.link_delay_ms else None,
         )
 
     def refresh_offer(self) -> bytes:
@@ -340,7 +341,10 @@ class Provider:
         receipt = Receipt(
             job_id=request.job_id, buyer=request.buyer, provider=self.key.public_key,
             model_sha256=request.model_sha256, input_sha256=tensors_sha256(request.inputs),
-            output_sha256=tensors_sha256(result.outputs), queue_ms=float(max(0, started_ms - received_ms)),
+            # A simulated device's queue is the host's queue at the device's speed: the jobs
+            # ahead ran on the host too, so the same factor converts their time.
+            output_sha256=tensors_sha256(result.outputs),
+            queue_ms=float(max(0, started_ms - received_ms)) / c.speed_factor,
             compute_ms=compute_ms, energy_j=energy_j, energy_source=energy_source, price=price,
             issued_at_ms=now_ms(), execution_provider=self.executor.execution_provider,
         )
@@ -386,6 +390,7 @@ class Provider:
         self.prepare()
         async with open_p2p_node(self.seed, self.config.listen) as p2p:
             self.p2p = p2p
+            p2p.send_delay_s = 2 * self.config.link_delay_ms / 1000
             self.refresh_offer()
             gossip = OfferGossip(p2p, self.book, own_offer=lambda: self._signed_offer)
             gossip.on_bad_input = self.count

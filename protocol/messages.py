@@ -126,6 +126,8 @@ class Offer:
     # Set when the provider also runs models it does not list (sent by hash on demand):
     # the items/s it assumes for them, a conservative estimate from its slowest listed one.
     open_models_items_per_s: float | None = None
+    # A simulated link's round trip (devnet), so placement sees the distance it will pay.
+    link_rtt_ms: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -137,7 +139,7 @@ class Offer:
             "issued_at_ms": self.issued_at_ms, "expires_at_ms": self.expires_at_ms,
             "idle_only": self.idle_only, "execution_provider": self.execution_provider,
             "available": self.available, "carbon_ceiling_g_per_kwh": self.carbon_ceiling_g_per_kwh,
-            "open_models_items_per_s": self.open_models_items_per_s,
+            "open_models_items_per_s": self.open_models_items_per_s, "link_rtt_ms": self.link_rtt_ms,
         }
 
     @classmethod
@@ -171,6 +173,7 @@ class Offer:
             available=f.bool("available", default=True),
             carbon_ceiling_g_per_kwh=f.float("carbon_ceiling_g_per_kwh", min=0.0, max=5000.0, default=None),
             open_models_items_per_s=f.float("open_models_items_per_s", min=1e-9, max=1e9, default=None),
+            link_rtt_ms=f.float("link_rtt_ms", min=0.0, max=1e6, default=None),
         )
 
     def model(self, sha256: str) -> ModelCapability | None:

@@ -56,9 +56,10 @@ class StreamClosed(Exception):
 class FramedStream:
     """Length-prefixed frames over a libp2p stream, with a cap and a timeout per read."""
 
-    def __init__(self, stream, remote_peer_id: str):
+    def __init__(self, stream, remote_peer_id: str, *, send_delay_s: float = 0.0):
         self._stream = stream
         self.remote_peer_id = remote_peer_id
+        self.send_delay_s = send_delay_s  # a simulated link: each frame we send waits this long
 
     async def _read_exactly(self, size: int) -> bytes:
         # stream.read(n) may return fewer bytes than asked: loop until whole.
@@ -83,6 +84,8 @@ class FramedStream:
             return await self._read_exactly(length)
 
     async def send(self, payload: bytes, *, timeout_s: float = 30.0) -> None:
+        if self.send_delay_s:
+            await trio.sleep(self.send_delay_s)
         with trio.fail_after(timeout_s):
             try:
                 await self._stream.write(frame(payload))
@@ -124,6 +127,9 @@ class P2PNode:
     listen_addrs: list[str]
     _nursery: trio.Nursery
     counters: dict[str, int] = field(default_factory=dict)
+    # Devnet links: frames this node sends on direct streams wait this long (a round
+    # trip's worth of simulated distance); gossip is not delayed.
+    send_delay_s: float = 0.0
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -179,7 +185,7 @@ class P2PNode:
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
         async def on_stream(stream) -> None:
             remote = stream.muxed_conn.peer_id.to_base58()
-            framed = FramedStream(stream, remote)
+            framed = FramedStream(stream, remote, send_delay_s=self.send_delay_s)
             try:
                 await handler(framed)
             finally:
@@ -208,7 +214,7 @@ class P2PNode:
                 stream = await self.host.new_stream(pid, [TProtocol(protocol)])
             except _STREAM_GONE as exc:
                 raise StreamClosed(f"could not open {protocol} to {peer_id}: {exc}") from None
-        framed = FramedStream(stream, peer_id)
+        framed = FramedStream(stream, peer_id, send_delay_s=self.send_delay_s)
         try:
             yield framed
         finally:

@@ -1,0 +1,123 @@
+"""Fleet files (TOML): simulated devices, grid regions and who is in the network.
+
+Format (see devnet/fleets/default.toml, which cites its sources):
+
+    [[regions]]   name, carbon_g_per_kwh, source
+    [[devices]]   name, arch (cuda/arm64/x86_64), slots, idle_w, busy_w, resnet50_img_s,
+                  memory_mb, price_per_s, source
+    [[providers]] device, region, link_ms (one-way delay added on the wire), count (default 1)
+
+Any file in this format works; errors name the table, the entry and the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+ARCHES = ("cuda", "arm64", "x86_64")
+DEFAULT_FLEET = Path(__file__).parent / "fleets" / "default.toml"
+
+
+class FleetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    arch: str
+    slots: int
+    idle_w: float
+    busy_w: float
+    resnet50_img_s: float
+    memory_mb: int
+    price_per_s: float
+    source: str
+
+    @property
+    def marginal_w_per_slot(self) -> float:
+        """What one more busy slot adds over idle: the idle draw is spent anyway."""
+        return (self.busy_w - self.idle_w) / self.slots
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    carbon_g_per_kwh: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Member:
+    device: Device
+    region: Region
+    link_ms: float
+
+
+@dataclass(frozen=True)
+class Fleet:
+    name: str
+    path: Path
+    members: tuple[Member, ...]
+
+    def pick(self, n: int) -> list[Member]:
+        """n providers: the fleet's members in order, repeated as needed."""
+        if not self.members:
+            raise FleetError(f"{self.path}: no [[providers]]")
+        return [self.members[i % len(self.members)] for i in range(n)]
+
+
+def _get(table: dict, key: str, kind, where: str, *, minimum: float | None = None, default=None):
+    value = table.get(key, default)
+    if value is None:
+        raise FleetError(f"{where}: missing {key!r}")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise FleetError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise FleetError(f"{where}.{key}: must be >= {minimum}, got {value}")
+    return value
+
+
+def load_fleet(path: Path) -> Fleet:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise FleetError(f"{path}: {exc}") from None
+    regions, devices = {}, {}
+    for i, r in enumerate(data.get("regions", [])):
+        where = f"{path}: regions[{i}]"
+        name = _get(r, "name", str, where)
+        regions[name] = Region(name, _get(r, "carbon_g_per_kwh", float, where, minimum=0.0),
+                               _get(r, "source", str, where, default="unstated"))
+    for i, d in enumerate(data.get("devices", [])):
+        where = f"{path}: devices[{i}]"
+        name = _get(d, "name", str, where)
+        arch = _get(d, "arch", str, where)
+        if arch not in ARCHES:
+            raise FleetError(f"{where}.arch: expected one of {ARCHES}, got {arch!r}")
+        device = Device(name, arch, _get(d, "slots", int, where, minimum=1), _get(d, "idle_w", float, where, minimum=0.0),
+                        _get(d, "busy_w", float, where, minimum=0.0),
+                        _get(d, "resnet50_img_s", float, where, minimum=1e-6),
+                        _get(d, "memory_mb", int, where, minimum=1), _get(d, "price_per_s", float, where, minimum=0.0),
+                        _get(d, "source", str, where, default="unstated"))
+        if device.busy_w < device.idle_w:
+            raise FleetError(f"{where}: busy_w ({device.busy_w}) is below idle_w ({device.idle_w})")
+        devices[name] = device
+    members = []
+    for i, p in enumerate(data.get("providers", [])):
+        where = f"{path}: providers[{i}]"
+        device_name = _get(p, "device", str, where)
+        region_name = _get(p, "region", str, where)
+        if device_name not in devices:
+            raise FleetError(f"{where}.device: {device_name!r} is not among [[devices]] ({sorted(devices)})")
+        if region_name not in regions:
+            raise FleetError(f"{where}.region: {region_name!r} is not among [[regions]] ({sorted(regions)})")
+        member = Member(devices[device_name], regions[region_name], _get(p, "link_ms", float, where, minimum=0.0,
+                                                                          default=0.0))
+        members.extend([member] * _get(p, "count", int, where, minimum=1, default=1))
+    name = data.get("meta", {}).get("name", Path(path).stem)
+    return Fleet(str(name), Path(path), tuple(members))

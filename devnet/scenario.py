@@ -1,0 +1,175 @@
+"""Scenario files (TOML): a workload trace, the fleet it runs on, and faults.
+
+    [scenario]
+    name = "default"
+    fleet = "../fleets/default.toml"     # relative to this file; or --fleet on the command line
+    providers = 10                        # members of the fleet, in order, repeated as needed
+    seed = 7
+    solvers = ["optimal", "greedy-price", "greedy-energy", "round-robin"]
+    weights = { energy = 1.0, latency = 0.01, carbon = 0.0, price = 0.0 }
+
+    [[workload]]                          # Poisson arrivals
+    model = "squeezenet"                  # a reference model from the onnx package, or a .onnx path
+    rate_per_s = 1.5
+    duration_s = 10.0
+    jobs = [2, 6]                         # jobs per arrival, min and max
+    items = [8, 48]                       # rows per job, min and max
+    deadline_ms = [400, 2000]             # per arrival; leave out for none
+
+    [[jobs]]                              # explicit trace rows
+    at_s = 0.5
+    model = "shufflenet"
+    count = 4
+    items = 16
+    deadline_ms = 800
+
+    [[faults]]
+    at_s = 3.0
+    provider = 1                          # index among the devnet's providers
+    action = "kill"                       # kill (-9) | pause (SIGSTOP, then SIGCONT) | restart
+    duration_s = 3.0                      # pause only
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from matcher import Weights
+from matcher.solve import SOLVERS
+from node.calibrate import reference_model_path
+
+FAULT_ACTIONS = ("kill", "pause", "restart")
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at_s: float
+    model: Path
+    count: int
+    items: int
+    deadline_ms: float | None
+
+
+@dataclass(frozen=True)
+class Fault:
+    at_s: float
+    provider: int
+    action: str
+    duration_s: float = 0.0
+
+
+@dataclass
+class Scenario:
+    name: str
+    path: Path
+    fleet: Path | None
+    providers: int
+    seed: int
+    solvers: list[str]
+    weights: Weights
+    arrivals: list[Arrival] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+
+    @property
+    def models(self) -> list[Path]:
+        return sorted({a.model for a in self.arrivals})
+
+    @property
+    def job_count(self) -> int:
+        return sum(a.count for a in self.arrivals)
+
+
+def _model(value, where: str, base: Path) -> Path:
+    if not isinstance(value, str):
+        raise ScenarioError(f"{where}.model: expected a model name or path, got {value!r}")
+    path = reference_model_path(value)
+    if not path.exists():
+        path = (base / value).resolve()
+    if not path.exists():
+        raise ScenarioError(f"{where}.model: {value!r} is neither a reference model nor a file")
+    return path
+
+
+def _pair(value, where: str, kind=float) -> tuple:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return kind(value), kind(value)
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
+        raise ScenarioError(f"{where}: expected a number or [min, max], got {value!r}")
+    lo, hi = kind(value[0]), kind(value[1])
+    if lo > hi or lo < 0:
+        raise ScenarioError(f"{where}: expected 0 <= min <= max, got {value!r}")
+    return lo, hi
+
+
+def load_scenario(path: Path) -> Scenario:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ScenarioError(f"{path}: {exc}") from None
+    base = path.parent
+    head = data.get("scenario", {})
+    solvers = head.get("solvers", list(SOLVERS))
+    unknown = [s for s in solvers if s not in SOLVERS]
+    if unknown or not solvers:
+        raise ScenarioError(f"{path}: scenario.solvers: unknown {unknown}; choose from {list(SOLVERS)}")
+    w = head.get("weights", {})
+    try:
+        weights = Weights(**{k: float(v) for k, v in w.items()})
+    except (TypeError, ValueError) as exc:
+        raise ScenarioError(f"{path}: scenario.weights: {exc}") from None
+    providers = head.get("providers", 10)
+    if not isinstance(providers, int) or providers < 1:
+        raise ScenarioError(f"{path}: scenario.providers: expected an int >= 1, got {providers!r}")
+    fleet = head.get("fleet")
+    scenario = Scenario(str(head.get("name", path.stem)), path, (base / fleet).resolve() if fleet else None,
+                        providers, int(head.get("seed", 0)), solvers, weights)
+    rng = np.random.default_rng(scenario.seed)
+    for i, wl in enumerate(data.get("workload", [])):
+        where = f"{path}: workload[{i}]"
+        model = _model(wl.get("model"), where, base)
+        rate = float(wl.get("rate_per_s", 1.0))
+        duration = float(wl.get("duration_s", 10.0))
+        if rate <= 0 or duration <= 0:
+            raise ScenarioError(f"{where}: rate_per_s and duration_s must be > 0")
+        jobs = _pair(wl.get("jobs", 1), f"{where}.jobs", int)
+        items = _pair(wl.get("items", 1), f"{where}.items", int)
+        deadline = _pair(wl["deadline_ms"], f"{where}.deadline_ms") if "deadline_ms" in wl else None
+        if items[0] < 1 or jobs[0] < 1:
+            raise ScenarioError(f"{where}: jobs and items must be >= 1")
+        t = float(rng.exponential(1 / rate))
+        while t < duration:
+            scenario.arrivals.append(Arrival(
+                round(t, 3), model, int(rng.integers(jobs[0], jobs[1] + 1)), int(rng.integers(items[0], items[1] + 1)),
+                None if deadline is None else round(float(rng.uniform(*deadline)), 1)))
+            t += float(rng.exponential(1 / rate))
+    for i, row in enumerate(data.get("jobs", [])):
+        where = f"{path}: jobs[{i}]"
+        try:
+            scenario.arrivals.append(Arrival(float(row["at_s"]), _model(row.get("model"), where, base),
+                                             int(row.get("count", 1)), int(row.get("items", 1)),
+                                             float(row["deadline_ms"]) if "deadline_ms" in row else None))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ScenarioError(f"{where}: {exc}") from None
+    for i, row in enumerate(data.get("faults", [])):
+        where = f"{path}: faults[{i}]"
+        action = row.get("action")
+        if action not in FAULT_ACTIONS:
+            raise ScenarioError(f"{where}.action: expected one of {FAULT_ACTIONS}, got {action!r}")
+        provider = row.get("provider")
+        if not isinstance(provider, int) or not 0 <= provider < scenario.providers:
+            raise ScenarioError(f"{where}.provider: expected an index 0..{scenario.providers - 1}, got {provider!r}")
+        scenario.faults.append(Fault(float(row.get("at_s", 0.0)), provider, action, float(row.get("duration_s", 0.0))))
+    if not scenario.arrivals:
+        raise ScenarioError(f"{path}: no jobs: add [[workload]] or [[jobs]]")
+    scenario.arrivals.sort(key=lambda a: a.at_s)
+    scenario.faults.sort(key=lambda f: f.at_s)
+    return scenario
