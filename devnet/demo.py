@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import trio
 
 from node.buyer import Buyer, SubmitSpec
 from node.cli import _print_outcomes

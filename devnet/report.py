@@ -74,6 +74,13 @@ def _plots(runs: list[SolverRun], summaries: dict[str, dict], out: Path) -> list
                for n in names]
     made = []
 
+    def save(fig, file: str, title: str) -> None:
+        fig.text(0.01, 0.01, "simulated device profiles", fontsize=7, color="#666")
+        fig.tight_layout()
+        fig.savefig(out / file)
+        plt.close(fig)
+        made.append((file, title))
+
     def bar(key: str, title: str, ylabel: str, file: str) -> None:
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
         values = [summaries[n][key] for n in names]
@@ -83,11 +90,7 @@ def _plots(runs: list[SolverRun], summaries: dict[str, dict], out: Path) -> list
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel)
         ax.tick_params(axis="x", labelsize=8)
-        fig.text(0.01, 0.01, "simulated device profiles", fontsize=7, color="#666")
-        fig.tight_layout()
-        fig.savefig(out / file)
-        plt.close(fig)
-        made.append((file, title))
+        save(fig, file, title)
 
     bar("energy_j_per_job", "Energy per job (lower is better)", "J per job (simulated)", "energy_per_job.png")
     bar("carbon_g", "Carbon, all jobs", "g CO2e (simulated)", "carbon.png")
@@ -103,10 +106,7 @@ def _plots(runs: list[SolverRun], summaries: dict[str, dict], out: Path) -> list
     ax.set_ylabel("share of jobs")
     ax.set_title("Latency CDF (left and high is better)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "latency_cdf.png")
-    plt.close(fig)
-    made.append(("latency_cdf.png", "Latency CDF"))
+    save(fig, "latency_cdf.png", "Latency CDF")
 
     devices = sorted({d for s in summaries.values() for d in s["load"]})
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(devices) + 2), 3.8), dpi=110)
@@ -119,10 +119,7 @@ def _plots(runs: list[SolverRun], summaries: dict[str, dict], out: Path) -> list
     ax.set_ylabel("jobs")
     ax.set_title("Load per provider", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "load_per_provider.png")
-    plt.close(fig)
-    made.append(("load_per_provider.png", "Load per provider"))
+    save(fig, "load_per_provider.png", "Load per provider")
     return made
 
 

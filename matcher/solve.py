@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from .costs import STAGES, Costs, build_costs
+from .costs import Costs, build_costs
 from .cpsat import solve_subproblem
 from .exact import placement_from_positions, solve_exact
 from .heuristics import greedy, repair, slot_ok

@@ -18,7 +18,7 @@ from protocol.errors import DecodeError, SignatureError
 from protocol.lifecycle import next_state
 from protocol.messages import JobRequest, Offer, ReceiptAck, SignedReceipt, sign_job_request, sign_receipt_ack
 from protocol.stream import (
-    MAX_CONTROL_FRAME_BYTES, Ack, ModelBlob, SubmitJob, decode_message, encode_message,
+    Ack, ModelBlob, SubmitJob, decode_message, encode_message,
 )
 from protocol.settlement import Dispute, sign_dispute
 from protocol.tensors import Tensor, tensors_sha256

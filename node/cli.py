@@ -212,7 +212,7 @@ def _submit(args) -> int:
 
 
 def _match(args) -> int:
-    from matcher import ProblemError, problem_from_json, solve
+    from matcher import problem_from_json, solve  # ProblemError is a ValueError
 
     try:
         problem = problem_from_json(json.loads(Path(args.problem).read_text()))

@@ -23,9 +23,8 @@ from protocol.messages import (
     Device, ModelCapability, Offer, PowerProfile, Receipt, check_window, open_job_request,
     sign_offer, sign_receipt,
 )
-from protocol.signing import SigningKey
 from protocol.stream import (
-    MAX_CONTROL_FRAME_BYTES, MAX_MODEL_BYTES, Accepted, JobError, JobResult, ModelBlob, NeedModel,
+    MAX_CONTROL_FRAME_BYTES, MAX_MODEL_BYTES, Accepted, JobError, JobResult, NeedModel,
     decode_message, encode_message,
 )
 from protocol.messages import MAX_REQUEST_BYTES
