@@ -353,6 +353,7 @@ class Buyer:
         for a in sorted(result.assignments, key=lambda a: (a.provider, a.slot, a.position)):
             lanes.setdefault((a.provider, a.slot), []).append(a.job)
         able = [o.peer_id for o in offers if o.items_per_s(self.model_sha)]
+        vanished: set[str] = set()
 
         async def run_lane(provider_id: str, jobs: list[str]) -> None:
             for jid in jobs:
@@ -360,7 +361,10 @@ class Buyer:
                 # A provider this job was sent to before a restart may hold its result;
                 # then the placed one; then others, if one fails or vanishes mid-job.
                 earlier = [outcome.provider] if outcome.provider in self.offers else []
-                candidates = list(dict.fromkeys(earlier + [provider_id] + able))[:RETRY_PROVIDERS + len(earlier)]
+                candidates = list(dict.fromkeys(earlier + [provider_id] + able))
+                # A provider that vanished earlier in this batch goes last (its offer may
+                # still be current): no job waits on a dead peer when others are up.
+                candidates = sorted(candidates, key=lambda p: p in vanished)[:RETRY_PROVIDERS + len(earlier)]
                 for pid in candidates:
                     try:
                         await self._run_one(p2p, outcome, self.offers[pid])
@@ -370,6 +374,8 @@ class Buyer:
                             ConnectionError) as exc:
                         outcome.error = f"{type(exc).__name__}: {exc}"
                         outcome.state = "requested"
+                        if not isinstance(exc, (SubmitError, DecodeError)):
+                            vanished.add(pid)
                         log.warning("job %s on %s: %s", jid[:8], pid[-8:], outcome.error)
                 if outcome.error:
                     outcome.state = "failed"
