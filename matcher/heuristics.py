@@ -94,23 +94,45 @@ def best_insertion(costs: Costs, placement: Placement, j: int, allowed_row: np.n
     return best
 
 
+def smith_order(costs: Costs, p: int, lane: list[int]) -> tuple[list[int], list[int]]:
+    """The slot's jobs in the order with least total completion time that meets every
+    deadline, by Smith's backward rule (exact for one machine): the last place goes to
+    the longest job whose deadline allows finishing at the current end. Jobs that fit
+    nowhere come back second (longest first), to be placed elsewhere."""
+    end = costs.rtt_backlog_ms[p] + sum(1000.0 * costs.compute_s[j, p] for j in lane)
+    remaining = set(lane)
+    backwards, dropped = [], []
+    while remaining:
+        fits = [j for j in remaining if costs.deadline_ms[j] + 1e-9 >= end]
+        pool = fits or list(remaining)
+        j = max(pool, key=lambda i: (costs.compute_s[i, p], -i))
+        (backwards if fits else dropped).append(j)
+        remaining.discard(j)
+        end -= 1000.0 * costs.compute_s[j, p]
+    return backwards[::-1], dropped
+
+
 def repair(costs: Costs, placement: Placement, allowed: np.ndarray, latency_weight: float,
            job_key) -> tuple[Placement, list[int]]:
-    """Make a placement meet deadlines: take out late jobs, re-insert them where they fit."""
+    """Make a placement meet deadlines: reorder each slot by Smith's rule, take out what
+    still cannot make it, and re-insert those where they fit."""
     fixed: Placement = {}
     pending: list[int] = []
     for p, lanes in placement.items():
         fixed[p] = []
         for lane in lanes:
+            order, dropped = smith_order(costs, p, lane)
+            # The order is feasible only if dropping was enough; check, and drop late ones.
             kept, t = [], costs.rtt_backlog_ms[p]
-            for j in lane:
+            for j in order:
                 finish = t + 1000.0 * costs.compute_s[j, p]
                 if finish <= costs.deadline_ms[j] + 1e-9:
                     kept.append(j)
                     t = finish
                 else:
-                    pending.append(j)
+                    dropped.append(j)
             fixed[p].append(kept)
+            pending.extend(dropped)
     left_out: list[int] = []
     for j in sorted(pending, key=lambda j: (costs.deadline_ms[j], job_key(j))):
         spot = best_insertion(costs, fixed, j, allowed[j], latency_weight)
@@ -122,4 +144,28 @@ def repair(costs: Costs, placement: Placement, allowed: np.ndarray, latency_weig
         if s == len(lanes):
             lanes.append([])
         lanes[s].insert(index, j)
-    return compact(fixed), left_out
+    # What two trial spots per slot could not place: try every slot with the job
+    # re-ordered in by Smith's rule, which finds a feasible order whenever one exists.
+    still_out = []
+    for j in left_out:
+        best = None
+        for p in np.flatnonzero(allowed[j]):
+            lanes = fixed.get(int(p), [])
+            options = list(enumerate(lanes)) + ([(len(lanes), [])] if len(lanes) < costs.slots[p] else [])
+            for s, lane in options:
+                order, dropped = smith_order(costs, int(p), lane + [j])
+                if dropped:
+                    continue
+                delta = slot_cost(costs, int(p), order, latency_weight) - slot_cost(costs, int(p), lane, latency_weight)
+                if best is None or (delta, int(p), s) < best[:3]:
+                    best = (delta, int(p), s, order)
+        if best is None:
+            still_out.append(j)
+            continue
+        _, p, s, order = best
+        lanes = fixed.setdefault(p, [])
+        if s == len(lanes):
+            lanes.append(order)
+        else:
+            lanes[s] = order
+    return compact(fixed), still_out

@@ -26,6 +26,7 @@ from .result import Placement, Result, build_result, explain_unassigned, placeme
 SOLVERS = ("optimal", "greedy-price", "greedy-energy", "round-robin")
 FULL_CPSAT_PAIRS = 600  # jobs x providers up to which CP-SAT takes the whole problem
 NEIGHBOURHOOD_PROVIDERS = 3
+RESULT_RESERVE_S = 0.15  # of the time limit, kept for building the result after the search
 
 
 def _placed_count(placement: Placement) -> int:
@@ -112,7 +113,8 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
     else:
         rounds = 0
         deadline = started + time_limit_s if clock else None
-        while (clock() < deadline - 0.05) if clock else rounds < 20:
+        # Stop with time left to build the result: the limit covers the whole solve.
+        while (clock() < deadline - RESULT_RESERVE_S - 0.05) if clock else rounds < 20:
             rounds += 1
             placed_jobs = {j for lanes in best.values() for lane in lanes for j in lane}
             left = [j for j in file_order if j not in placed_jobs]
@@ -133,7 +135,7 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
             hood_jobs = [j for p in hood for lane in best.get(p, []) for j in lane]
             hood_jobs += [j for j in left if allowed[j, hood].any()][:20]
             current = {p: best[p] for p in hood if p in best}
-            budget = 0.3 if not clock else min(0.3, max(0.05, deadline - clock() - 0.05))
+            budget = 0.3 if not clock else min(0.3, max(0.05, deadline - clock() - RESULT_RESERVE_S))
             out = solve_subproblem(costs, hood, hood_jobs, allowed, w.latency, current,
                                    time_limit_s=budget, seed=seed + rounds,
                                    must_place=_placed_count(current))
