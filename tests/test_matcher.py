@@ -226,3 +226,30 @@ def test_column_generation_matches_the_full_graph(seed):
                      problem.weights)
     assert result.optimal
     assert result.objective == pytest.approx(_full_graph_optimum(placed), rel=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 60), st.floats(20, 900)), min_size=1, max_size=6))
+def test_smith_order_is_the_best_feasible_order_of_a_slot(jobs):
+    from matcher.costs import build_costs
+    from matcher.heuristics import slot_ok, smith_order
+
+    problem = Problem((Provider("p", "cuda", 1, 1e9, 50.0, 0.0, 5.0, 0.0, 0.0, {"m": 100.0}),),
+                      tuple(Job(f"j{i}", "m", items, deadline_ms=d) for i, (items, d) in enumerate(jobs)), Weights())
+    costs = build_costs(problem)
+    lane = list(range(len(jobs)))
+    order, dropped = smith_order(costs, 0, lane)
+
+    def total_completion(seq):
+        t, total = costs.rtt_backlog_ms[0], 0.0
+        for j in seq:
+            t += 1000.0 * costs.compute_s[j, 0]
+            total += t
+        return total
+
+    feasible = [seq for seq in itertools.permutations(lane) if slot_ok(costs, 0, list(seq))]
+    if feasible:  # a feasible order exists: Smith's rule finds the best one and drops nothing
+        assert not dropped and slot_ok(costs, 0, order)
+        assert total_completion(order) == pytest.approx(min(total_completion(s) for s in feasible))
+    else:
+        assert dropped
