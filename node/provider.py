@@ -83,9 +83,8 @@ class Provider:
         self._job_limit = PeerRateLimit(*JOBS_PER_PEER)
         self._results: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # job -> (buyer, result frame)
         self._results_bytes = 0
-        self._running: set[str] = set()
+        self._running: set[str] = set()  # jobs accepted and not yet finished
         self._signed_offer: bytes | None = None
-        self._queued = 0
         self.carbon = CarbonSchedule(config.carbon_g_per_kwh, config.carbon_csv, config.carbon_source)
         self.idle_gate = IdleGate(config.idle_threshold, config.idle_hold_s)
         self.owner_load = 0.0
@@ -144,7 +143,7 @@ class Provider:
     def build_offer(self) -> Offer:
         c, power = self.config, self.power
         issued = now_ms()
-        backlog_ms = 1000.0 * self._queued / max(1, c.slots)  # crude: a second per queued job
+        backlog_ms = 1000.0 * len(self._running) / max(1, c.slots)  # crude: a second per queued job
         open_rate = min((m.items_per_s for m in self.models), default=None) if c.open_models else None
         return Offer(
             provider=self.key.public_key, peer_id=self.key.peer_id, addrs=tuple(self.p2p.listen_addrs),
@@ -199,7 +198,7 @@ class Provider:
         return {
             "pid": os.getpid(), "peer_id": self.key.peer_id, "updated_at_ms": now_ms(),
             "selling": self.availability.selling, "reason": self.availability.reason,
-            "owner_load": round(self.owner_load, 3), "jobs_running": self._queued, "jobs_done": self.jobs_done,
+            "owner_load": round(self.owner_load, 3), "jobs_running": len(self._running), "jobs_done": self.jobs_done,
             "counters": self.counters, "slots": self.config.slots,
             "carbon_g_per_kwh": self.carbon.at(datetime.now(timezone.utc)), "carbon_source": self.carbon.source,
             "carbon_ceiling": self.config.carbon_ceiling, "idle_only": self.config.idle_only,
@@ -312,16 +311,14 @@ class Provider:
 
     async def _run_job(self, stream: FramedStream, peer: str, request, capability: ModelCapability) -> None:
         received_ms = now_ms()
-        self._queued += 1
         self._running.add(request.job_id)
         try:
-            await stream.send(encode_message(Accepted(request.job_id, self._queued - 1)))
+            await stream.send(encode_message(Accepted(request.job_id, len(self._running) - 1)))
             emit("accepted", job_id=request.job_id, buyer=peer)
             started_ms = now_ms()
             result = await self.executor.run(request.model_sha256, request.inputs,
                                              timeout_s=request.timeout_ms / 1000)
         finally:
-            self._queued -= 1
             self._running.discard(request.job_id)
         if self.config.fault_output_noise:
             # Devnet fault injection: a provider that returns wrong numbers under a
