@@ -136,36 +136,44 @@ def repair(costs: Costs, placement: Placement, allowed: np.ndarray, latency_weig
     left_out: list[int] = []
     for j in sorted(pending, key=lambda j: (costs.deadline_ms[j], job_key(j))):
         spot = best_insertion(costs, fixed, j, allowed[j], latency_weight)
-        if spot is None:
+        if spot is not None:
+            _, p, s, index = spot
+            lane = _lane(fixed, p, s)
+            _set_lane(fixed, p, s, lane[:index] + [j] + lane[index:])
+        else:
             left_out.append(j)
-            continue
-        _, p, s, index = spot
-        lanes = fixed.setdefault(p, [])
-        if s == len(lanes):
-            lanes.append([])
-        lanes[s].insert(index, j)
     # What two trial spots per slot could not place: try every slot with the job
     # re-ordered in by Smith's rule, which finds a feasible order whenever one exists.
     still_out = []
     for j in left_out:
         best = None
         for p in np.flatnonzero(allowed[j]):
-            lanes = fixed.get(int(p), [])
-            options = list(enumerate(lanes)) + ([(len(lanes), [])] if len(lanes) < costs.slots[p] else [])
-            for s, lane in options:
-                order, dropped = smith_order(costs, int(p), lane + [j])
+            p = int(p)
+            lanes = fixed.get(p, [])
+            for s in range(min(len(lanes) + 1, int(costs.slots[p]))):
+                lane = _lane(fixed, p, s)
+                order, dropped = smith_order(costs, p, lane + [j])
                 if dropped:
                     continue
-                delta = slot_cost(costs, int(p), order, latency_weight) - slot_cost(costs, int(p), lane, latency_weight)
-                if best is None or (delta, int(p), s) < best[:3]:
-                    best = (delta, int(p), s, order)
+                delta = slot_cost(costs, p, order, latency_weight) - slot_cost(costs, p, lane, latency_weight)
+                if best is None or (delta, p, s) < best[:3]:
+                    best = (delta, p, s, order)
         if best is None:
             still_out.append(j)
-            continue
-        _, p, s, order = best
-        lanes = fixed.setdefault(p, [])
-        if s == len(lanes):
-            lanes.append(order)
         else:
-            lanes[s] = order
+            _set_lane(fixed, best[1], best[2], best[3])
     return compact(fixed), still_out
+
+
+def _lane(placement: Placement, p: int, s: int) -> list[int]:
+    """Slot s of provider p; a slot one past the used ones is a fresh, empty one."""
+    lanes = placement.get(p, [])
+    return lanes[s] if s < len(lanes) else []
+
+
+def _set_lane(placement: Placement, p: int, s: int, order: list[int]) -> None:
+    lanes = placement.setdefault(p, [])
+    if s == len(lanes):
+        lanes.append(order)
+    else:
+        lanes[s] = order
