@@ -28,11 +28,13 @@ from ortools.graph.python import min_cost_flow
 
 from .costs import Costs
 
-DENSE_PRICING_CELLS = 200_000  # groups up to this many (job, position) pairs are priced directly
+DENSE_PRICING_CELLS = 200_000  # groups up to this many (class, position) pairs are priced directly
+PRICE_TOP = 2             # columns per class and per position that dense pricing adds
 PRICE_WINDOW = 1          # jobs either side (in size order) of each position's best, priced too
 INITIAL_K_SPREAD = 2      # positions either side of a job's greedy one it starts with
 WINDOW_PER_SLOT = 6       # jobs per slot each estimated position starts with arcs to
 MAX_ROUNDS = 60
+KEEP_REDUCED = 0.003 # columns whose reduced cost exceeds this share of their class's dual are dropped
 INT_COST_TOP = 2.0 ** 34  # scale float costs so the largest arc is about 1.7e10
 OVERFLOW_INT_COST = 2 ** 42  # far above any arc; OR-tools refuses costs that could overflow in its sums
 K_LIMIT = 1 << 20         # positions per provider, for packing (job, provider, k) into one int64
@@ -118,11 +120,14 @@ def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, ite
     intercept = costs.delta[q_prov] - q_v
     if len(g) * len(q_prov) <= DENSE_PRICING_CELLS:
         red = items[g][:, None] * slope[None, :] + intercept[None, :] - u[g][:, None]
-        rows = np.arange(len(g))
-        by_job = np.argmin(red, axis=1)
-        by_pos = np.argmin(red, axis=0)
-        pick_j = np.concatenate([rows, by_pos])
-        pick_q = np.concatenate([by_job, np.arange(len(q_prov))])
+        # Each class's few cheapest positions and each position's few cheapest classes:
+        # more than the single best, so fewer rounds are needed.
+        top_q = min(PRICE_TOP, red.shape[1])
+        top_j = min(PRICE_TOP, red.shape[0])
+        by_job = np.argpartition(red, top_q - 1, axis=1)[:, :top_q]
+        by_pos = np.argpartition(red, top_j - 1, axis=0)[:top_j, :]
+        pick_j = np.concatenate([np.repeat(np.arange(len(g)), top_q), by_pos.ravel()])
+        pick_q = np.concatenate([by_job.ravel(), np.tile(np.arange(len(q_prov)), top_j)])
         bad = red[pick_j, pick_q] < -eps
         return (g[pick_j[bad]] * n_prov + q_prov[pick_q[bad]]) * K_LIMIT + q_k[pick_q[bad]]
     out = []
@@ -153,6 +158,22 @@ def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, ite
     return np.concatenate(out)
 
 
+def _classes(items: np.ndarray, groups: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
+    """Jobs of one group with the same item count are interchangeable: one flow node each.
+    Returns class_of (per local job), each group's classes, class items, class sizes."""
+    class_of = np.zeros(len(items), dtype=np.int64)
+    group_classes, class_items = [], []
+    offset = 0
+    for g in groups:
+        values, inverse = np.unique(items[g], return_inverse=True)
+        class_of[g] = offset + inverse
+        group_classes.append(np.arange(offset, offset + len(values)))
+        class_items.append(values)
+        offset += len(values)
+    class_items = np.concatenate(class_items) if class_items else np.zeros(0)
+    return class_of, group_classes, class_items, np.bincount(class_of, minlength=offset)
+
+
 def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = None) -> ExactSolution:
     """Optimal placement of `jobs` (indices), each allowed where `allowed` (J x P) is true."""
     allowed = (costs.feasible if allowed is None else allowed)[jobs]
@@ -164,16 +185,20 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
     compute = costs.compute_s[jobs]
     items = costs.items[jobs]
 
-    # --- initial columns ------------------------------------------------------------
+    # --- initial columns, per job, then per class -------------------------------------
     greedy_prov, greedy_k = _greedy_positions(costs, allowed, compute)
     greedy_depth = np.zeros(n_prov, dtype=np.int64)
     np.maximum.at(greedy_depth, greedy_prov, greedy_k)
     groups = _job_groups(costs, jobs, allowed)
     group_prov = [np.flatnonzero(allowed[g[0]]) for g in groups]
+    group_model = [int(costs.job_model[jobs[g[0]]]) for g in groups]
+    class_of, group_classes, class_items, class_size = _classes(items, groups)
+    n_cls = len(class_size)
+    class_model = np.repeat(group_model, [len(c) for c in group_classes])
     # (a) Around each job's greedy position.
     spread = np.arange(-INITIAL_K_SPREAD, INITIAL_K_SPREAD + 1)
     seed_k = np.repeat(greedy_k, len(spread)) + np.tile(spread, n)
-    seeds = [((np.repeat(np.arange(n), len(spread)) * n_prov + np.repeat(greedy_prov, len(spread))) * K_LIMIT
+    seeds = [((np.repeat(class_of, len(spread)) * n_prov + np.repeat(greedy_prov, len(spread))) * K_LIMIT
               + seed_k)[seed_k >= 1]]
     # (b) From each position: on a provider the biggest jobs run last, so position k of
     # p's greedy depth takes jobs around the matching size quantile of each group.
@@ -181,7 +206,7 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
         provs = provs[greedy_depth[provs] > 0]
         if not len(provs):
             continue
-        ranked = g[np.argsort(-items[g], kind="stable")]
+        ranked = class_of[g[np.argsort(-items[g], kind="stable")]]
         reps = greedy_depth[provs]
         q_prov = np.repeat(provs, reps)
         q_k = np.arange(len(q_prov)) - np.repeat(np.cumsum(reps) - reps, reps) + 1
@@ -198,53 +223,65 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
         rounds += 1
         a_k = columns % K_LIMIT
         a_prov = (columns // K_LIMIT) % n_prov
-        a_job = columns // K_LIMIT // n_prov
+        a_cls = columns // K_LIMIT // n_prov
         np.maximum.at(depth, a_prov, a_k)
         offsets = np.concatenate([[0], np.cumsum(depth)])
         n_pos = int(offsets[-1])
         pos_prov = np.repeat(np.arange(n_prov), depth)
         a_pos = offsets[a_prov] + a_k - 1
-        a_cost = compute[a_job, a_prov] * (costs.beta[a_prov] + costs.gamma * a_k) + costs.delta[a_prov]
+        a_cost = (class_items[a_cls] * costs.seconds_per_item[class_model[a_cls], a_prov]
+                  * (costs.beta[a_prov] + costs.gamma * a_k) + costs.delta[a_prov])
 
-        # --- the sparse flow --------------------------------------------------------
+        # --- the sparse flow: classes -> positions -> sink ---------------------------
         scale = INT_COST_TOP / max(float(np.max(np.abs(a_cost))), 1e-30)
         a_int = np.rint(a_cost * scale).astype(np.int64)
         # Duals are computed on the rounded costs the flow optimised, so no float
         # rounding can show up as a negative cycle; pricing allows for the rounding.
         a_cost_r = a_int / scale
+        a_cap = class_size[a_cls]
         flow = min_cost_flow.SimpleMinCostFlow()
-        sink = n + n_pos
-        # Each job may also overflow straight to the sink at a prohibitive cost, so the
+        sink = n_cls + n_pos
+        # Each class may also overflow straight to the sink at a prohibitive cost, so the
         # sparse graph is always feasible; pricing then adds the positions it lacked.
-        starts = np.concatenate([a_job, n + np.arange(n_pos), np.arange(n)])
-        ends = np.concatenate([n + a_pos, np.full(n_pos, sink), np.full(n, sink)])
-        caps = np.concatenate([np.ones(len(a_job), dtype=np.int64), slots[pos_prov], np.ones(n, dtype=np.int64)])
-        unit = np.concatenate([a_int, np.zeros(n_pos, dtype=np.int64), np.full(n, OVERFLOW_INT_COST, dtype=np.int64)])
+        starts = np.concatenate([a_cls, n_cls + np.arange(n_pos), np.arange(n_cls)])
+        ends = np.concatenate([n_cls + a_pos, np.full(n_pos, sink), np.full(n_cls, sink)])
+        caps = np.concatenate([a_cap, slots[pos_prov], class_size])
+        unit = np.concatenate([a_int, np.zeros(n_pos, dtype=np.int64),
+                               np.full(n_cls, OVERFLOW_INT_COST, dtype=np.int64)])
         arcs = flow.add_arcs_with_capacity_and_unit_cost(starts, ends, caps, unit)
         supplies = np.zeros(sink + 1, dtype=np.int64)
-        supplies[:n] = 1
+        supplies[:n_cls] = class_size
         supplies[sink] = -n
         flow.set_nodes_supplies(np.arange(sink + 1), supplies)
         status = flow.solve()
         if status != flow.OPTIMAL:
             raise RuntimeError(f"min-cost flow ended with status {status}")
-        used = flow.flows(arcs[: len(a_job)]) > 0
-        # Overflowed jobs sit on a virtual position (index n_pos) whose dual is 0.
-        job_pos = np.full(n, n_pos, dtype=np.int64)
-        job_pos[a_job[used]] = a_pos[used]
-        job_cost = np.full(n, OVERFLOW_INT_COST / scale)
-        job_cost[a_job[used]] = a_cost_r[used]
-        overflowed = int(np.sum(job_pos == n_pos))
-        fill = np.bincount(job_pos, minlength=n_pos + 1)[:n_pos]
+        all_flows = flow.flows(arcs)
+        a_flow = all_flows[: len(a_cls)]
+        spill = all_flows[len(a_cls) + n_pos:]
+        overflowed = int(spill.sum())
+        fill = all_flows[len(a_cls): len(a_cls) + n_pos]
 
-        # --- duals: v over positions (<= 0, 0 where not full), u_j = cost_j - v[pos_j] ---
-        # The largest v with v[q'] <= v[q] + cost(j, q') - cost(j, q) for each job j on q
-        # and each other arc of j: Bellman-Ford from v = 0, vectorised over arcs.
+        # --- duals: v over positions (<= 0, 0 where not full), u_c = cost - v[pos] of a
+        # used arc. Overflow is a virtual position n_pos with dual 0.
+        # The largest v with v[t] <= v[s] + cost(c, t) - cost(c, s) for each arc c -> s
+        # carrying flow and each other arc c -> t with room left: Bellman-Ford from 0.
+        used = a_flow > 0
+        s_cls = np.concatenate([a_cls[used], np.flatnonzero(spill)])
+        s_pos = np.concatenate([a_pos[used], np.full(int(np.count_nonzero(spill)), n_pos)])
+        s_cost = np.concatenate([a_cost_r[used], np.full(int(np.count_nonzero(spill)), OVERFLOW_INT_COST / scale)])
+        room = a_flow < a_cap
+        t_cls, t_pos, t_cost = a_cls[room], a_pos[room], a_cost_r[room]  # columns are sorted by class
+        t_start = np.searchsorted(t_cls, np.arange(n_cls), side="left")
+        t_count = np.searchsorted(t_cls, np.arange(n_cls), side="right") - t_start
+        per_source = t_count[s_cls]
+        pair_s = np.repeat(np.arange(len(s_cls)), per_source)
+        pair_t = (np.repeat(t_start[s_cls] - np.cumsum(per_source) + per_source, per_source)
+                  + np.arange(len(pair_s)))
+        keep = t_pos[pair_t] != s_pos[pair_s]
+        src, dst = s_pos[pair_s[keep]], t_pos[pair_t[keep]]
+        w = t_cost[pair_t[keep]] - s_cost[pair_s[keep]]
         v = np.zeros(n_pos + 1)
-        other = ~used
-        src = job_pos[a_job[other]]
-        dst = a_pos[other]
-        w = a_cost_r[other] - job_cost[a_job[other]]
         order = np.argsort(dst, kind="stable")
         src, dst, w = src[order], dst[order], w[order]
         if len(dst):
@@ -260,12 +297,17 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
         eps = 1e-9 * max(1.0, max_cost) + 2.0 / scale
         v[n_pos] = 0.0
         duals_ok = overflowed == 0 and not np.any((v[:n_pos] < -eps) & (fill < slots[pos_prov]))
-        u = job_cost - v[job_pos]
+        u = np.full(n_cls, np.inf)
+        np.minimum.at(u, s_cls, s_cost - v[s_pos])
 
-        # --- pricing over every allowed (job, provider, k), group by group ------------
-        # Position (p, k) for k <= depth_p + 1; deeper ones cost more at the same dual 0.
-        new_cols = [_price_group(costs, g, provs, int(costs.job_model[jobs[g[0]]]), items, u, v, depth,
-                                 offsets, n_pos, eps) for g, provs in zip(groups, group_prov) if len(provs)]
+        # Columns far from tight leave the graph, so each flow stays small; pricing
+        # covers every column, deleted or not, so the certificate is unaffected.
+        reduced = a_cost_r - u[a_cls] - v[a_pos]
+        columns = columns[used | (reduced < KEEP_REDUCED * np.abs(u[a_cls]))]
+
+        # --- pricing over every allowed (class, provider, k), group by group -----------
+        new_cols = [_price_group(costs, cls, provs, model, class_items, u, v, depth, offsets, n_pos, eps)
+                    for cls, provs, model in zip(group_classes, group_prov, group_model) if len(provs)]
         added = 0
         if new_cols:
             fresh = np.unique(np.concatenate(new_cols))
@@ -280,18 +322,33 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
             # (Not while jobs overflow: their duals are the penalty, which says nothing of depth.)
             depth[grow] += np.maximum(1, depth[grow] // 4) if overflowed == 0 else 1
         if added == 0 or rounds >= MAX_ROUNDS:
-            position_of = {}
-            for local in range(n):
-                q = job_pos[local]
-                if q == n_pos:  # still overflowing after MAX_ROUNDS: a candidate provider, at the back
-                    p = int(greedy_prov[local])
-                    depth[p] += 1
-                    position_of[int(jobs[local])] = (p, int(depth[p]))
-                    continue
-                p = int(pos_prov[q])
-                position_of[int(jobs[local])] = (p, int(q - offsets[p] + 1))
-            return ExactSolution(position_of, float(job_cost.sum()), duals_ok and added == 0,
-                                 rounds, len(a_job))
+            objective = float(a_flow @ a_cost_r) + overflowed * OVERFLOW_INT_COST / scale
+            return ExactSolution(_positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, spill, n_pos, pos_prov,
+                                                    offsets, greedy_prov, depth),
+                                 objective, duals_ok and added == 0, rounds, len(a_cls))
+
+
+def _positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, spill, n_pos, pos_prov, offsets, greedy_prov,
+                       depth) -> dict[int, tuple[int, int]]:
+    """Hand each class's flow out to its jobs: positions in index order to jobs in index order."""
+    used = a_flow > 0
+    spilled = np.flatnonzero(spill)
+    e_cls = np.concatenate([a_cls[used], spilled])
+    e_pos = np.concatenate([a_pos[used], np.full(len(spilled), n_pos)])
+    e_count = np.concatenate([a_flow[used], spill[spilled]])
+    order = np.lexsort((e_pos, e_cls))
+    slot_pos = np.repeat(e_pos[order], e_count[order])
+    job_order = np.argsort(class_of, kind="stable")  # class by class, in index order, as slot_pos
+    position_of = {}
+    for local, q in zip(job_order.tolist(), slot_pos.tolist()):
+        if q == n_pos:  # still overflowing after MAX_ROUNDS: a candidate provider, at the back
+            p = int(greedy_prov[local])
+            depth[p] += 1
+            position_of[int(jobs[local])] = (p, int(depth[p]))
+            continue
+        p = int(pos_prov[q])
+        position_of[int(jobs[local])] = (p, int(q - offsets[p] + 1))
+    return position_of
 
 
 def placement_from_positions(position_of: dict[int, tuple[int, int]], slots: np.ndarray,
