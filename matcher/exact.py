@@ -35,8 +35,7 @@ INITIAL_K_SPREAD = 2      # positions either side of a job's greedy one it start
 WINDOW_PER_SLOT = 6       # jobs per slot each estimated position starts with arcs to
 MAX_ROUNDS = 60
 KEEP_REDUCED = 0.003 # columns whose reduced cost exceeds this share of their class's dual are dropped
-INT_COST_TOP = 2.0 ** 34  # scale float costs so the largest arc is about 1.7e10
-OVERFLOW_INT_COST = 2 ** 42  # far above any arc; OR-tools refuses costs that could overflow in its sums
+INT_COST_TOP = 2.0 ** 31  # the largest arc's integer cost: finer makes cost scaling slower, coarser makes ties that slow the duals
 K_LIMIT = 1 << 20         # positions per provider, for packing (job, provider, k) into one int64
 
 
@@ -158,6 +157,33 @@ def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, ite
     return np.concatenate(out)
 
 
+def _relax_duals(src: np.ndarray, dst: np.ndarray, w: np.ndarray, n_pos: int) -> np.ndarray:
+    """The largest v <= 0 with v[dst] <= v[src] + w on every edge: Bellman-Ford from 0,
+    relaxing only the edges out of positions whose dual dropped in the last pass (the
+    paths are long, a few hundred edges, but each pass touches few positions)."""
+    v = np.zeros(n_pos + 1)
+    if not len(src):
+        return v
+    # One edge per (src, dst) pair, the cheapest.
+    key = src * (n_pos + 1) + dst
+    order = np.lexsort((w, key))
+    key, w = key[order], w[order]
+    first = np.r_[True, key[1:] != key[:-1]]
+    key, w = key[first], w[first]
+    src, dst = key // (n_pos + 1), key % (n_pos + 1)
+    order = np.argsort(dst, kind="stable")
+    src, dst, w = src[order], dst[order], w[order]
+    starts = np.flatnonzero(np.r_[True, dst[1:] != dst[:-1]])
+    targets = dst[starts]
+    for _ in range(n_pos + 1):
+        relaxed = np.minimum.reduceat(v[src] + w, starts)
+        improved = relaxed < v[targets]
+        if not improved.any():
+            break
+        v[targets[improved]] = relaxed[improved]
+    return v
+
+
 def _classes(items: np.ndarray, groups: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
     """Jobs of one group with the same item count are interchangeable: one flow node each.
     Returns class_of (per local job), each group's classes, class items, class sizes."""
@@ -241,14 +267,18 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
         a_cap = class_size[a_cls]
         flow = min_cost_flow.SimpleMinCostFlow()
         sink = n_cls + n_pos
-        # Each class may also overflow straight to the sink at a prohibitive cost, so the
-        # sparse graph is always feasible; pricing then adds the positions it lacked.
-        starts = np.concatenate([a_cls, n_cls + np.arange(n_pos), np.arange(n_cls)])
-        ends = np.concatenate([n_cls + a_pos, np.full(n_pos, sink), np.full(n_cls, sink)])
-        caps = np.concatenate([a_cap, slots[pos_prov], class_size])
-        unit = np.concatenate([a_int, np.zeros(n_pos, dtype=np.int64),
-                               np.full(n_cls, OVERFLOW_INT_COST, dtype=np.int64)])
-        arcs = flow.add_arcs_with_capacity_and_unit_cost(starts, ends, caps, unit)
+        # The greedy's own positions are columns and columns carrying flow are never
+        # dropped, so this graph always has a flow that places every job.
+        starts = np.concatenate([a_cls, n_cls + np.arange(n_pos)])
+        ends = np.concatenate([n_cls + a_pos, np.full(n_pos, sink)])
+        caps = np.concatenate([a_cap, slots[pos_prov]])
+        unit = np.concatenate([a_int, np.zeros(n_pos, dtype=np.int64)])
+        # OR-tools' cost scaling runs about a third faster on arcs in no particular
+        # order than grouped by tail; a fixed shuffle keeps the result deterministic.
+        shuffle = np.random.default_rng(len(starts)).permutation(len(starts))
+        arcs = np.empty(len(starts), dtype=np.int64)
+        arcs[shuffle] = flow.add_arcs_with_capacity_and_unit_cost(starts[shuffle], ends[shuffle], caps[shuffle],
+                                                                  unit[shuffle])
         supplies = np.zeros(sink + 1, dtype=np.int64)
         supplies[:n_cls] = class_size
         supplies[sink] = -n
@@ -258,18 +288,14 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
             raise RuntimeError(f"min-cost flow ended with status {status}")
         all_flows = flow.flows(arcs)
         a_flow = all_flows[: len(a_cls)]
-        spill = all_flows[len(a_cls) + n_pos:]
-        overflowed = int(spill.sum())
-        fill = all_flows[len(a_cls): len(a_cls) + n_pos]
+        fill = all_flows[len(a_cls):]
 
         # --- duals: v over positions (<= 0, 0 where not full), u_c = cost - v[pos] of a
-        # used arc. Overflow is a virtual position n_pos with dual 0.
+        # used arc. v[n_pos] = 0 stands for every position past a provider's depth.
         # The largest v with v[t] <= v[s] + cost(c, t) - cost(c, s) for each arc c -> s
         # carrying flow and each other arc c -> t with room left: Bellman-Ford from 0.
         used = a_flow > 0
-        s_cls = np.concatenate([a_cls[used], np.flatnonzero(spill)])
-        s_pos = np.concatenate([a_pos[used], np.full(int(np.count_nonzero(spill)), n_pos)])
-        s_cost = np.concatenate([a_cost_r[used], np.full(int(np.count_nonzero(spill)), OVERFLOW_INT_COST / scale)])
+        s_cls, s_pos, s_cost = a_cls[used], a_pos[used], a_cost_r[used]
         room = a_flow < a_cap
         t_cls, t_pos, t_cost = a_cls[room], a_pos[room], a_cost_r[room]  # columns are sorted by class
         t_start = np.searchsorted(t_cls, np.arange(n_cls), side="left")
@@ -281,22 +307,11 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
         keep = t_pos[pair_t] != s_pos[pair_s]
         src, dst = s_pos[pair_s[keep]], t_pos[pair_t[keep]]
         w = t_cost[pair_t[keep]] - s_cost[pair_s[keep]]
-        v = np.zeros(n_pos + 1)
-        order = np.argsort(dst, kind="stable")
-        src, dst, w = src[order], dst[order], w[order]
-        if len(dst):
-            starts_idx = np.flatnonzero(np.r_[True, dst[1:] != dst[:-1]])
-            targets = dst[starts_idx]
-            for _ in range(n_pos + 1):
-                relaxed = np.minimum.reduceat(v[src] + w, starts_idx)
-                improved = relaxed < v[targets]
-                if not improved.any():
-                    break
-                v[targets[improved]] = relaxed[improved]
+        v = _relax_duals(src, dst, w, n_pos)
         max_cost = float(np.max(np.abs(a_cost)))
         eps = 1e-9 * max(1.0, max_cost) + 2.0 / scale
         v[n_pos] = 0.0
-        duals_ok = overflowed == 0 and not np.any((v[:n_pos] < -eps) & (fill < slots[pos_prov]))
+        duals_ok = not np.any((v[:n_pos] < -eps) & (fill < slots[pos_prov]))
         u = np.full(n_cls, np.inf)
         np.minimum.at(u, s_cls, s_cost - v[s_pos])
 
@@ -319,36 +334,21 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
             f_prov = (fresh // K_LIMIT) % n_prov
             grow = np.zeros(n_prov, dtype=bool)
             grow[f_prov[fresh % K_LIMIT > depth[f_prov]]] = True
-            # (Not while jobs overflow: their duals are the penalty, which says nothing of depth.)
-            depth[grow] += np.maximum(1, depth[grow] // 4) if overflowed == 0 else 1
+            depth[grow] += np.maximum(1, depth[grow] // 4)
         if added == 0 or rounds >= MAX_ROUNDS:
-            objective = float(a_flow @ a_cost_r) + overflowed * OVERFLOW_INT_COST / scale
-            return ExactSolution(_positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, spill, n_pos, pos_prov,
-                                                    offsets, greedy_prov, depth),
-                                 objective, duals_ok and added == 0, rounds, len(a_cls))
+            return ExactSolution(_positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, pos_prov, offsets),
+                                 float(a_flow @ a_cost_r), duals_ok and added == 0, rounds, len(a_cls))
 
 
-def _positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, spill, n_pos, pos_prov, offsets, greedy_prov,
-                       depth) -> dict[int, tuple[int, int]]:
+def _positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, pos_prov, offsets) -> dict[int, tuple[int, int]]:
     """Hand each class's flow out to its jobs: positions in index order to jobs in index order."""
     used = a_flow > 0
-    spilled = np.flatnonzero(spill)
-    e_cls = np.concatenate([a_cls[used], spilled])
-    e_pos = np.concatenate([a_pos[used], np.full(len(spilled), n_pos)])
-    e_count = np.concatenate([a_flow[used], spill[spilled]])
-    order = np.lexsort((e_pos, e_cls))
-    slot_pos = np.repeat(e_pos[order], e_count[order])
+    order = np.lexsort((a_pos[used], a_cls[used]))
+    slot_pos = np.repeat(a_pos[used][order], a_flow[used][order])
     job_order = np.argsort(class_of, kind="stable")  # class by class, in index order, as slot_pos
-    position_of = {}
-    for local, q in zip(job_order.tolist(), slot_pos.tolist()):
-        if q == n_pos:  # still overflowing after MAX_ROUNDS: a candidate provider, at the back
-            p = int(greedy_prov[local])
-            depth[p] += 1
-            position_of[int(jobs[local])] = (p, int(depth[p]))
-            continue
-        p = int(pos_prov[q])
-        position_of[int(jobs[local])] = (p, int(q - offsets[p] + 1))
-    return position_of
+    p_of = pos_prov[slot_pos]
+    k_of = slot_pos - offsets[p_of] + 1
+    return dict(zip(jobs[job_order].tolist(), zip(p_of.tolist(), k_of.tolist())))
 
 
 def placement_from_positions(position_of: dict[int, tuple[int, int]], slots: np.ndarray,
