@@ -132,7 +132,15 @@ def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, ite
     out = []
     # Job side: each job's cheapest position, on the lower hull of the points
     # (slope, intercept), i.e. the upper hull of (slope, -intercept).
-    q_hull, q_edge = _upper_hull(slope, -intercept)
+    # Past a provider's first position with dual 0, every position has the same
+    # intercept and a steeper slope, so none of them is any job's cheapest: skip them.
+    zero = np.flatnonzero(q_v == 0.0)
+    keep = np.ones(len(q_prov), dtype=bool)
+    keep[zero] = False
+    keep[zero[np.unique(q_prov[zero], return_index=True)[1]]] = True
+    candidates = np.flatnonzero(keep)
+    q_hull, q_edge = _upper_hull(slope[candidates], -intercept[candidates])
+    q_hull = candidates[q_hull]
     at = np.searchsorted(-q_edge, -items[g], side="left")
     for shift in (0, -1, 1):
         q = q_hull[np.clip(at + shift, 0, len(q_hull) - 1)]
