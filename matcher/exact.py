@@ -5,17 +5,20 @@ from the end of a slot: a job k-th from last delays k-1 jobs, so its cost there 
 compute_s * (beta_p + gamma * k) + delta_p, and each position holds at most `slots_p`
 jobs. The full graph (10,000 jobs x 1,000 providers x k) is far too large, so:
 
+0. jobs with the same model, allowed providers and item count are interchangeable:
+   each such class is one flow node whose supply is its size;
 1. a greedy pass (largest jobs first, each to its cheapest next position) estimates how
-   deep every provider gets; each job starts with arcs around its greedy position and
-   around where it would sit on its few cheapest other providers;
+   deep every provider gets; each class starts with arcs around its jobs' greedy
+   positions and around where they would sit on their few cheapest other providers;
 2. OR-tools' min-cost flow solves that sparse graph exactly;
 3. dual potentials of that optimum come from Bellman-Ford over the residual graph;
-4. pricing checks every allowed (job, provider, k) at once per group of interchangeable
-   jobs (same model, same allowed providers): within a group a job's cost at a
-   position is items * slope + intercept, so the most negative reduced cost at each
-   position is a query on the upper convex hull of the group's (items, dual) points;
-5. arcs with negative reduced cost join and the flow is solved again. When none is
-   left the duals are feasible for the full problem, which proves the placement optimal.
+4. pricing checks every allowed (class, provider, k) at once per group of classes (same
+   model, same allowed providers): within a group a class's cost at a position is
+   items * slope + intercept, so the most negative reduced cost at each position is a
+   query on the upper convex hull of the group's (items, dual) points;
+5. arcs with negative reduced cost join, arcs far from tight leave, and the flow is
+   solved again. When pricing finds nothing the duals are feasible for the full
+   problem, which proves the placement optimal.
 """
 
 from __future__ import annotations

@@ -228,6 +228,25 @@ def test_column_generation_matches_the_full_graph(seed):
     assert result.objective == pytest.approx(_full_graph_optimum(placed), rel=1e-6)
 
 
+@settings(max_examples=4, deadline=None)
+@given(st.integers(0, 10_000))
+def test_identical_jobs_share_a_flow_node_and_stay_optimal(seed):
+    # Few distinct item counts: classes of many jobs, spread over several positions each.
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    providers = tuple(Provider(f"p{i}", "cuda", int(rng.integers(1, 4)), 1e9, float(rng.uniform(5, 300)), 0.0,
+                               float(rng.uniform(0, 40)), 0.0, 0.0,
+                               {"a": float(rng.uniform(10, 1000)), "b": float(rng.uniform(10, 1000))})
+                      for i in range(8))
+    jobs = tuple(Job(f"j{i:03d}", str(rng.choice(["a", "b"])), int(rng.choice([4, 16, 64])))
+                 for i in range(150))
+    problem = Problem(providers, jobs, Weights())
+    result = solve(problem)
+    assert check_result(problem, result) == [] and len(result.assignments) == 150
+    assert result.optimal
+    assert result.objective == pytest.approx(_full_graph_optimum(problem), rel=1e-6)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 60), st.floats(20, 900)), min_size=1, max_size=6))
 def test_smith_order_is_the_best_feasible_order_of_a_slot(jobs):
