@@ -33,11 +33,11 @@ from .costs import Costs
 
 DENSE_PRICING_CELLS = 200_000  # groups up to this many (class, position) pairs are priced directly
 PRICE_TOP = 2             # columns per class and per position that dense pricing adds
-PRICE_WINDOW = 1          # jobs either side (in size order) of each position's best, priced too
-INITIAL_K_SPREAD = 2      # positions either side of a job's greedy one it starts with
-WINDOW_PER_SLOT = 6       # jobs per slot each estimated position starts with arcs to
+PRICE_WINDOW = 4          # jobs either side (in size order) of each position's best, priced too
+INITIAL_K_SPREAD = 3      # positions either side of a job's greedy one it starts with
+WINDOW_PER_SLOT = 3       # jobs per slot each estimated position starts with arcs to
 MAX_ROUNDS = 60
-KEEP_REDUCED = 0.003 # columns whose reduced cost exceeds this share of their class's dual are dropped
+KEEP_REDUCED = 0.01       # columns whose reduced cost exceeds this share of their class's dual are dropped
 INT_COST_TOP = 2.0 ** 31  # the largest arc's integer cost: finer makes cost scaling slower, coarser makes ties that slow the duals
 K_LIMIT = 1 << 20         # positions per provider, for packing (job, provider, k) into one int64
 
