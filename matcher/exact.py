@@ -170,20 +170,15 @@ def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, ite
 
 def _relax_duals(src: np.ndarray, dst: np.ndarray, w: np.ndarray, n_pos: int) -> np.ndarray:
     """The largest v <= 0 with v[dst] <= v[src] + w on every edge: Bellman-Ford from 0,
-    relaxing only the edges out of positions whose dual dropped in the last pass (the
-    paths are long, a few hundred edges, but each pass touches few positions)."""
+    each pass relaxing every target at once over one edge per (src, dst) pair, the
+    cheapest (many classes give the same pair)."""
     v = np.zeros(n_pos + 1)
     if not len(src):
         return v
-    # One edge per (src, dst) pair, the cheapest.
-    key = src * (n_pos + 1) + dst
-    order = np.lexsort((w, key))
-    key, w = key[order], w[order]
-    first = np.r_[True, key[1:] != key[:-1]]
-    key, w = key[first], w[first]
-    src, dst = key // (n_pos + 1), key % (n_pos + 1)
-    order = np.argsort(dst, kind="stable")
+    order = np.lexsort((w, src, dst))  # by target, then source, cheapest first
     src, dst, w = src[order], dst[order], w[order]
+    first = np.r_[True, (dst[1:] != dst[:-1]) | (src[1:] != src[:-1])]
+    src, dst, w = src[first], dst[first], w[first]
     starts = np.flatnonzero(np.r_[True, dst[1:] != dst[:-1]])
     targets = dst[starts]
     for _ in range(n_pos + 1):
