@@ -11,7 +11,8 @@ jobs. The full graph (10,000 jobs x 1,000 providers x k) is far too large, so:
    deep every provider gets; each class starts with arcs around its jobs' greedy
    positions and around where they would sit on their few cheapest other providers;
 2. OR-tools' min-cost flow solves that sparse graph exactly;
-3. dual potentials of that optimum come from Bellman-Ford over the residual graph;
+3. dual potentials of that optimum: fixed along the forest of arcs carrying flow, then
+   shifted tree by tree (Bellman-Ford over trees) to the largest that are feasible;
 4. pricing checks every allowed (class, provider, k) at once per group of classes (same
    model, same allowed providers): within a group a class's cost at a position is
    items * slope + intercept, so the most negative reduced cost at each position is a
@@ -39,6 +40,7 @@ WINDOW_PER_SLOT = 3       # jobs per slot each estimated position starts with ar
 MAX_ROUNDS = 60
 KEEP_REDUCED = 0.01       # columns whose reduced cost exceeds this share of their class's dual are dropped
 INT_COST_TOP = 2.0 ** 31  # the largest arc's integer cost: finer makes cost scaling slower, coarser makes ties that slow the duals
+OPTIMALITY_TOLERANCE = 1e-9  # relative gap at which the bound proves the placement optimal
 K_LIMIT = 1 << 20         # positions per provider, for packing (job, provider, k) into one int64
 
 
@@ -46,7 +48,8 @@ K_LIMIT = 1 << 20         # positions per provider, for packing (job, provider, 
 class ExactSolution:
     position_of: dict[int, tuple[int, int]]  # job -> (provider, k from last)
     objective: float                          # flow objective in float cost units
-    certified: bool
+    lower_bound: float                        # proven: no placement of these jobs costs less
+    certified: bool                           # objective within OPTIMALITY_TOLERANCE of lower_bound
     rounds: int
     arcs: int
 
@@ -108,10 +111,12 @@ def _job_groups(costs: Costs, jobs: np.ndarray, allowed: np.ndarray) -> list[np.
 
 def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, items: np.ndarray,
                  u: np.ndarray, v: np.ndarray, depth: np.ndarray, offsets: np.ndarray, n_pos: int,
-                 eps: float) -> np.ndarray:
-    """Columns with negative reduced cost for the jobs `g` (one model, allowed on `provs`),
-    as packed keys: for each job its cheapest position, for each position its cheapest
-    jobs. Exact minima, so finding none proves the group's duals feasible."""
+                 eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Columns with negative reduced cost for the classes `g` (one model, allowed on
+    `provs`), as packed keys: for each class its cheapest position, for each position its
+    cheapest classes. Also each class's least reduced cost over every position it may
+    take: exact minima, so they give a lower bound (and finding no column proves the
+    group's duals feasible)."""
     n_prov = len(depth)
     reps = depth[provs] + 1  # positions (p, k) for k <= depth_p + 1; deeper ones cost more at dual 0
     q_prov = np.repeat(provs, reps)
@@ -122,6 +127,7 @@ def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, ite
     intercept = costs.delta[q_prov] - q_v
     if len(g) * len(q_prov) <= DENSE_PRICING_CELLS:
         red = items[g][:, None] * slope[None, :] + intercept[None, :] - u[g][:, None]
+        least = red.min(axis=1)
         # Each class's few cheapest positions and each position's few cheapest classes:
         # more than the single best, so fewer rounds are needed.
         top_q = min(PRICE_TOP, red.shape[1])
@@ -131,7 +137,7 @@ def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, ite
         pick_j = np.concatenate([np.repeat(np.arange(len(g)), top_q), by_pos.ravel()])
         pick_q = np.concatenate([by_job.ravel(), np.tile(np.arange(len(q_prov)), top_j)])
         bad = red[pick_j, pick_q] < -eps
-        return (g[pick_j[bad]] * n_prov + q_prov[pick_q[bad]]) * K_LIMIT + q_k[pick_q[bad]]
+        return (g[pick_j[bad]] * n_prov + q_prov[pick_q[bad]]) * K_LIMIT + q_k[pick_q[bad]], least
     out = []
     # Job side: each job's cheapest position, on the lower hull of the points
     # (slope, intercept), i.e. the upper hull of (slope, -intercept).
@@ -145,9 +151,12 @@ def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, ite
     q_hull, q_edge = _upper_hull(slope[candidates], -intercept[candidates])
     q_hull = candidates[q_hull]
     at = np.searchsorted(-q_edge, -items[g], side="left")
-    for shift in (0, -1, 1):
+    least = np.full(len(g), np.inf)
+    for shift in (0, -1, 1):  # the vertex the search names, and its neighbours against float ties
         q = q_hull[np.clip(at + shift, 0, len(q_hull) - 1)]
-        bad = items[g] * slope[q] + intercept[q] - u[g] < -eps
+        red = items[g] * slope[q] + intercept[q] - u[g]
+        least = np.minimum(least, red)
+        bad = red < -eps
         out.append((g[bad] * n_prov + q_prov[q[bad]]) * K_LIMIT + q_k[q[bad]])
     # Position side: each position's cheapest job, on the upper hull of the points
     # (items, u): the vertex maximising u - slope * items.
@@ -165,28 +174,71 @@ def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, ite
         bad = items[near] * slope[q_at] + intercept[q_at] - u[near] < -eps
         q_of = np.broadcast_to(q_at, near.shape)[bad]
         out.append((near[bad] * n_prov + q_prov[q_of]) * K_LIMIT + q_k[q_of])
-    return np.concatenate(out)
+    return np.concatenate(out), least
 
 
-def _relax_duals(src: np.ndarray, dst: np.ndarray, w: np.ndarray, n_pos: int) -> np.ndarray:
-    """The largest v <= 0 with v[dst] <= v[src] + w on every edge: Bellman-Ford from 0,
-    each pass relaxing every target at once over one edge per (src, dst) pair, the
-    cheapest (many classes give the same pair)."""
-    v = np.zeros(n_pos + 1)
-    if not len(src):
-        return v
+def _duals(s_cls: np.ndarray, s_pos: np.ndarray, s_cost: np.ndarray, t_cls: np.ndarray, t_pos: np.ndarray,
+           t_cost: np.ndarray, n_cls: int, n_pos: int, tolerance: float) -> np.ndarray:
+    """Position duals v (<= 0; v[n_pos] = 0 for every position past a provider's depth)
+    of a restricted optimum: the largest v with each arc carrying flow tight
+    (u_c = cost(c, s) - v_s) and no arc with room left cheaper (u_c <= cost(c, t) - v_t).
+
+    The arcs carrying flow form a forest over classes and positions (plus, in a
+    degenerate optimum, a few arcs that agree with it). A walk over each tree fixes its
+    potentials up to one shift per tree; the shifts are then the largest with every
+    position <= 0 and every arc with room satisfied: Bellman-Ford over trees, whose
+    chains are far shorter than over positions (tens of passes instead of hundreds)."""
+    n = n_cls + n_pos
+    # Tree edges both ways, node ids: classes, then positions. Along class c -> position
+    # s the potential rises by cost(c, s): v_s = y_c + cost(c, s) with y_c = -u_c.
+    a = np.concatenate([s_cls, n_cls + s_pos])
+    b = np.concatenate([n_cls + s_pos, s_cls])
+    rise = np.concatenate([s_cost, -s_cost])
+    order = np.argsort(a, kind="stable")
+    first_edge = np.searchsorted(a[order], np.arange(n + 1)).tolist()
+    other, step = b[order].tolist(), rise[order].tolist()
+    potential = [0.0] * n
+    tree = [-1] * n
+    n_trees = 0
+    for root in range(n):
+        if tree[root] >= 0:
+            continue
+        tree[root] = n_trees
+        stack = [root]
+        while stack:
+            x = stack.pop()
+            for e in range(first_edge[x], first_edge[x + 1]):
+                y = other[e]
+                if tree[y] < 0:
+                    tree[y] = n_trees
+                    potential[y] = potential[x] + step[e]
+                    stack.append(y)
+        n_trees += 1
+    potential_arr, tree_arr = np.array(potential), np.array(tree)
+    pos_tree, pos_potential = tree_arr[n_cls:], potential_arr[n_cls:]
+    shift = np.full(n_trees, np.inf)
+    np.minimum.at(shift, pos_tree, -pos_potential)  # each tree's positions <= 0
+    # Room arc c -> t: shift[tree(t)] <= shift[tree(c)] + cost(c, t) + y_c - v_t (relative).
+    src, dst = tree_arr[t_cls], pos_tree[t_pos]
+    w = t_cost + potential_arr[t_cls] - pos_potential[t_pos]
+    cross = src != dst
+    src, dst, w = src[cross], dst[cross], w[cross]
     order = np.lexsort((w, src, dst))  # by target, then source, cheapest first
     src, dst, w = src[order], dst[order], w[order]
-    first = np.r_[True, (dst[1:] != dst[:-1]) | (src[1:] != src[:-1])]
-    src, dst, w = src[first], dst[first], w[first]
-    starts = np.flatnonzero(np.r_[True, dst[1:] != dst[:-1]])
-    targets = dst[starts]
-    for _ in range(n_pos + 1):
-        relaxed = np.minimum.reduceat(v[src] + w, starts)
-        improved = relaxed < v[targets]
-        if not improved.any():
-            break
-        v[targets[improved]] = relaxed[improved]
+    keep = np.r_[True, (dst[1:] != dst[:-1]) | (src[1:] != src[:-1])]
+    src, dst, w = src[keep], dst[keep], w[keep]
+    if len(src):
+        starts = np.flatnonzero(np.r_[True, dst[1:] != dst[:-1]])
+        targets = dst[starts]
+        for _ in range(n_trees + 1):
+            relaxed = np.minimum.reduceat(shift[src] + w, starts)
+            # Improvements below float noise would chase rounding around near-zero cycles.
+            improved = relaxed < shift[targets] - tolerance
+            if not improved.any():
+                break
+            shift[targets[improved]] = relaxed[improved]
+    v = np.zeros(n_pos + 1)
+    v[:n_pos] = np.minimum(pos_potential + shift[pos_tree], 0.0)
     return v
 
 
@@ -211,7 +263,7 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
     allowed = (costs.feasible if allowed is None else allowed)[jobs]
     n = len(jobs)
     if n == 0:
-        return ExactSolution({}, 0.0, True, 0, 0)
+        return ExactSolution({}, 0.0, 0.0, True, 0, 0)
     slots = costs.slots
     n_prov = len(slots)
     compute = costs.compute_s[jobs]
@@ -296,41 +348,44 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
         a_flow = all_flows[: len(a_cls)]
         fill = all_flows[len(a_cls):]
 
-        # --- duals: v over positions (<= 0, 0 where not full), u_c = cost - v[pos] of a
-        # used arc. v[n_pos] = 0 stands for every position past a provider's depth.
-        # The largest v with v[t] <= v[s] + cost(c, t) - cost(c, s) for each arc c -> s
-        # carrying flow and each other arc c -> t with room left: Bellman-Ford from 0.
+        # --- duals: v over positions, u_c = cost - v[pos] of an arc carrying flow -----
         used = a_flow > 0
         s_cls, s_pos, s_cost = a_cls[used], a_pos[used], a_cost_r[used]
         room = a_flow < a_cap
-        t_cls, t_pos, t_cost = a_cls[room], a_pos[room], a_cost_r[room]  # columns are sorted by class
-        t_start = np.searchsorted(t_cls, np.arange(n_cls), side="left")
-        t_count = np.searchsorted(t_cls, np.arange(n_cls), side="right") - t_start
-        per_source = t_count[s_cls]
-        pair_s = np.repeat(np.arange(len(s_cls)), per_source)
-        pair_t = (np.repeat(t_start[s_cls] - np.cumsum(per_source) + per_source, per_source)
-                  + np.arange(len(pair_s)))
-        keep = t_pos[pair_t] != s_pos[pair_s]
-        src, dst = s_pos[pair_s[keep]], t_pos[pair_t[keep]]
-        w = t_cost[pair_t[keep]] - s_cost[pair_s[keep]]
-        v = _relax_duals(src, dst, w, n_pos)
         max_cost = float(np.max(np.abs(a_cost)))
+        v = _duals(s_cls, s_pos, s_cost, a_cls[room], a_pos[room], a_cost_r[room], n_cls, n_pos,
+                   1e-13 * max(1.0, max_cost))
         eps = 1e-9 * max(1.0, max_cost) + 2.0 / scale
         v[n_pos] = 0.0
         duals_ok = not np.any((v[:n_pos] < -eps) & (fill < slots[pos_prov]))
         u = np.full(n_cls, np.inf)
         np.minimum.at(u, s_cls, s_cost - v[s_pos])
 
-        # Columns far from tight leave the graph, so each flow stays small; pricing
-        # covers every column, deleted or not, so the certificate is unaffected.
-        reduced = a_cost_r - u[a_cls] - v[a_pos]
-        columns = columns[used | (reduced < KEEP_REDUCED * np.abs(u[a_cls]))]
-
         # --- pricing over every allowed (class, provider, k), group by group -----------
-        new_cols = [_price_group(costs, cls, provs, model, class_items, u, v, depth, offsets, n_pos, eps)
-                    for cls, provs, model in zip(group_classes, group_prov, group_model) if len(provs)]
+        priced = [(cls, _price_group(costs, cls, provs, model, class_items, u, v, depth, offsets, n_pos, eps))
+                  for cls, provs, model in zip(group_classes, group_prov, group_model) if len(provs)]
+        least = np.zeros(n_cls)
+        for cls, (_, least_of_group) in priced:
+            least[cls] = least_of_group
+        # Each class's cheapest position at prices v, over every position it may take, with
+        # v make a feasible dual of the whole problem: its value bounds every placement.
+        u_all = u + least
+        lower_bound = float(class_size @ u_all + slots[pos_prov] @ v[:n_pos])
+        upper = float(a_flow @ a_cost)
+        gap = max(0.0, upper - lower_bound)
+        proven = gap <= OPTIMALITY_TOLERANCE * max(1.0, abs(upper))
+
+        # Columns far from tight leave the graph, so each flow stays small; pricing
+        # covers every column, deleted or not, so the certificate is unaffected. A column
+        # whose reduced cost under that feasible dual exceeds the gap can carry no flow in
+        # any placement better than this one, so once the gap is small few columns stay.
+        reduced = a_cost_r - u[a_cls] - v[a_pos]
+        reduced_all = a_cost - u_all[a_cls] - v[a_pos]
+        columns = columns[used | ((reduced < KEEP_REDUCED * np.abs(u[a_cls])) & (reduced_all <= gap + eps))]
+
+        new_cols = [keys for _, (keys, _) in priced]
         added = 0
-        if new_cols:
+        if new_cols and not proven:
             fresh = np.unique(np.concatenate(new_cols))
             at = np.minimum(np.searchsorted(columns, fresh), len(columns) - 1)
             fresh = fresh[columns[at] != fresh]
@@ -341,9 +396,10 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
             grow = np.zeros(n_prov, dtype=bool)
             grow[f_prov[fresh % K_LIMIT > depth[f_prov]]] = True
             depth[grow] += np.maximum(1, depth[grow] // 4)
-        if added == 0 or rounds >= MAX_ROUNDS:
+        if proven or added == 0 or rounds >= MAX_ROUNDS:
             return ExactSolution(_positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, pos_prov, offsets),
-                                 float(a_flow @ a_cost_r), duals_ok and added == 0, rounds, len(a_cls))
+                                 upper, min(lower_bound, upper), proven or (duals_ok and added == 0),
+                                 rounds, len(a_cls))
 
 
 def _positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, pos_prov, offsets) -> dict[int, tuple[int, int]]:

@@ -84,7 +84,7 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
     exact = solve_exact(costs, placeable)
     placement = placement_from_positions(exact.position_of, costs.slots, lambda j: job_ids[j])
     stats.update(flow_rounds=exact.rounds, flow_arcs=exact.arcs, certified=exact.certified)
-    lower_bound = exact.objective
+    lower_bound = exact.lower_bound
     optimal = exact.certified
     if _meets_deadlines(costs, placement):
         elapsed = (clock() - started) * 1000 if clock else 0.0
