@@ -46,7 +46,9 @@ K_LIMIT = 1 << 20         # positions per provider, for packing (job, provider, 
 
 @dataclass
 class ExactSolution:
-    position_of: dict[int, tuple[int, int]]  # job -> (provider, k from last)
+    job: np.ndarray                           # job indices, with
+    provider: np.ndarray                      # the provider each runs on and
+    k: np.ndarray                             # its position there, counted from the end (1 = last)
     objective: float                          # flow objective in float cost units
     lower_bound: float                        # proven: no placement of these jobs costs less
     certified: bool                           # objective within OPTIMALITY_TOLERANCE of lower_bound
@@ -263,7 +265,8 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
     allowed = (costs.feasible if allowed is None else allowed)[jobs]
     n = len(jobs)
     if n == 0:
-        return ExactSolution({}, 0.0, 0.0, True, 0, 0)
+        empty = np.zeros(0, dtype=np.int64)
+        return ExactSolution(empty, empty, empty, 0.0, 0.0, True, 0, 0)
     slots = costs.slots
     n_prov = len(slots)
     compute = costs.compute_s[jobs]
@@ -397,34 +400,41 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
             grow[f_prov[fresh % K_LIMIT > depth[f_prov]]] = True
             depth[grow] += np.maximum(1, depth[grow] // 4)
         if proven or added == 0 or rounds >= MAX_ROUNDS:
-            return ExactSolution(_positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, pos_prov, offsets),
+            return ExactSolution(*_positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, pos_prov, offsets),
                                  upper, min(lower_bound, upper), proven or (duals_ok and added == 0),
                                  rounds, len(a_cls))
 
 
-def _positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, pos_prov, offsets) -> dict[int, tuple[int, int]]:
-    """Hand each class's flow out to its jobs: positions in index order to jobs in index order."""
+def _positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, pos_prov, offsets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hand each class's flow out to its jobs: positions in index order to jobs in index
+    order. Returns (job, provider, k from last) arrays."""
     used = a_flow > 0
     order = np.lexsort((a_pos[used], a_cls[used]))
     slot_pos = np.repeat(a_pos[used][order], a_flow[used][order])
     job_order = np.argsort(class_of, kind="stable")  # class by class, in index order, as slot_pos
     p_of = pos_prov[slot_pos]
-    k_of = slot_pos - offsets[p_of] + 1
-    return dict(zip(jobs[job_order].tolist(), zip(p_of.tolist(), k_of.tolist())))
+    return jobs[job_order], p_of, slot_pos - offsets[p_of] + 1
 
 
-def placement_from_positions(position_of: dict[int, tuple[int, int]], slots: np.ndarray,
-                             tie_key) -> dict[int, list[list[int]]]:
-    """Turn (provider, k from last) into slots in run order; ties broken by `tie_key(job)`."""
-    by_provider: dict[int, dict[int, list[int]]] = {}
-    for j, (p, k) in position_of.items():
-        by_provider.setdefault(p, {}).setdefault(k, []).append(j)
+def placement_from_positions(jobs: np.ndarray, provider: np.ndarray, k: np.ndarray, slots: np.ndarray,
+                             tie_rank: np.ndarray) -> dict[int, list[list[int]]]:
+    """Turn (provider, k from last) into slots in run order: the jobs sharing a position
+    take slots 0, 1, ... in `tie_rank` order, and within a slot the job farthest from the
+    end runs first."""
+    if not len(jobs):
+        return {}
+    order = np.lexsort((tie_rank[jobs], k, provider))
+    jobs, provider, k = jobs[order], provider[order], k[order]
+    index = np.arange(len(jobs))
+    first = np.r_[True, (provider[1:] != provider[:-1]) | (k[1:] != k[:-1])]
+    lane = index - np.maximum.accumulate(np.where(first, index, 0))
+    if np.any(lane >= slots[provider]):
+        raise ValueError("more jobs at one position than the provider has slots")
+    run = np.lexsort((-k, lane, provider))
+    jobs, provider, lane = jobs[run], provider[run], lane[run]
+    cuts = np.flatnonzero(np.r_[True, (provider[1:] != provider[:-1]) | (lane[1:] != lane[:-1]), True]).tolist()
     placement: dict[int, list[list[int]]] = {}
-    for p, by_k in by_provider.items():
-        lanes: list[list[tuple[int, int]]] = [[] for _ in range(int(slots[p]))]
-        for k in sorted(by_k):
-            for s, j in enumerate(sorted(by_k[k], key=tie_key)):
-                lanes[s].append((k, j))
-        # Within a slot the job farthest from the end runs first.
-        placement[p] = [[j for k, j in sorted(lane, key=lambda kj: -kj[0])] for lane in lanes if lane]
+    job_list, provider_list = jobs.tolist(), provider.tolist()
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        placement.setdefault(provider_list[a], []).append(job_list[a:b])
     return placement

@@ -94,33 +94,35 @@ def placement_objective(costs: Costs, placement: Placement, weights) -> float:
 def build_result(problem: Problem, costs: Costs, placement: Placement, unassigned: list[Unassigned], *,
                  solver: str, lower_bound: float, optimal: bool, solve_ms: float,
                  stats: dict[str, Any] | None = None) -> Result:
-    assignments: list[Assignment] = []
-    objective = 0.0
-    totals = {"energy_j": 0.0, "latency_ms": 0.0, "carbon_g": 0.0, "price": 0.0}
     w = problem.weights
-    for p in sorted(placement):
-        prov = problem.providers[p]
-        for slot, order in enumerate(placement[p]):
-            latencies = slot_latencies(costs, p, order)
-            for position, (j, latency) in enumerate(zip(order, latencies)):
-                latency = float(latency)
-                compute_s = float(costs.compute_s[j, p])
-                energy = compute_s * prov.marginal_w
-                carbon = energy / 3.6e6 * prov.carbon_g_per_kwh
-                price = compute_s * prov.price_per_s
-                assignments.append(Assignment(
-                    job=problem.jobs[j].id, provider=prov.id, slot=slot, position=position,
-                    start_ms=latency - 1000.0 * compute_s, latency_ms=latency, compute_ms=1000.0 * compute_s,
-                    energy_j=energy, carbon_g=carbon, price=price))
-                objective += w.energy * energy + w.latency * latency + w.carbon * carbon + w.price * price
-                totals["energy_j"] += energy
-                totals["latency_ms"] += latency
-                totals["carbon_g"] += carbon
-                totals["price"] += price
-    assignments.sort(key=lambda a: a.job)
+    lanes = [(p, slot, order) for p in sorted(placement) for slot, order in enumerate(placement[p]) if order]
+    lengths = np.array([len(order) for _, _, order in lanes], dtype=np.int64)
+    job = np.array([j for _, _, order in lanes for j in order], dtype=np.int64)
+    prov = np.repeat(np.array([p for p, _, _ in lanes], dtype=np.int64), lengths)
+    slot = np.repeat(np.array([s for _, s, _ in lanes], dtype=np.int64), lengths)
+    lane_start = np.cumsum(lengths) - lengths
+    position = np.arange(len(job)) - np.repeat(lane_start, lengths)
+    compute_ms = 1000.0 * costs.compute_s[job, prov]
+    # A job's latency: the link and backlog, then everything before it on its slot, then itself.
+    done_ms = np.cumsum(compute_ms)
+    latency = costs.rtt_backlog_ms[prov] + done_ms - np.repeat(done_ms[lane_start] - compute_ms[lane_start], lengths)
+    marginal_w = np.array([p.marginal_w for p in problem.providers], dtype=float)
+    carbon_g_per_kwh = np.array([p.carbon_g_per_kwh for p in problem.providers], dtype=float)
+    price_per_s = np.array([p.price_per_s for p in problem.providers], dtype=float)
+    energy = compute_ms / 1000.0 * marginal_w[prov]
+    carbon = energy / 3.6e6 * carbon_g_per_kwh[prov]
+    price = compute_ms / 1000.0 * price_per_s[prov]
+    objective = float(np.sum(w.energy * energy + w.latency * latency + w.carbon * carbon + w.price * price))
+    totals = {"energy_j": float(np.sum(energy)), "latency_ms": float(np.sum(latency)),
+              "carbon_g": float(np.sum(carbon)), "price": float(np.sum(price))}
+    job_ids = [j.id for j in problem.jobs]
+    prov_ids = [p.id for p in problem.providers]
+    rows = zip(job.tolist(), prov.tolist(), slot.tolist(), position.tolist(), (latency - compute_ms).tolist(),
+               latency.tolist(), compute_ms.tolist(), energy.tolist(), carbon.tolist(), price.tolist())
+    assignments = sorted((Assignment(job_ids[j], prov_ids[p], *rest) for j, p, *rest in rows), key=lambda a: a.job)
     if optimal:
         lower_bound = objective
-    return Result(tuple(assignments), tuple(sorted(unassigned, key=lambda u: u.job)), float(objective),
+    return Result(tuple(assignments), tuple(sorted(unassigned, key=lambda u: u.job)), objective,
                   float(min(lower_bound, objective)), optimal, totals, solver, solve_ms, stats or {})
 
 

@@ -82,8 +82,11 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
                             optimal=False, solve_ms=elapsed)
 
     exact = solve_exact(costs, placeable)
-    placement = placement_from_positions(exact.position_of, costs.slots, lambda j: job_ids[j])
-    stats.update(flow_rounds=exact.rounds, flow_arcs=exact.arcs, certified=exact.certified)
+    id_rank = np.empty(len(job_ids), dtype=np.int64)
+    id_rank[sorted(range(len(job_ids)), key=job_ids.__getitem__)] = np.arange(len(job_ids))
+    placement = placement_from_positions(exact.job, exact.provider, exact.k, costs.slots, id_rank)
+    stats.update(flow_rounds=exact.rounds, flow_arcs=exact.arcs, certified=exact.certified,
+                 flow_bound_gap=(exact.objective - exact.lower_bound) / max(abs(exact.objective), 1e-30))
     lower_bound = exact.lower_bound
     optimal = exact.certified
     if _meets_deadlines(costs, placement):
