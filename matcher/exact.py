@@ -40,6 +40,7 @@ WINDOW_PER_SLOT = 3       # jobs per slot each estimated position starts with ar
 MAX_ROUNDS = 60
 KEEP_REDUCED = 0.01       # columns whose reduced cost exceeds this share of their class's dual are dropped
 INT_COST_TOP = 2.0 ** 31  # the largest arc's integer cost: finer makes cost scaling slower, coarser makes ties that slow the duals
+COMPLETE_PRICING_GAP = 5e-3  # relative gap below which one round prices every column, not the best few
 OPTIMALITY_TOLERANCE = 1e-9  # relative gap at which the bound proves the placement optimal
 K_LIMIT = 1 << 20         # positions per provider, for packing (job, provider, k) into one int64
 
@@ -113,12 +114,12 @@ def _job_groups(costs: Costs, jobs: np.ndarray, allowed: np.ndarray) -> list[np.
 
 def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, items: np.ndarray,
                  u: np.ndarray, v: np.ndarray, depth: np.ndarray, offsets: np.ndarray, n_pos: int,
-                 eps: float) -> tuple[np.ndarray, np.ndarray]:
+                 eps: float, complete: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Columns with negative reduced cost for the classes `g` (one model, allowed on
     `provs`), as packed keys: for each class its cheapest position, for each position its
-    cheapest classes. Also each class's least reduced cost over every position it may
-    take: exact minima, so they give a lower bound (and finding no column proves the
-    group's duals feasible)."""
+    cheapest classes (`complete`: every such column). Also each class's least reduced
+    cost over every position it may take: exact minima, so they give a lower bound (and
+    finding no column proves the group's duals feasible)."""
     n_prov = len(depth)
     reps = depth[provs] + 1  # positions (p, k) for k <= depth_p + 1; deeper ones cost more at dual 0
     q_prov = np.repeat(provs, reps)
@@ -127,6 +128,14 @@ def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, ite
     # Within the group a job's reduced cost at position q is items * slope_q + intercept_q - u_j.
     slope = costs.seconds_per_item[model, q_prov] * (costs.beta[q_prov] + costs.gamma * q_k)
     intercept = costs.delta[q_prov] - q_v
+    if complete:
+        keys, least = [], []
+        for chunk in np.array_split(g, max(1, len(g) * len(q_prov) // DENSE_PRICING_CELLS)):
+            red = items[chunk][:, None] * slope[None, :] + intercept[None, :] - u[chunk][:, None]
+            least.append(red.min(axis=1))
+            at_class, at_pos = np.nonzero(red < -eps)
+            keys.append((chunk[at_class] * n_prov + q_prov[at_pos]) * K_LIMIT + q_k[at_pos])
+        return np.concatenate(keys), np.concatenate(least)
     if len(g) * len(q_prov) <= DENSE_PRICING_CELLS:
         red = items[g][:, None] * slope[None, :] + intercept[None, :] - u[g][:, None]
         least = red.min(axis=1)
@@ -306,6 +315,7 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
     depth = greedy_depth + greedy_depth // 4 + 1
 
     rounds = 0
+    priced_completely = False
     while True:
         rounds += 1
         a_k = columns % K_LIMIT
@@ -387,6 +397,14 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
         columns = columns[used | ((reduced < KEEP_REDUCED * np.abs(u[a_cls])) & (reduced_all <= gap + eps))]
 
         new_cols = [keys for _, (keys, _) in priced]
+        if not proven and not priced_completely and gap <= COMPLETE_PRICING_GAP * max(1.0, abs(upper)):
+            # The duals are fair now: every column with negative reduced cost joins, not just
+            # each class's and each position's best few. Once, as it costs a pass over every
+            # (class, position); it saves a round or two.
+            priced_completely = True
+            new_cols = [_price_group(costs, cls, provs, model, class_items, u, v, depth, offsets, n_pos, eps,
+                                     complete=True)[0]
+                        for cls, provs, model in zip(group_classes, group_prov, group_model) if len(provs)]
         added = 0
         if new_cols and not proven:
             fresh = np.unique(np.concatenate(new_cols))
