@@ -62,19 +62,22 @@ def _greedy_positions(costs: Costs, allowed: np.ndarray, compute: np.ndarray) ->
     later is smaller, so it runs in front of the jobs already there: its k is the
     provider's fill / slots + 1 and it delays none of them. Returns (provider, k)."""
     n, n_prov = compute.shape
-    slots = costs.slots
     masked = np.where(allowed, compute, np.inf)
-    fill = np.zeros(n_prov, dtype=np.int64)
+    beta, slots, gamma = costs.beta.tolist(), costs.slots.tolist(), float(costs.gamma)
+    fill = [0] * n_prov
     multiplier = costs.beta + costs.gamma  # cost per compute-second at each next position
     prov = np.zeros(n, dtype=np.int64)
     k_of = np.zeros(n, dtype=np.int64)
+    score = np.empty(n_prov)
     with np.errstate(invalid="ignore"):
         for j in np.argsort(-masked.min(axis=1), kind="stable").tolist():
-            p = int(np.argmin(masked[j] * multiplier + costs.delta))
+            np.multiply(masked[j], multiplier, out=score)
+            np.add(score, costs.delta, out=score)
+            p = int(score.argmin())
             prov[j] = p
             k_of[j] = fill[p] // slots[p] + 1
             fill[p] += 1
-            multiplier[p] = costs.beta[p] + costs.gamma * (fill[p] // slots[p] + 1)
+            multiplier[p] = beta[p] + gamma * (fill[p] // slots[p] + 1)
     return prov, k_of
 
 
@@ -234,11 +237,14 @@ def _duals(s_cls: np.ndarray, s_pos: np.ndarray, s_cost: np.ndarray, t_cls: np.n
     w = t_cost + potential_arr[t_cls] - pos_potential[t_pos]
     cross = src != dst
     src, dst, w = src[cross], dst[cross], w[cross]
-    order = np.lexsort((w, src, dst))  # by target, then source, cheapest first
-    src, dst, w = src[order], dst[order], w[order]
-    keep = np.r_[True, (dst[1:] != dst[:-1]) | (src[1:] != src[:-1])]
-    src, dst, w = src[keep], dst[keep], w[keep]
     if len(src):
+        # One edge per (target, source) pair, the cheapest, sorted by target.
+        pair = dst * n_trees + src
+        order = np.argsort(pair)
+        pair = pair[order]
+        first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+        w = np.minimum.reduceat(w[order], first)
+        dst, src = pair[first] // n_trees, pair[first] % n_trees
         starts = np.flatnonzero(np.r_[True, dst[1:] != dst[:-1]])
         targets = dst[starts]
         for _ in range(n_trees + 1):
