@@ -83,11 +83,15 @@ def _greedy_positions(costs: Costs, allowed: np.ndarray, compute: np.ndarray) ->
 
 def _upper_hull(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the upper convex hull of points (x, y), left to right, and the slopes of
-    its edges (decreasing). For a query s, max over points of y - s*x sits at hull vertex
-    number count(edge slopes > s)."""
+    its edges (decreasing), for queries s >= 0: max over points of y - s*x sits at hull
+    vertex number count(edge slopes > s)."""
     order = np.lexsort((-y, x))
     keep = np.r_[True, x[order][1:] != x[order][:-1]]  # highest y for each x
     order = order[keep]
+    # Queries have s >= 0, where a point with more x and no more y than another never wins:
+    # keep the points that beat every point left of them.
+    ys_sorted = y[order]
+    order = order[ys_sorted > np.r_[-np.inf, np.maximum.accumulate(ys_sorted)[:-1]]]
     hull: list[int] = []
     xs, ys = x.tolist(), y.tolist()
     for i in order.tolist():
