@@ -137,7 +137,7 @@ def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, ite
     intercept = costs.delta[q_prov] - q_v
     if complete:
         keys, least = [], []
-        for chunk in np.array_split(g, max(1, len(g) * len(q_prov) // DENSE_PRICING_CELLS)):
+        for chunk in np.array_split(g, min(len(g), max(1, len(g) * len(q_prov) // DENSE_PRICING_CELLS))):
             red = items[chunk][:, None] * slope[None, :] + intercept[None, :] - u[chunk][:, None]
             least.append(red.min(axis=1))
             at_class, at_pos = np.nonzero(red < -eps)

@@ -272,3 +272,71 @@ def test_smith_order_is_the_best_feasible_order_of_a_slot(jobs):
         assert total_completion(order) == pytest.approx(min(total_completion(s) for s in feasible))
     else:
         assert dropped
+
+
+@settings(max_examples=3, deadline=None)
+@given(st.integers(0, 10_000))
+def test_hull_pricing_matches_the_full_graph(seed):
+    # Instances large enough for convex-hull pricing are too large for a full-graph check,
+    # so force the hull path on a small one: every group priced by hull queries, and the
+    # one complete pricing pass done a class at a time.
+    import numpy as np
+
+    import matcher.exact as exact
+    rng = np.random.default_rng(seed)
+    providers = tuple(Provider(f"p{i:02d}", "cuda", int(rng.integers(1, 4)), 1e9, float(rng.uniform(5, 300)),
+                               0.0, float(rng.uniform(0, 40)), 0.0, 0.0,
+                               {m: float(rng.uniform(10, 1000)) for m in ("a", "b")}) for i in range(15))
+    jobs = tuple(Job(f"j{i:03d}", str(rng.choice(["a", "b"])), int(rng.integers(1, 100))) for i in range(150))
+    problem = Problem(providers, jobs, Weights())
+    dense_cells = exact.DENSE_PRICING_CELLS
+    exact.DENSE_PRICING_CELLS = 1
+    try:
+        result = solve(problem)
+    finally:
+        exact.DENSE_PRICING_CELLS = dense_cells
+    assert check_result(problem, result) == [] and result.optimal
+    optimum = _full_graph_optimum(problem)
+    assert result.objective == pytest.approx(optimum, rel=1e-6)
+    assert result.stats["flow_bound_gap"] <= 1e-9
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000))
+def test_tree_duals_are_optimal_for_the_restricted_flow(seed):
+    # Random sparse transportation problems: the duals from the flow's forest must make
+    # every arc carrying flow tight, no arc with room cheaper, positions with room free
+    # (v = 0), and their value equal to the flow's cost.
+    import numpy as np
+    from ortools.graph.python import min_cost_flow
+
+    from matcher.exact import _duals
+    rng = np.random.default_rng(seed)
+    n_cls, n_pos = int(rng.integers(2, 12)), int(rng.integers(2, 15))
+    supply = rng.integers(1, 5, n_cls)
+    capacity = rng.integers(1, 4, n_pos)
+    capacity[0] = supply.sum()  # always room for everyone
+    arcs = {(c, 0) for c in range(n_cls)} | {(int(rng.integers(n_cls)), int(rng.integers(n_pos)))
+                                             for _ in range(3 * n_cls)}
+    a_cls, a_pos = (np.array(x) for x in zip(*sorted(arcs)))
+    cost = rng.integers(0, 50, len(a_cls)).astype(float)
+    cost[a_pos == 0] += 100  # the catch-all position is dear
+    flow = min_cost_flow.SimpleMinCostFlow()
+    sink = n_cls + n_pos
+    arc_ids = flow.add_arcs_with_capacity_and_unit_cost(a_cls, n_cls + a_pos, supply[a_cls], cost.astype(np.int64))
+    flow.add_arcs_with_capacity_and_unit_cost(n_cls + np.arange(n_pos), np.full(n_pos, sink), capacity,
+                                              np.zeros(n_pos, dtype=np.int64))
+    flow.set_nodes_supplies(np.arange(sink + 1), np.r_[supply, np.zeros(n_pos, dtype=np.int64), -supply.sum()])
+    assert flow.solve() == flow.OPTIMAL
+    x = flow.flows(arc_ids)
+    used, room = x > 0, x < supply[a_cls]
+    v = _duals(a_cls[used], a_pos[used], cost[used], a_cls[room], a_pos[room], cost[room], n_cls, n_pos, 1e-9)[:n_pos]
+    u = np.full(n_cls, np.inf)
+    np.minimum.at(u, a_cls[used], cost[used] - v[a_pos[used]])
+    reduced = cost - u[a_cls] - v[a_pos]
+    assert np.all(v <= 1e-9)
+    assert np.allclose(reduced[used], 0.0, atol=1e-9)
+    assert np.all(reduced[room] >= -1e-9)
+    fill = np.bincount(a_pos, weights=x, minlength=n_pos)
+    assert np.allclose(v[fill < capacity], 0.0, atol=1e-9)
+    assert supply @ u + capacity @ v == pytest.approx(flow.optimal_cost())
