@@ -15,11 +15,16 @@ jobs. The full graph (10,000 jobs x 1,000 providers x k) is far too large, so:
    shifted tree by tree (Bellman-Ford over trees) to the largest that are feasible;
 4. pricing checks every allowed (class, provider, k) at once per group of classes (same
    model, same allowed providers): within a group a class's cost at a position is
-   items * slope + intercept, so the most negative reduced cost at each position is a
-   query on the upper convex hull of the group's (items, dual) points;
-5. arcs with negative reduced cost join, arcs far from tight leave, and the flow is
-   solved again. When pricing finds nothing the duals are feasible for the full
-   problem, which proves the placement optimal.
+   items * slope + intercept, so each class's cheapest position and each position's
+   cheapest classes are queries on convex hulls. Each class's cheapest position, with
+   the position duals, is a feasible dual of the whole problem, so its value is a lower
+   bound on every placement (Lagrangian bound);
+5. the placement is optimal once the flow's cost is within OPTIMALITY_TOLERANCE of that
+   bound (or pricing finds nothing). Otherwise arcs with negative reduced cost join
+   (every one of them, once, when the duals first come within COMPLETE_PRICING_GAP),
+   arcs far from tight leave, arcs whose reduced cost under the feasible dual exceeds
+   the gap leave for good (they cannot carry flow in any better placement), and the
+   flow is solved again.
 """
 
 from __future__ import annotations
