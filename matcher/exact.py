@@ -140,16 +140,20 @@ def _price_group(costs: Costs, g: np.ndarray, provs: np.ndarray, model: int, ite
     # Within the group a job's reduced cost at position q is items * slope_q + intercept_q - u_j.
     slope = costs.seconds_per_item[model, q_prov] * (costs.beta[q_prov] + costs.gamma * q_k)
     intercept = costs.delta[q_prov] - q_v
+
+    def reduced_costs(classes: np.ndarray) -> np.ndarray:  # (class, position)
+        return items[classes][:, None] * slope[None, :] + intercept[None, :] - u[classes][:, None]
+
     if complete:
         keys, least = [], []
         for chunk in np.array_split(g, min(len(g), max(1, len(g) * len(q_prov) // DENSE_PRICING_CELLS))):
-            red = items[chunk][:, None] * slope[None, :] + intercept[None, :] - u[chunk][:, None]
+            red = reduced_costs(chunk)
             least.append(red.min(axis=1))
             at_class, at_pos = np.nonzero(red < -eps)
             keys.append((chunk[at_class] * n_prov + q_prov[at_pos]) * K_LIMIT + q_k[at_pos])
         return np.concatenate(keys), np.concatenate(least)
     if len(g) * len(q_prov) <= DENSE_PRICING_CELLS:
-        red = items[g][:, None] * slope[None, :] + intercept[None, :] - u[g][:, None]
+        red = reduced_costs(g)
         least = red.min(axis=1)
         # Each class's few cheapest positions and each position's few cheapest classes:
         # more than the single best, so fewer rounds are needed.
@@ -438,7 +442,8 @@ def solve_exact(costs: Costs, jobs: np.ndarray, allowed: np.ndarray | None = Non
                                  rounds, len(a_cls))
 
 
-def _positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, pos_prov, offsets) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _positions_of_jobs(jobs, class_of, a_cls, a_pos, a_flow, pos_prov, offsets
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hand each class's flow out to its jobs: positions in index order to jobs in index
     order. Returns (job, provider, k from last) arrays."""
     used = a_flow > 0
