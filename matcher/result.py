@@ -68,33 +68,10 @@ class Result:
 Placement = dict[int, list[list[int]]]
 
 
-def slot_latencies(costs: Costs, provider: int, order: list[int]) -> list[float]:
-    """Latency of each job of one slot, in run order."""
-    out, wait_ms = [], 0.0
-    base = costs.rtt_backlog_ms[provider]
-    for j in order:
-        compute_ms = 1000.0 * costs.compute_s[j, provider]
-        out.append(base + wait_ms + compute_ms)
-        wait_ms += compute_ms
-    return out
-
-
-def placement_objective(costs: Costs, placement: Placement, weights) -> float:
-    total = 0.0
-    for p, slots in placement.items():
-        for order in slots:
-            if not order:
-                continue
-            latencies = slot_latencies(costs, p, order)
-            c = costs.compute_s[order, p]
-            total += float(np.sum(c * costs.beta[p])) + weights.latency * float(sum(latencies))
-    return total
-
-
-def build_result(problem: Problem, costs: Costs, placement: Placement, unassigned: list[Unassigned], *,
-                 solver: str, lower_bound: float, optimal: bool, solve_ms: float,
-                 stats: dict[str, Any] | None = None) -> Result:
-    w = problem.weights
+def _placed(costs: Costs, placement: Placement) -> tuple[np.ndarray, ...]:
+    """Every placed job as arrays, slot by slot in provider order: job, provider, slot,
+    position on the slot, compute_ms and latency_ms (the link and backlog, then everything
+    before it on its slot, then itself)."""
     lanes = [(p, slot, order) for p in sorted(placement) for slot, order in enumerate(placement[p]) if order]
     lengths = np.array([len(order) for _, _, order in lanes], dtype=np.int64)
     job = np.array([j for _, _, order in lanes for j in order], dtype=np.int64)
@@ -103,9 +80,21 @@ def build_result(problem: Problem, costs: Costs, placement: Placement, unassigne
     lane_start = np.cumsum(lengths) - lengths
     position = np.arange(len(job)) - np.repeat(lane_start, lengths)
     compute_ms = 1000.0 * costs.compute_s[job, prov]
-    # A job's latency: the link and backlog, then everything before it on its slot, then itself.
     done_ms = np.cumsum(compute_ms)
     latency = costs.rtt_backlog_ms[prov] + done_ms - np.repeat(done_ms[lane_start] - compute_ms[lane_start], lengths)
+    return job, prov, slot, position, compute_ms, latency
+
+
+def placement_objective(costs: Costs, placement: Placement, weights) -> float:
+    _, prov, _, _, compute_ms, latency = _placed(costs, placement)
+    return float(np.sum(compute_ms / 1000.0 * costs.beta[prov])) + weights.latency * float(np.sum(latency))
+
+
+def build_result(problem: Problem, costs: Costs, placement: Placement, unassigned: list[Unassigned], *,
+                 solver: str, lower_bound: float, optimal: bool, solve_ms: float,
+                 stats: dict[str, Any] | None = None) -> Result:
+    w = problem.weights
+    job, prov, slot, position, compute_ms, latency = _placed(costs, placement)
     marginal_w = np.array([p.marginal_w for p in problem.providers], dtype=float)
     carbon_g_per_kwh = np.array([p.carbon_g_per_kwh for p in problem.providers], dtype=float)
     price_per_s = np.array([p.price_per_s for p in problem.providers], dtype=float)
