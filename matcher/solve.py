@@ -20,6 +20,7 @@ from .costs import Costs, build_costs
 from .cpsat import solve_subproblem
 from .exact import placement_from_positions, solve_exact
 from .heuristics import greedy, repair, slot_ok
+from .local import improve
 from .problem import Problem
 from .result import Placement, Result, build_result, explain_unassigned, placement_objective
 
@@ -27,6 +28,8 @@ SOLVERS = ("optimal", "greedy-price", "greedy-energy", "round-robin")
 FULL_CPSAT_PAIRS = 600  # jobs x providers up to which CP-SAT takes the whole problem
 NEIGHBOURHOOD_PROVIDERS = 3
 RESULT_RESERVE_S = 0.15  # of the time limit, kept for building the result after the search
+NEIGHBOURHOOD_BUILD_S = 0.05  # allowance for building one neighbourhood's CP-SAT model
+LOCAL_SEARCH_SHARE = 0.85 # of the time limit, at most, for the local search before CP-SAT's neighbourhoods
 
 
 def _placed_count(placement: Placement) -> int:
@@ -94,12 +97,23 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
         return build_result(ordered, costs, placement, unassigned, solver="optimal",
                             lower_bound=lower_bound, optimal=optimal, solve_ms=elapsed, stats=stats)
 
-    # Deadlines bind: the relaxation only bounds. Seed with the better of two heuristics.
-    repaired, _ = repair(costs, placement, allowed, w.latency, lambda j: job_ids[j])
-    with np.errstate(invalid="ignore"):
-        energy_score = costs.compute_s * np.array([p.marginal_w for p in ordered.providers])[None, :]
-    greedy_energy, _ = greedy(costs, allowed, sorted(file_order, key=lambda j: costs.deadline_ms[j]), energy_score)
-    best = repaired if not _better(costs, w, greedy_energy, repaired) else greedy_energy
+    # Deadlines bind: the relaxation only bounds. Repair its schedule, improve it by
+    # local search, and keep greedy-energy if that places more.
+    deadline = started + time_limit_s if clock else None
+
+    def local_search_over() -> bool:
+        return clock() > started + LOCAL_SEARCH_SHARE * time_limit_s if clock else False
+
+    repaired, left = repair(costs, placement, allowed, w.latency, lambda j: job_ids[j])
+    best, left, passes = improve(costs, repaired, left, allowed, w.latency, out_of_time=local_search_over)
+    stats["local_search_passes"] = passes
+    if left:
+        with np.errstate(invalid="ignore"):
+            energy_score = costs.compute_s * np.array([p.marginal_w for p in ordered.providers])[None, :]
+        greedy_energy, _ = greedy(costs, allowed, sorted(file_order, key=lambda j: costs.deadline_ms[j]),
+                                  energy_score)
+        if _better(costs, w, greedy_energy, best):
+            best = greedy_energy
     stats["heuristic_placed"] = _placed_count(best)
     optimal = False
     rng = np.random.default_rng(seed)
@@ -115,9 +129,9 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
             stats["cpsat"] = "full"
     else:
         rounds = 0
-        deadline = started + time_limit_s if clock else None
         # Stop with time left to build the result: the limit covers the whole solve.
-        while (clock() < deadline - RESULT_RESERVE_S - 0.05) if clock else rounds < 20:
+        # A neighbourhood costs its model building on top of CP-SAT's own time limit.
+        while (clock() < deadline - RESULT_RESERVE_S - NEIGHBOURHOOD_BUILD_S - 0.05) if clock else rounds < 20:
             rounds += 1
             placed_jobs = {j for lanes in best.values() for lane in lanes for j in lane}
             left = [j for j in file_order if j not in placed_jobs]
@@ -138,7 +152,8 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
             hood_jobs = [j for p in hood for lane in best.get(p, []) for j in lane]
             hood_jobs += [j for j in left if allowed[j, hood].any()][:20]
             current = {p: best[p] for p in hood if p in best}
-            budget = 0.3 if not clock else min(0.3, max(0.05, deadline - clock() - RESULT_RESERVE_S))
+            budget = 0.3 if not clock else min(0.3, max(0.05, deadline - clock() - RESULT_RESERVE_S
+                                                        - NEIGHBOURHOOD_BUILD_S))
             out = solve_subproblem(costs, hood, hood_jobs, allowed, w.latency, current,
                                    time_limit_s=budget, seed=seed + rounds,
                                    must_place=_placed_count(current))

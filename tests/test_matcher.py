@@ -340,3 +340,100 @@ def test_tree_duals_are_optimal_for_the_restricted_flow(seed):
     fill = np.bincount(a_pos, weights=x, minlength=n_pos)
     assert np.allclose(v[fill < capacity], 0.0, atol=1e-9)
     assert supply @ u + capacity @ v == pytest.approx(flow.optimal_cost())
+
+
+def _deadline_instance(seed: int, n_jobs: int = 30, n_prov: int = 5):
+    """A small instance whose deadlines bind, with a greedy placement to start from."""
+    import numpy as np
+
+    from matcher.costs import build_costs
+    from matcher.heuristics import greedy
+
+    rng = np.random.default_rng(seed)
+    providers = tuple(Provider(f"p{i}", "cuda", int(rng.integers(1, 4)), 1e9, float(rng.uniform(5, 100)), 300.0,
+                               float(rng.uniform(0, 30)), 0.0, 0.0,
+                               {"m": float(rng.uniform(20, 400)), "n": float(rng.uniform(20, 400))})
+                      for i in range(n_prov))
+    jobs = tuple(Job(f"j{i:03d}", str(rng.choice(["m", "n"])), int(rng.integers(1, 60)),
+                     deadline_ms=float(rng.uniform(100, 900)) if rng.random() < 0.8 else None)
+                 for i in range(n_jobs))
+    problem = Problem(providers, jobs, Weights(energy=1.0, latency=float(rng.uniform(0.005, 0.05))))
+    costs = build_costs(problem)
+    allowed = costs.feasible
+    with np.errstate(invalid="ignore"):
+        score = costs.compute_s * np.array([p.marginal_w for p in providers])[None, :]
+    order = [j for j in range(n_jobs) if allowed[j].any()]
+    placement, left = greedy(costs, allowed, order, score)
+    return problem, costs, allowed, placement, left
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000))
+def test_local_search_scores_match_a_brute_force_over_every_move(seed):
+    # The vectorised (single-precision) scores against trying each move on the slots.
+    import numpy as np
+
+    from matcher.heuristics import slot_cost, slot_ok
+    from matcher.local import _Search
+
+    problem, costs, allowed, placement, left = _deadline_instance(seed)
+    lw = problem.weights.latency
+    search = _Search(costs, placement, left, allowed, lw)
+    search._flatten()
+    search._score_relocations()
+    search._score_swaps()
+    lanes = search.lanes
+
+    def lane_cost(i, order):
+        return slot_cost(costs, lanes[i].provider, order, lw)
+
+    def close(a, b):
+        return (a == b == np.inf) or abs(a - b) <= 1e-4 * max(1.0, abs(b))
+
+    lane_of = {j: i for i, lane in enumerate(lanes) for j in lane.jobs}
+    active = {int(i) for i in search.gap_lane}
+    for j in list(lane_of) + left:
+        own = lane_of.get(j, -1)
+        best = np.inf
+        for i in active - {own}:
+            if not allowed[j, lanes[i].provider]:
+                continue
+            for at in range(len(lanes[i].jobs) + 1):
+                trial = lanes[i].jobs[:at] + [j] + lanes[i].jobs[at:]
+                if slot_ok(costs, lanes[i].provider, trial):
+                    best = min(best, lane_cost(i, trial) - lane_cost(i, lanes[i].jobs))
+        assert close(search.reloc[j][0], best), (j, search.reloc[j], best)
+    for a, la in lane_of.items():
+        best = -np.inf
+        for b, lb in lane_of.items():
+            if la == lb or not (allowed[a, lanes[lb].provider] and allowed[b, lanes[la].provider]):
+                continue
+            new_a = [b if y == a else y for y in lanes[la].jobs]
+            new_b = [a if y == b else y for y in lanes[lb].jobs]
+            if slot_ok(costs, lanes[la].provider, new_a) and slot_ok(costs, lanes[lb].provider, new_b):
+                best = max(best, lane_cost(la, lanes[la].jobs) + lane_cost(lb, lanes[lb].jobs)
+                           - lane_cost(la, new_a) - lane_cost(lb, new_b))
+        assert close(-search.swap[a][0], -best), (a, search.swap[a], best)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000))
+def test_local_search_keeps_every_deadline_and_never_gets_worse(seed):
+    from matcher.heuristics import slot_ok
+    from matcher.local import improve
+    from matcher.result import placement_objective
+
+    problem, costs, allowed, placement, left = _deadline_instance(seed, n_jobs=40, n_prov=6)
+    before = placement_objective(costs, placement, problem.weights)
+    placed_before = sum(len(lane) for lanes in placement.values() for lane in lanes)
+    out, still, passes = improve(costs, placement, left, allowed, problem.weights.latency, out_of_time=lambda: False)
+    placed = [j for lanes in out.values() for lane in lanes for j in lane]
+    assert len(placed) == len(set(placed)) and not set(placed) & set(still)
+    assert set(placed) | set(still) == {j for lanes in placement.values() for lane in lanes for j in lane} | set(left)
+    assert len(placed) >= placed_before
+    for p, lanes in out.items():
+        assert len(lanes) <= costs.slots[p]
+        assert all(allowed[j, p] for lane in lanes for j in lane)
+        assert all(slot_ok(costs, p, lane) for lane in lanes)
+    if len(placed) == placed_before:
+        assert placement_objective(costs, out, problem.weights) <= before + 1e-9 * max(1.0, before)

@@ -1,0 +1,342 @@
+"""Local search on placements with deadlines, vectorised over every candidate move (pure).
+
+Two kinds of move, each keeping the order of the slots it touches:
+- *relocate*: one job leaves its slot (or the jobs not yet placed) and enters another
+  slot before some job there (a *gap*). Feasible when the job meets its own deadline
+  there and every job after the gap has at least the job's compute time of slack.
+- *swap*: two jobs in different slots take each other's places, when both meet their
+  deadlines and the jobs after each place have slack for the change.
+Every (job, gap) and (job, job) pair is scored with arrays. Each pass applies the best
+moves that touch disjoint slots, re-orders each touched slot by Smith's rule (the least
+total completion time that meets every deadline), and scores again; a pair whose slots
+did not change keeps its score from the pass before, so late passes, which change few
+slots, score few pairs. A job that fits no gap may take the place of one job that
+moves to its own best gap (an ejection). Placing a job outranks any cost, so unplaced
+jobs move first. It stops when no move gains, or when time is up.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .costs import Costs
+from .heuristics import compact, slot_cost, slot_ok, smith_order
+from .result import Placement
+
+CHUNK_CELLS = 1_000_000   # pairs scored per array pass, to bound memory
+GAIN_TOLERANCE = 1e-9     # relative to the mean job cost: smaller gains are float noise, and would loop
+TIME_TOLERANCE_MS = 1e-9
+
+
+class _Lane:
+    """One slot in run order, with what scoring needs: for gap g = 0..n, its start time,
+    the jobs after it and their least slack; for each job its finish and the least slack
+    of the jobs after it."""
+
+    def __init__(self, costs: Costs, provider: int, jobs: list[int]):
+        self.provider = provider
+        self.jobs = jobs
+        self.refresh(costs)
+
+    def refresh(self, costs: Costs) -> None:
+        p, order = self.provider, self.jobs
+        q = 1000.0 * costs.compute_s[order, p] if order else np.zeros(0)
+        self.finish = costs.rtt_backlog_ms[p] + np.cumsum(q)
+        self.gap_start = np.r_[costs.rtt_backlog_ms[p], self.finish]
+        slack = costs.deadline_ms[order] - self.finish if order else np.zeros(0)
+        suffix = np.minimum.accumulate(slack[::-1])[::-1] if order else slack
+        self.gap_slack = np.r_[suffix, np.inf]
+        self.slack_after = self.gap_slack[1:]
+        self.gap_tail = np.arange(len(order), -1, -1)
+
+
+class _Search:
+    def __init__(self, costs: Costs, placement: Placement, unplaced: list[int], allowed: np.ndarray,
+                 latency_weight: float):
+        self.costs, self.allowed, self.lw = costs, allowed, latency_weight
+        # Moves are scored in single precision (half the memory traffic); each is checked
+        # again in double precision before it is applied.
+        self.compute32 = np.where(allowed, costs.compute_s, np.inf).astype(np.float32)
+        self.lanes = [_Lane(costs, p, list(order)) for p, orders in sorted(placement.items()) for order in orders
+                      if order]
+        self.unplaced = sorted(unplaced)
+        self.used = np.bincount(np.array([lane.provider for lane in self.lanes], dtype=np.int64),
+                                minlength=len(costs.slots))
+        for p in np.flatnonzero(self.used < costs.slots).tolist():
+            self.lanes.append(_Lane(costs, p, []))
+        # Per job: the best relocation (delta, lane, gap index) and swap (gain, partner).
+        self.reloc: dict[int, tuple[float, int, int]] = {}
+        self.swap: dict[int, tuple[float, int]] = {}
+        self.touched: set[int] | None = None  # slots changed by the last pass; None: all
+
+    # --- the flat view scored each pass -------------------------------------------------
+    def _flatten(self) -> None:
+        costs = self.costs
+        first_empty: set[int] = set()
+        active = []
+        for i, lane in enumerate(self.lanes):
+            if lane.jobs:
+                active.append(i)
+            elif lane.provider not in first_empty:  # empty slots of a provider are alike
+                first_empty.add(lane.provider)
+                active.append(i)
+        self.gap_lane = np.concatenate([np.full(len(self.lanes[i].jobs) + 1, i) for i in active])
+        self.gap_index = np.concatenate([np.arange(len(self.lanes[i].jobs) + 1) for i in active])
+        self.gap_prov = np.concatenate([np.full(len(self.lanes[i].jobs) + 1, self.lanes[i].provider) for i in active])
+        self.gap_start = np.concatenate([self.lanes[i].gap_start for i in active])
+        self.gap_slack = np.concatenate([self.lanes[i].gap_slack for i in active])
+        self.gap_tail = np.concatenate([self.lanes[i].gap_tail for i in active])
+        self.gap_beta = costs.beta[self.gap_prov]
+        busy = [i for i in active if self.lanes[i].jobs]
+        self.job = np.array([j for i in busy for j in self.lanes[i].jobs], dtype=np.int64)
+        self.job_lane = np.concatenate([np.full(len(self.lanes[i].jobs), i) for i in busy]) if busy else \
+            np.zeros(0, dtype=np.int64)
+        self.job_index = np.concatenate([np.arange(len(self.lanes[i].jobs)) for i in busy]) if busy else \
+            np.zeros(0, dtype=np.int64)
+        self.job_prov = np.array([self.lanes[i].provider for i in self.job_lane.tolist()], dtype=np.int64)
+        self.job_finish = np.concatenate([self.lanes[i].finish for i in busy]) if busy else np.zeros(0)
+        self.job_slack_after = np.concatenate([self.lanes[i].slack_after for i in busy]) if busy else np.zeros(0)
+        self.job_after = (np.array([len(self.lanes[i].jobs) for i in self.job_lane.tolist()], dtype=np.int64)
+                          - self.job_index - 1)
+        self.job_compute = costs.compute_s[self.job, self.job_prov]
+        self.job_start = self.job_finish - 1000.0 * self.job_compute
+        self.row_of = {j: r for r, j in enumerate(self.job.tolist())}
+
+    def _changed(self, lanes: np.ndarray) -> np.ndarray:
+        if self.touched is None:
+            return np.ones(len(lanes), dtype=bool)
+        return np.isin(lanes, np.fromiter(self.touched, dtype=np.int64, count=len(self.touched)))
+
+    # --- relocation ---------------------------------------------------------------------
+    def _insertions(self, jobs: np.ndarray, own_lane: np.ndarray, gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cheapest feasible gap (among `gaps`) outside each job's own slot: (delta, gap)."""
+        costs = self.costs
+        best_delta = np.full(len(jobs), np.inf)
+        best_gap = np.full(len(jobs), -1, dtype=np.int64)
+        if not len(gaps) or not len(jobs):
+            return best_delta, best_gap
+        f32 = np.float32
+        prov, lane = self.gap_prov[gaps], self.gap_lane[gaps]
+        start, slack = self.gap_start[gaps].astype(f32), self.gap_slack[gaps].astype(f32)
+        # Cost of one ms of compute at a gap: energy, and the wait of the job and of those after it.
+        weight = (self.gap_beta[gaps] / 1000.0 + self.lw * (1 + self.gap_tail[gaps])).astype(f32)
+        tol = f32(TIME_TOLERANCE_MS)
+        rows = max(1, CHUNK_CELLS // len(gaps))
+        for a in range(0, len(jobs), rows):
+            chunk = jobs[a:a + rows]
+            q = 1000.0 * self.compute32[chunk][:, prov]
+            with np.errstate(invalid="ignore"):
+                ok = ((q < np.inf) & (q + start[None, :] <= costs.deadline_ms[chunk].astype(f32)[:, None] + tol)
+                      & (q <= slack[None, :] + tol) & (lane[None, :] != own_lane[a:a + rows, None]))
+                delta = np.where(ok, q * weight[None, :] + f32(self.lw) * start[None, :], np.inf)
+            at = delta.argmin(axis=1)
+            best_delta[a:a + rows] = delta[np.arange(len(chunk)), at]
+            best_gap[a:a + rows] = gaps[at]
+        return best_delta, best_gap
+
+    def _score_relocations(self) -> None:
+        jobs = np.concatenate([np.array(self.unplaced, dtype=np.int64), self.job])
+        own = np.concatenate([np.full(len(self.unplaced), -1), self.job_lane])
+        cached = np.array([self.reloc.get(j, (np.inf, -1, -1))[1] for j in jobs.tolist()], dtype=np.int64)
+        dirty = self._changed(own) | self._changed(cached) | (own < 0) | (cached < 0)
+        all_gaps = np.arange(len(self.gap_lane))
+        delta, gap = self._insertions(jobs[dirty], own[dirty], all_gaps)
+        for j, d, g in zip(jobs[dirty].tolist(), delta.tolist(), gap.tolist()):
+            self.reloc[j] = (d, int(self.gap_lane[g]) if g >= 0 else -1, int(self.gap_index[g]) if g >= 0 else -1)
+        clean = ~dirty
+        if clean.any():
+            new_gaps = all_gaps[self._changed(self.gap_lane)]
+            delta, gap = self._insertions(jobs[clean], own[clean], new_gaps)
+            for j, d, g in zip(jobs[clean].tolist(), delta.tolist(), gap.tolist()):
+                if d < self.reloc[j][0]:
+                    self.reloc[j] = (d, int(self.gap_lane[g]), int(self.gap_index[g]))
+
+    def _leave_gain(self, rows: np.ndarray) -> np.ndarray:
+        """What a placed job's leaving saves: its own cost and the wait it puts on the jobs after it."""
+        compute = self.job_compute[rows]
+        return (compute * self.costs.beta[self.job_prov[rows]] + self.lw * self.job_finish[rows]
+                + self.lw * 1000.0 * compute * self.job_after[rows])
+
+    # --- swaps ----------------------------------------------------------------------------
+    def _swaps(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each placed job (row), the best partner among `cols`: (gain, partner row)."""
+        costs = self.costs
+        best_gain = np.full(len(rows), -np.inf)
+        best_col = np.full(len(rows), -1, dtype=np.int64)
+        if not len(rows) or not len(cols):
+            return best_gain, best_col
+        f32 = np.float32
+        prov_a, prov_b = self.job_prov[rows], self.job_prov[cols]
+        # Times in ms: each job's own compute, start and deadline, and the least slack of
+        # the jobs after it (how much later they may finish).
+        own_a, own_b = (1000.0 * self.job_compute[rows]).astype(f32), (1000.0 * self.job_compute[cols]).astype(f32)
+        start_a, start_b = self.job_start[rows].astype(f32), self.job_start[cols].astype(f32)
+        dl_a, dl_b = costs.deadline_ms[self.job[rows]].astype(f32), costs.deadline_ms[self.job[cols]].astype(f32)
+        slack_a, slack_b = self.job_slack_after[rows].astype(f32), self.job_slack_after[cols].astype(f32)
+        lane_a, lane_b = self.job_lane[rows], self.job_lane[cols]
+        # Cost of one more ms of compute in a place: energy, and the wait of the job and of those after it.
+        weight_a = (costs.beta[prov_a] / 1000.0 + self.lw * (1 + self.job_after[rows])).astype(f32)
+        weight_b = (costs.beta[prov_b] / 1000.0 + self.lw * (1 + self.job_after[cols])).astype(f32)
+        tol = f32(TIME_TOLERANCE_MS)
+        step = max(1, CHUNK_CELLS // len(cols))
+        for lo in range(0, len(rows), step):
+            a = slice(lo, lo + step)
+            a_there = 1000.0 * self.compute32[self.job[rows[a]]][:, prov_b]       # a in b's place
+            b_there = (1000.0 * self.compute32[self.job[cols]][:, prov_a[a]]).T   # b in a's place
+            grow_b = a_there - own_b[None, :]
+            grow_a = b_there - own_a[a, None]
+            with np.errstate(invalid="ignore"):
+                ok = ((lane_a[a, None] != lane_b[None, :]) & (a_there < np.inf) & (b_there < np.inf)
+                      & (a_there + start_b[None, :] <= dl_a[a, None] + tol)
+                      & (b_there + start_a[a, None] <= dl_b[None, :] + tol)
+                      & (grow_b <= slack_b[None, :] + tol) & (grow_a <= slack_a[a, None] + tol))
+                change = grow_b * weight_b[None, :] + grow_a * weight_a[a, None]
+            gain = np.where(ok, -change, -np.inf).astype(float)
+            at = gain.argmax(axis=1)
+            best_gain[a] = gain[np.arange(gain.shape[0]), at]
+            best_col[a] = cols[at]
+        return best_gain, best_col
+
+    def _score_swaps(self) -> None:
+        rows = np.arange(len(self.job))
+        partner_lane = np.array([self._lane_of_job(self.swap.get(j, (0.0, -1))[1]) for j in self.job.tolist()],
+                                dtype=np.int64)
+        dirty = self._changed(self.job_lane) | self._changed(partner_lane) | (partner_lane < 0)
+        gain, col = self._swaps(rows[dirty], rows)
+        for j, g, c in zip(self.job[dirty].tolist(), gain.tolist(), col.tolist()):
+            self.swap[j] = (g, int(self.job[c]) if c >= 0 else -1)
+        clean = rows[~dirty]
+        if len(clean):
+            gain, col = self._swaps(clean, rows[self._changed(self.job_lane)])
+            for j, g, c in zip(self.job[clean].tolist(), gain.tolist(), col.tolist()):
+                if g > self.swap[j][0]:
+                    self.swap[j] = (g, int(self.job[c]))
+
+    def _lane_of_job(self, j: int) -> int:
+        r = self.row_of.get(j)
+        return -1 if r is None else int(self.job_lane[r])
+
+    # --- one pass -------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Score and apply one round of moves; False when none gains."""
+        self._flatten()
+        self._score_relocations()
+        self._score_swaps()
+        gains = self._leave_gain(np.arange(len(self.job)))
+        noise = GAIN_TOLERANCE * max(1.0, float(gains.sum())) / max(1, len(self.job))
+        moves = []  # (gain, job, kind, detail)
+        for j in self.unplaced:
+            d, lane, index = self.reloc[j]
+            if np.isfinite(d):
+                moves.append((np.inf, j, "reloc", (lane, index)))
+        for r, j in enumerate(self.job.tolist()):
+            d, lane, index = self.reloc[j]
+            if gains[r] - d > noise:
+                moves.append((gains[r] - d, j, "reloc", (lane, index)))
+            g, partner = self.swap[j]
+            if g > noise:
+                moves.append((g, j, "swap", partner))
+        moves.sort(key=lambda m: (-m[0], m[1]))
+        touched: set[int] = set()
+        for gain, j, kind, detail in moves:
+            source = self._lane_of_job(j)
+            if kind == "reloc":
+                target, index = detail
+                if target in touched or source in touched:
+                    continue
+                new_target = self.lanes[target].jobs[:index] + [j] + self.lanes[target].jobs[index:]
+                changes = {target: new_target}
+                if source >= 0:
+                    changes[source] = [y for y in self.lanes[source].jobs if y != j]
+            else:
+                other = self._lane_of_job(detail)
+                if source in touched or other in touched:
+                    continue
+                changes = {source: [detail if y == j else y for y in self.lanes[source].jobs],
+                           other: [j if y == detail else y for y in self.lanes[other].jobs]}
+            # Scores are single precision: apply a move only if it keeps every deadline
+            # and gains in double precision.
+            if not all(slot_ok(self.costs, self.lanes[i].provider, order) for i, order in changes.items()):
+                continue
+            change = sum(slot_cost(self.costs, self.lanes[i].provider, order, self.lw)
+                         - slot_cost(self.costs, self.lanes[i].provider, self.lanes[i].jobs, self.lw)
+                         for i, order in changes.items())
+            if source >= 0 and change >= -noise:
+                continue
+            for i, order in changes.items():
+                self.lanes[i].jobs = order
+            if source < 0:
+                self.unplaced.remove(j)
+            touched.update(changes)
+        for j in [j for j in self.unplaced if not np.isfinite(self.reloc[j][0])]:
+            ejection = self._ejection(j, touched)
+            if ejection is not None:
+                lane, order, x, (x_lane, x_index) = ejection
+                self.lanes[lane].jobs = order
+                self.lanes[x_lane].jobs.insert(x_index, x)
+                self.unplaced.remove(j)
+                touched.update((lane, x_lane))
+        for i in touched:
+            lane = self.lanes[i]
+            if len(lane.jobs) > 1:
+                order, dropped = smith_order(self.costs, lane.provider, lane.jobs)
+                if not dropped:
+                    lane.jobs = order
+            lane.refresh(self.costs)
+        # A provider whose empty slot filled gets another while it has one to spare.
+        busy = np.bincount(np.array([lane.provider for lane in self.lanes if lane.jobs], dtype=np.int64),
+                           minlength=len(self.costs.slots))
+        has_empty = {lane.provider for lane in self.lanes if not lane.jobs}
+        for p in np.flatnonzero(busy < self.costs.slots).tolist():
+            if p not in has_empty:
+                self.lanes.append(_Lane(self.costs, p, []))
+                touched.add(len(self.lanes) - 1)
+        self.touched = touched
+        return bool(touched)
+
+    def _ejection(self, j: int, touched: set[int]) -> tuple[int, list[int], int, tuple[int, int]] | None:
+        """The cheapest (slot, its new order with j in and some x out, x, x's best gap
+        elsewhere) that keeps every deadline, or None."""
+        costs, best = self.costs, None
+        for i, lane in enumerate(self.lanes):
+            p = lane.provider
+            if (not lane.jobs or i in touched or not self.allowed[j, p]
+                    or costs.rtt_backlog_ms[p] + 1000.0 * costs.compute_s[j, p] > costs.deadline_ms[j] + TIME_TOLERANCE_MS):
+                continue
+            base = None
+            for x in lane.jobs:
+                d, x_lane, x_index = self.reloc.get(x, (np.inf, -1, -1))
+                if not np.isfinite(d) or x_lane in touched:
+                    continue
+                trial, dropped = smith_order(costs, p, [y for y in lane.jobs if y != x] + [j])
+                if dropped:
+                    continue
+                if base is None:
+                    base = slot_cost(costs, p, lane.jobs, self.lw)
+                change = slot_cost(costs, p, trial, self.lw) - base + d
+                if best is None or (change, i, x) < best[0]:
+                    best = ((change, i, x), i, trial, x, (x_lane, x_index))
+        return None if best is None else best[1:]
+
+    def placement(self) -> Placement:
+        out: Placement = {}
+        for lane in self.lanes:
+            if lane.jobs:
+                out.setdefault(lane.provider, []).append(list(lane.jobs))
+        return compact(out)
+
+
+def improve(costs: Costs, placement: Placement, unplaced: list[int], allowed: np.ndarray,
+            latency_weight: float, *, out_of_time: Callable[[], bool], max_passes: int = 500
+            ) -> tuple[Placement, list[int], int]:
+    """Better placement by relocations, swaps and ejections (see the module doc).
+    Returns (placement, jobs still unplaced, passes)."""
+    search = _Search(costs, placement, unplaced, allowed, latency_weight)
+    passes = 0
+    while passes < max_passes and not out_of_time():
+        passes += 1
+        if not search.step():
+            break
+    return search.placement(), list(search.unplaced), passes
