@@ -113,9 +113,9 @@ def smith_order(costs: Costs, p: int, lane: list[int]) -> tuple[list[int], list[
 
 
 def repair(costs: Costs, placement: Placement, allowed: np.ndarray, latency_weight: float,
-           job_key, *, reinsert: bool = True) -> tuple[Placement, list[int]]:
+           job_key) -> tuple[Placement, list[int]]:
     """Make a placement meet deadlines: reorder each slot by Smith's rule, take out what
-    still cannot make it, and (`reinsert`) re-insert those where they fit."""
+    still cannot make it, and re-insert those where they fit."""
     fixed: Placement = {}
     pending: list[int] = []
     for p, lanes in placement.items():
@@ -133,8 +133,6 @@ def repair(costs: Costs, placement: Placement, allowed: np.ndarray, latency_weig
                     dropped.append(j)
             fixed[p].append(kept)
             pending.extend(dropped)
-    if not reinsert:
-        return compact(fixed), sorted(pending)
     left_out: list[int] = []
     for j in sorted(pending, key=lambda j: (costs.deadline_ms[j], job_key(j))):
         spot = best_insertion(costs, fixed, j, allowed[j], latency_weight)

@@ -3,9 +3,11 @@
 - `optimal` (default): exact min-cost flow with a certificate when no job has a
   deadline. With deadlines: that flow is a relaxation whose cost bounds every
   placement of all jobs from below; if its schedule meets every deadline it is optimal,
-  otherwise a repair heuristic (and greedy-energy, whichever places more) seeds
-  CP-SAT, on the whole problem when small and on neighbourhoods when large, until the
-  time limit.
+  otherwise its schedule is repaired (Smith's rule per slot, late jobs re-inserted),
+  improved by local search (`local.py`: relocations, swaps, ejections) for up to
+  LOCAL_SEARCH_SHARE of the time limit, and (with greedy-energy, if that places more)
+  seeds CP-SAT, on the whole problem when small and on neighbourhoods when large, until
+  the time limit.
 - `greedy-price`, `greedy-energy`, `round-robin`: baselines, same result format.
 """
 
