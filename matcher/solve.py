@@ -31,7 +31,7 @@ FULL_CPSAT_PAIRS = 600  # jobs x providers up to which CP-SAT takes the whole pr
 NEIGHBOURHOOD_PROVIDERS = 3
 RESULT_RESERVE_S = 0.15  # of the time limit, kept for building the result after the search
 NEIGHBOURHOOD_BUILD_S = 0.05  # allowance for building one neighbourhood's CP-SAT model
-LOCAL_SEARCH_SHARE = 0.85 # of the time limit, at most, for the local search before CP-SAT's neighbourhoods
+LOCAL_SEARCH_SHARE = 0.8  # of the time limit, at most, for the local search before CP-SAT's neighbourhoods
 
 
 def _placed_count(placement: Placement) -> int:
