@@ -272,12 +272,17 @@ class _Search:
             touched.update(changes)
         for j in [j for j in self.unplaced if not np.isfinite(self.reloc[j][0])]:
             ejection = self._ejection(j, touched)
-            if ejection is not None:
-                lane, order, x, (x_lane, x_index) = ejection
-                self.lanes[lane].jobs = order
-                self.lanes[x_lane].jobs.insert(x_index, x)
-                self.unplaced.remove(j)
-                touched.update((lane, x_lane))
+            if ejection is None:
+                continue
+            lane, order, x, (x_lane, x_index) = ejection
+            x_order = self.lanes[x_lane].jobs[:x_index] + [x] + self.lanes[x_lane].jobs[x_index:]
+            # x's gap was scored in single precision, like every other move: check it again.
+            if not slot_ok(self.costs, self.lanes[x_lane].provider, x_order):
+                continue
+            self.lanes[lane].jobs = order
+            self.lanes[x_lane].jobs = x_order
+            self.unplaced.remove(j)
+            touched.update((lane, x_lane))
         for i in touched:
             lane = self.lanes[i]
             if len(lane.jobs) > 1:
