@@ -62,10 +62,7 @@ class _Search:
         self.lanes = [_Lane(costs, p, list(order)) for p, orders in sorted(placement.items()) for order in orders
                       if order]
         self.unplaced = sorted(unplaced)
-        self.used = np.bincount(np.array([lane.provider for lane in self.lanes], dtype=np.int64),
-                                minlength=len(costs.slots))
-        for p in np.flatnonzero(self.used < costs.slots).tolist():
-            self.lanes.append(_Lane(costs, p, []))
+        self._add_empty_lanes()
         # Per job: the best relocation (delta, lane, gap index) and swap (gain, partner).
         self.reloc: dict[int, tuple[float, int, int]] = {}
         self.swap: dict[int, tuple[float, int]] = {}
@@ -89,17 +86,17 @@ class _Search:
         self.gap_slack = np.concatenate([self.lanes[i].gap_slack for i in active])
         self.gap_tail = np.concatenate([self.lanes[i].gap_tail for i in active])
         self.gap_beta = costs.beta[self.gap_prov]
-        busy = [i for i in active if self.lanes[i].jobs]
-        self.job = np.array([j for i in busy for j in self.lanes[i].jobs], dtype=np.int64)
-        self.job_lane = np.concatenate([np.full(len(self.lanes[i].jobs), i) for i in busy]) if busy else \
-            np.zeros(0, dtype=np.int64)
-        self.job_index = np.concatenate([np.arange(len(self.lanes[i].jobs)) for i in busy]) if busy else \
-            np.zeros(0, dtype=np.int64)
-        self.job_prov = np.array([self.lanes[i].provider for i in self.job_lane.tolist()], dtype=np.int64)
-        self.job_finish = np.concatenate([self.lanes[i].finish for i in busy]) if busy else np.zeros(0)
-        self.job_slack_after = np.concatenate([self.lanes[i].slack_after for i in busy]) if busy else np.zeros(0)
-        self.job_after = (np.array([len(self.lanes[i].jobs) for i in self.job_lane.tolist()], dtype=np.int64)
-                          - self.job_index - 1)
+        busy_ids = [i for i in active if self.lanes[i].jobs]
+        busy = [self.lanes[i] for i in busy_ids]
+        # Each list starts with an empty array: with no job placed, concatenate has nothing else.
+        self.job = np.array([j for lane in busy for j in lane.jobs], dtype=np.int64)
+        self.job_lane = np.concatenate([np.zeros(0, dtype=np.int64)]
+                                       + [np.full(len(lane.jobs), i) for i, lane in zip(busy_ids, busy)])
+        self.job_prov = np.concatenate([np.zeros(0, dtype=np.int64)] + [np.full(len(lane.jobs), lane.provider)
+                                                                      for lane in busy])
+        self.job_finish = np.concatenate([np.zeros(0)] + [lane.finish for lane in busy])
+        self.job_slack_after = np.concatenate([np.zeros(0)] + [lane.slack_after for lane in busy])
+        self.job_after = np.concatenate([np.zeros(0, dtype=np.int64)] + [lane.gap_tail[1:] for lane in busy])
         self.job_compute = costs.compute_s[self.job, self.job_prov]
         self.job_start = self.job_finish - 1000.0 * self.job_compute
         self.row_of = {j: r for r, j in enumerate(self.job.tolist())}
@@ -291,15 +288,22 @@ class _Search:
                     lane.jobs = order
             lane.refresh(self.costs)
         # A provider whose empty slot filled gets another while it has one to spare.
+        touched.update(self._add_empty_lanes())
+        self.touched = touched
+        return bool(touched)
+
+    def _add_empty_lanes(self) -> list[int]:
+        """One empty slot for each provider with a slot to spare and none empty yet;
+        returns the new lanes' ids."""
         busy = np.bincount(np.array([lane.provider for lane in self.lanes if lane.jobs], dtype=np.int64),
                            minlength=len(self.costs.slots))
         has_empty = {lane.provider for lane in self.lanes if not lane.jobs}
+        added = []
         for p in np.flatnonzero(busy < self.costs.slots).tolist():
             if p not in has_empty:
                 self.lanes.append(_Lane(self.costs, p, []))
-                touched.add(len(self.lanes) - 1)
-        self.touched = touched
-        return bool(touched)
+                added.append(len(self.lanes) - 1)
+        return added
 
     def _ejection(self, j: int, touched: set[int]) -> tuple[int, list[int], int, tuple[int, int]] | None:
         """The cheapest (slot, its new order with j in and some x out, x, x's best gap
