@@ -38,6 +38,13 @@ def _placed_count(placement: Placement) -> int:
     return sum(len(lane) for lanes in placement.values() for lane in lanes)
 
 
+def _per_compute_second(costs: Costs, rate_per_s: list[float]) -> np.ndarray:
+    """(J, P): each pair's compute time times its provider's rate (W, price per s)."""
+    # compute_s is inf where a model is not offered (inf * 0 = nan); such pairs are never allowed.
+    with np.errstate(invalid="ignore"):
+        return costs.compute_s * np.array(rate_per_s)[None, :]
+
+
 def _meets_deadlines(costs: Costs, placement: Placement) -> bool:
     return all(slot_ok(costs, p, lane) for p, lanes in placement.items() for lane in lanes)
 
@@ -72,14 +79,12 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
     file_order = placeable.tolist()
 
     if solver != "optimal":
-        # compute_s is inf where a model is not offered (inf * 0 = nan); such pairs are never allowed.
-        with np.errstate(invalid="ignore"):
-            if solver == "greedy-price":
-                score = costs.compute_s * np.array([p.price_per_s for p in ordered.providers])[None, :]
-            elif solver == "greedy-energy":
-                score = costs.compute_s * np.array([p.marginal_w for p in ordered.providers])[None, :]
-            else:
-                score = None
+        if solver == "greedy-price":
+            score = _per_compute_second(costs, [p.price_per_s for p in ordered.providers])
+        elif solver == "greedy-energy":
+            score = _per_compute_second(costs, [p.marginal_w for p in ordered.providers])
+        else:
+            score = None
         placement, left = greedy(costs, allowed, file_order, score, round_robin=solver == "round-robin")
         unassigned += [explain_unassigned(ordered, costs, j, "deadline") for j in left]
         elapsed = (clock() - started) * 1000 if clock else 0.0
@@ -110,10 +115,8 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
     best, left, passes = improve(costs, repaired, left, allowed, w.latency, out_of_time=local_search_over)
     stats["local_search_passes"] = passes
     if left:
-        with np.errstate(invalid="ignore"):
-            energy_score = costs.compute_s * np.array([p.marginal_w for p in ordered.providers])[None, :]
         greedy_energy, _ = greedy(costs, allowed, sorted(file_order, key=lambda j: costs.deadline_ms[j]),
-                                  energy_score)
+                                  _per_compute_second(costs, [p.marginal_w for p in ordered.providers]))
         if _better(costs, w, greedy_energy, best):
             best = greedy_energy
     stats["heuristic_placed"] = _placed_count(best)
