@@ -17,6 +17,7 @@ jobs move first. It stops when no move gains, or when time is up.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import numpy as np
@@ -25,9 +26,30 @@ from .costs import Costs
 from .heuristics import compact, slot_cost, slot_ok, smith_order
 from .result import Placement
 
-CHUNK_CELLS = 1_000_000   # pairs scored per array pass, to bound memory
+CHUNK_CELLS = 1 << 17     # pairs scored per array step: 512 KB per float32 temporary stays in L2 cache
+SCORING_THREADS = 2       # numpy releases the GIL in its array loops, so row chunks score in parallel
 GAIN_TOLERANCE = 1e-9     # relative to the mean job cost: smaller gains are float noise, and would loop
 TIME_TOLERANCE_MS = 1e-9
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _row_chunks(n_rows: int, n_cols: int) -> list[slice]:
+    """Row ranges of at most CHUNK_CELLS cells, at least one per scoring thread."""
+    count = max(SCORING_THREADS, -(-n_rows * n_cols // CHUNK_CELLS))
+    size = max(1, -(-n_rows // count))
+    return [slice(lo, lo + size) for lo in range(0, n_rows, size)]
+
+
+def _map_chunks(fn, chunks: list[slice]) -> list:
+    """fn over the chunks, on SCORING_THREADS threads; results in chunk order."""
+    global _pool
+    if SCORING_THREADS <= 1 or len(chunks) <= 1:
+        return [fn(c) for c in chunks]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(SCORING_THREADS, thread_name_prefix="matcher-scoring")
+    return list(_pool.map(fn, chunks))
 
 
 class _Lane:
@@ -120,33 +142,38 @@ class _Search:
         # Cost of one ms of compute at a gap: energy, and the wait of the job and of those after it.
         weight = (self.gap_beta[gaps] / 1000.0 + self.lw * (1 + self.gap_tail[gaps])).astype(f32)
         tol = f32(TIME_TOLERANCE_MS)
-        rows = max(1, CHUNK_CELLS // len(gaps))
-        for a in range(0, len(jobs), rows):
-            chunk = jobs[a:a + rows]
+
+        def score(a: slice) -> None:
+            chunk = jobs[a]
             q = 1000.0 * self.compute32[chunk][:, prov]
             with np.errstate(invalid="ignore"):
                 ok = ((q < np.inf) & (q + start[None, :] <= costs.deadline_ms[chunk].astype(f32)[:, None] + tol)
-                      & (q <= slack[None, :] + tol) & (lane[None, :] != own_lane[a:a + rows, None]))
+                      & (q <= slack[None, :] + tol) & (lane[None, :] != own_lane[a, None]))
                 delta = np.where(ok, q * weight[None, :] + f32(self.lw) * start[None, :], np.inf)
             at = delta.argmin(axis=1)
-            best_delta[a:a + rows] = delta[np.arange(len(chunk)), at]
-            best_gap[a:a + rows] = gaps[at]
+            best_delta[a] = delta[np.arange(len(chunk)), at]
+            best_gap[a] = gaps[at]
+
+        _map_chunks(score, _row_chunks(len(jobs), len(gaps)))
         return best_delta, best_gap
 
     def _score_relocations(self) -> None:
         jobs = np.concatenate([np.array(self.unplaced, dtype=np.int64), self.job])
         own = np.concatenate([np.full(len(self.unplaced), -1), self.job_lane])
-        cached = np.array([self.reloc.get(j, (np.inf, -1, -1))[1] for j in jobs.tolist()], dtype=np.int64)
-        dirty = self._changed(own) | self._changed(cached) | (own < 0) | (cached < 0)
+        cached = np.array([self.reloc.get(j, (np.inf, -1, -2))[1] for j in jobs.tolist()], dtype=np.int64)
+        # A job's cost at a gap depends on the gap's slot only, so a cached best stays
+        # right unless its slot changed (or is now the job's own): only those jobs are
+        # scored on every gap, the rest on the changed slots' gaps.
+        full = (cached == -2) | self._changed(cached) | ((cached == own) & (own >= 0))
         all_gaps = np.arange(len(self.gap_lane))
-        delta, gap = self._insertions(jobs[dirty], own[dirty], all_gaps)
-        for j, d, g in zip(jobs[dirty].tolist(), delta.tolist(), gap.tolist()):
+        delta, gap = self._insertions(jobs[full], own[full], all_gaps)
+        for j, d, g in zip(jobs[full].tolist(), delta.tolist(), gap.tolist()):
             self.reloc[j] = (d, int(self.gap_lane[g]) if g >= 0 else -1, int(self.gap_index[g]) if g >= 0 else -1)
-        clean = ~dirty
-        if clean.any():
+        rest = ~full
+        if rest.any():
             new_gaps = all_gaps[self._changed(self.gap_lane)]
-            delta, gap = self._insertions(jobs[clean], own[clean], new_gaps)
-            for j, d, g in zip(jobs[clean].tolist(), delta.tolist(), gap.tolist()):
+            delta, gap = self._insertions(jobs[rest], own[rest], new_gaps)
+            for j, d, g in zip(jobs[rest].tolist(), delta.tolist(), gap.tolist()):
                 if d < self.reloc[j][0]:
                     self.reloc[j] = (d, int(self.gap_lane[g]), int(self.gap_index[g]))
 
@@ -157,13 +184,18 @@ class _Search:
                 + self.lw * 1000.0 * compute * self.job_after[rows])
 
     # --- swaps ----------------------------------------------------------------------------
-    def _swaps(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For each placed job (row), the best partner among `cols`: (gain, partner row)."""
+    def _swaps(self, rows: np.ndarray, cols: np.ndarray, col_rows: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For each placed job in `rows`, the best partner among `cols`: (gain, partner);
+        and, as a swap is the same move seen from either job, for each job in `cols` the
+        best partner among the `rows` flagged in `col_rows`: (gain, partner)."""
         costs = self.costs
         best_gain = np.full(len(rows), -np.inf)
         best_col = np.full(len(rows), -1, dtype=np.int64)
+        col_gain = np.full(len(cols), -np.inf)
+        col_best = np.full(len(cols), -1, dtype=np.int64)
         if not len(rows) or not len(cols):
-            return best_gain, best_col
+            return best_gain, best_col, col_gain, col_best
         f32 = np.float32
         prov_a, prov_b = self.job_prov[rows], self.job_prov[cols]
         # Times in ms: each job's own compute, start and deadline, and the least slack of
@@ -177,11 +209,11 @@ class _Search:
         weight_a = (costs.beta[prov_a] / 1000.0 + self.lw * (1 + self.job_after[rows])).astype(f32)
         weight_b = (costs.beta[prov_b] / 1000.0 + self.lw * (1 + self.job_after[cols])).astype(f32)
         tol = f32(TIME_TOLERANCE_MS)
-        step = max(1, CHUNK_CELLS // len(cols))
-        for lo in range(0, len(rows), step):
-            a = slice(lo, lo + step)
+        there_b = 1000.0 * self.compute32[self.job[cols]]  # (cols, P): each col job on every provider
+
+        def score(a: slice) -> tuple[np.ndarray, np.ndarray] | None:
             a_there = 1000.0 * self.compute32[self.job[rows[a]]][:, prov_b]       # a in b's place
-            b_there = (1000.0 * self.compute32[self.job[cols]][:, prov_a[a]]).T   # b in a's place
+            b_there = there_b[:, prov_a[a]].T                                       # b in a's place
             grow_b = a_there - own_b[None, :]
             grow_a = b_there - own_a[a, None]
             with np.errstate(invalid="ignore"):
@@ -190,26 +222,42 @@ class _Search:
                       & (b_there + start_a[a, None] <= dl_b[None, :] + tol)
                       & (grow_b <= slack_b[None, :] + tol) & (grow_a <= slack_a[a, None] + tol))
                 change = grow_b * weight_b[None, :] + grow_a * weight_a[a, None]
-            gain = np.where(ok, -change, -np.inf).astype(float)
+            gain = np.where(ok, -change, f32(-np.inf))
             at = gain.argmax(axis=1)
             best_gain[a] = gain[np.arange(gain.shape[0]), at]
             best_col[a] = cols[at]
-        return best_gain, best_col
+            flagged = np.flatnonzero(col_rows[a])
+            if not len(flagged):
+                return None
+            sub = gain[flagged]
+            at = sub.argmax(axis=0)
+            return sub[at, np.arange(len(cols))], rows[a][flagged[at]]
+
+        # Each chunk's best row for every column, merged in chunk order (first best wins).
+        for part in _map_chunks(score, _row_chunks(len(rows), len(cols))):
+            if part is not None:
+                better = part[0] > col_gain
+                col_gain[better] = part[0][better]
+                col_best[better] = part[1][better]
+        return best_gain, best_col, col_gain, col_best
 
     def _score_swaps(self) -> None:
         rows = np.arange(len(self.job))
-        partner_lane = np.array([self._lane_of_job(self.swap.get(j, (0.0, -1))[1]) for j in self.job.tolist()],
+        partner_lane = np.array([self._lane_of_job(self.swap.get(j, (0.0, -2))[1]) for j in self.job.tolist()],
                                 dtype=np.int64)
-        dirty = self._changed(self.job_lane) | self._changed(partner_lane) | (partner_lane < 0)
-        gain, col = self._swaps(rows[dirty], rows)
-        for j, g, c in zip(self.job[dirty].tolist(), gain.tolist(), col.tolist()):
+        moved = self._changed(self.job_lane)
+        # A pair's score depends only on its two jobs' slots: jobs in changed slots, and
+        # jobs whose cached partner's slot changed, are scored against every job; the
+        # rest need only the pairs with a job in a changed slot, which that pass scores too.
+        full = moved | self._changed(partner_lane) | np.array([j not in self.swap for j in self.job.tolist()],
+                                                                dtype=bool)
+        gain, col, col_gain, col_best = self._swaps(rows[full], rows, moved[full])
+        for j, g, c in zip(self.job[full].tolist(), gain.tolist(), col.tolist()):
             self.swap[j] = (g, int(self.job[c]) if c >= 0 else -1)
-        clean = rows[~dirty]
-        if len(clean):
-            gain, col = self._swaps(clean, rows[self._changed(self.job_lane)])
-            for j, g, c in zip(self.job[clean].tolist(), gain.tolist(), col.tolist()):
-                if g > self.swap[j][0]:
-                    self.swap[j] = (g, int(self.job[c]))
+        for r in np.flatnonzero(~full & (col_best >= 0)).tolist():
+            j = int(self.job[r])
+            if col_gain[r] > self.swap[j][0]:
+                self.swap[j] = (float(col_gain[r]), int(self.job[col_best[r]]))
 
     def _lane_of_job(self, j: int) -> int:
         r = self.row_of.get(j)
