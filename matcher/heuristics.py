@@ -1,4 +1,4 @@
-"""Greedy placements: the baselines and the deadline repair (pure; no I/O here).
+"""Greedy placements (the baselines) and slot orders under deadlines (pure; no I/O here).
 
 Slots are kept as ordered job lists; a job appended to a slot waits for everything
 before it. Every move checks the deadlines of all jobs it delays.
@@ -67,33 +67,6 @@ def greedy(costs: Costs, allowed: np.ndarray, job_order: list[int], score: np.nd
     return compact(placement), left_out
 
 
-def best_insertion(costs: Costs, placement: Placement, j: int, allowed_row: np.ndarray,
-                   latency_weight: float) -> tuple[float, int, int, int] | None:
-    """Cheapest (delta, provider, slot, index) that keeps every deadline, or None."""
-    best = None
-    for p in np.flatnonzero(allowed_row):
-        lanes = placement.get(int(p), [])
-        options = [(s, lane) for s, lane in enumerate(lanes)]
-        if len(lanes) < costs.slots[p]:
-            options.append((len(lanes), []))
-        for s, lane in options:
-            base = slot_cost(costs, p, lane, latency_weight)
-            c = costs.compute_s[j, p]
-            # Shortest-first order is optimal without deadlines; try that spot and the end.
-            spot = sum(1 for i in lane if costs.compute_s[i, p] <= c)
-            for index in sorted({spot, len(lane)}):
-                trial = lane[:index] + [j] + lane[index:]
-                if not slot_ok(costs, p, trial):
-                    continue
-                delta = slot_cost(costs, p, trial, latency_weight) - base
-                key = (delta, int(p), s, index)
-                if best is None or key < best:
-                    best = key
-            if not lane:
-                break  # every empty slot of a provider is the same
-    return best
-
-
 def smith_order(costs: Costs, p: int, lane: list[int]) -> tuple[list[int], list[int]]:
     """The slot's jobs in the order with least total completion time that meets every
     deadline, by Smith's backward rule (exact for one machine): the last place goes to
@@ -112,12 +85,11 @@ def smith_order(costs: Costs, p: int, lane: list[int]) -> tuple[list[int], list[
     return backwards[::-1], dropped
 
 
-def repair(costs: Costs, placement: Placement, allowed: np.ndarray, latency_weight: float,
-           job_key) -> tuple[Placement, list[int]]:
-    """Make a placement meet deadlines: reorder each slot by Smith's rule, take out what
-    still cannot make it, and re-insert those where they fit."""
+def split_late(costs: Costs, placement: Placement) -> tuple[Placement, list[int]]:
+    """Each slot in Smith's order (least total completion time that meets every
+    deadline), without the jobs that still finish late: (placement, those jobs)."""
     fixed: Placement = {}
-    pending: list[int] = []
+    late: list[int] = []
     for p, lanes in placement.items():
         fixed[p] = []
         for lane in lanes:
@@ -132,48 +104,5 @@ def repair(costs: Costs, placement: Placement, allowed: np.ndarray, latency_weig
                 else:
                     dropped.append(j)
             fixed[p].append(kept)
-            pending.extend(dropped)
-    left_out: list[int] = []
-    for j in sorted(pending, key=lambda j: (costs.deadline_ms[j], job_key(j))):
-        spot = best_insertion(costs, fixed, j, allowed[j], latency_weight)
-        if spot is not None:
-            _, p, s, index = spot
-            lane = _lane(fixed, p, s)
-            _set_lane(fixed, p, s, lane[:index] + [j] + lane[index:])
-        else:
-            left_out.append(j)
-    # What two trial spots per slot could not place: try every slot with the job
-    # re-ordered in by Smith's rule, which finds a feasible order whenever one exists.
-    still_out = []
-    for j in left_out:
-        best = None
-        for p in np.flatnonzero(allowed[j]):
-            p = int(p)
-            lanes = fixed.get(p, [])
-            for s in range(min(len(lanes) + 1, int(costs.slots[p]))):
-                lane = _lane(fixed, p, s)
-                order, dropped = smith_order(costs, p, lane + [j])
-                if dropped:
-                    continue
-                delta = slot_cost(costs, p, order, latency_weight) - slot_cost(costs, p, lane, latency_weight)
-                if best is None or (delta, p, s) < best[:3]:
-                    best = (delta, p, s, order)
-        if best is None:
-            still_out.append(j)
-        else:
-            _set_lane(fixed, best[1], best[2], best[3])
-    return compact(fixed), still_out
-
-
-def _lane(placement: Placement, p: int, s: int) -> list[int]:
-    """Slot s of provider p; a slot one past the used ones is a fresh, empty one."""
-    lanes = placement.get(p, [])
-    return lanes[s] if s < len(lanes) else []
-
-
-def _set_lane(placement: Placement, p: int, s: int, order: list[int]) -> None:
-    lanes = placement.setdefault(p, [])
-    if s == len(lanes):
-        lanes.append(order)
-    else:
-        lanes[s] = order
+            late.extend(dropped)
+    return compact(fixed), late

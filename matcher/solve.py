@@ -2,12 +2,14 @@
 
 - `optimal` (default): exact min-cost flow with a certificate when no job has a
   deadline. With deadlines: that flow is a relaxation whose cost bounds every
-  placement of all jobs from below; if its schedule meets every deadline it is optimal,
-  otherwise its schedule is repaired (Smith's rule per slot, late jobs re-inserted),
-  improved by local search (`local.py`: relocations, swaps, ejections) for up to
-  LOCAL_SEARCH_SHARE of the time limit, and (with greedy-energy, if that places more)
-  seeds CP-SAT, on the whole problem when small and on neighbourhoods when large, until
-  the time limit.
+  placement of all jobs from below; if its schedule meets every deadline it is optimal.
+  Otherwise every job is assigned again to the relaxation's positions where its
+  deadline allows (`reassign.py`, one more min-cost flow), each slot is put in Smith's
+  order, the jobs still late are inserted one at a time, and the local search
+  (`local.py`: relocations, swaps, ejections) improves that for up to
+  LOCAL_SEARCH_SHARE of the time limit; the result (or greedy-energy, if that places
+  more) seeds CP-SAT, on the whole problem when small and on neighbourhoods when large,
+  until the time limit.
 - `greedy-price`, `greedy-energy`, `round-robin`: baselines, same result format.
 """
 
@@ -21,16 +23,17 @@ import numpy as np
 from .costs import Costs, build_costs
 from .cpsat import solve_subproblem
 from .exact import placement_from_positions, solve_exact
-from .heuristics import greedy, repair, slot_ok
+from .heuristics import greedy, slot_ok, split_late
 from .local import improve
+from .reassign import reassign
 from .problem import Problem
 from .result import Placement, Result, build_result, explain_unassigned, placement_objective
 
 SOLVERS = ("optimal", "greedy-price", "greedy-energy", "round-robin")
 FULL_CPSAT_PAIRS = 600  # jobs x providers up to which CP-SAT takes the whole problem
 NEIGHBOURHOOD_PROVIDERS = 3
-RESULT_RESERVE_S = 0.15  # of the time limit, kept for building the result after the search
-NEIGHBOURHOOD_BUILD_S = 0.05  # allowance for building one neighbourhood's CP-SAT model
+RESULT_RESERVE_S = 0.1  # of the time limit, kept for building the result after the search
+NEIGHBOURHOOD_BUILD_S = 0.15  # allowance for building one neighbourhood's CP-SAT model
 LOCAL_SEARCH_SHARE = 0.8  # of the time limit, at most, for the local search before CP-SAT's neighbourhoods
 
 
@@ -111,8 +114,14 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
     def local_search_over() -> bool:
         return clock() > started + LOCAL_SEARCH_SHARE * time_limit_s if clock else False
 
-    repaired, left = repair(costs, placement, allowed, w.latency, lambda j: job_ids[j])
-    best, left, passes = improve(costs, repaired, left, allowed, w.latency, out_of_time=local_search_over)
+    # The relaxation's positions, with every job assigned again where its deadline
+    # allows; then each slot in Smith's order, and what is still late (or left out)
+    # inserted one job at a time, earliest deadline first, before the local search.
+    reassigned, left_out = reassign(costs, placement, allowed, placeable, id_rank)
+    repaired, late = split_late(costs, reassigned)
+    pending = sorted(left_out + late, key=lambda j: (costs.deadline_ms[j], id_rank[j]))
+    best, left, passes = improve(costs, repaired, pending, allowed, w.latency, out_of_time=local_search_over,
+                                 insertion_order=pending)
     stats["local_search_passes"] = passes
     if left:
         greedy_energy, _ = greedy(costs, allowed, sorted(file_order, key=lambda j: costs.deadline_ms[j]),

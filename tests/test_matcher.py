@@ -417,8 +417,8 @@ def test_local_search_scores_match_a_brute_force_over_every_move(seed):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(0, 10_000))
-def test_local_search_keeps_every_deadline_and_never_gets_worse(seed):
+@given(st.integers(0, 10_000), st.booleans())
+def test_local_search_keeps_every_deadline_and_never_gets_worse(seed, insert_first):
     from matcher.heuristics import slot_ok
     from matcher.local import improve
     from matcher.result import placement_objective
@@ -426,7 +426,8 @@ def test_local_search_keeps_every_deadline_and_never_gets_worse(seed):
     problem, costs, allowed, placement, left = _deadline_instance(seed, n_jobs=40, n_prov=6)
     before = placement_objective(costs, placement, problem.weights)
     placed_before = sum(len(lane) for lanes in placement.values() for lane in lanes)
-    out, still, passes = improve(costs, placement, left, allowed, problem.weights.latency, out_of_time=lambda: False)
+    out, still, passes = improve(costs, placement, left, allowed, problem.weights.latency, out_of_time=lambda: False,
+                                 insertion_order=sorted(left, key=lambda j: costs.deadline_ms[j]) if insert_first else None)
     placed = [j for lanes in out.values() for lane in lanes for j in lane]
     assert len(placed) == len(set(placed)) and not set(placed) & set(still)
     assert set(placed) | set(still) == {j for lanes in placement.values() for lane in lanes for j in lane} | set(left)
@@ -437,3 +438,103 @@ def test_local_search_keeps_every_deadline_and_never_gets_worse(seed):
         assert all(slot_ok(costs, p, lane) for lane in lanes)
     if len(placed) == placed_before:
         assert placement_objective(costs, out, problem.weights) <= before + 1e-9 * max(1.0, before)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000))
+def test_sequential_insertion_takes_the_cheapest_gap_each_time(seed):
+    # Every insertion, against trying the job in every gap of every slot at that moment.
+    import numpy as np
+
+    from matcher.heuristics import slot_cost, slot_ok
+    from matcher.local import _Search
+
+    problem, costs, allowed, placement, left = _deadline_instance(seed, n_jobs=40, n_prov=6)
+    lw = problem.weights.latency
+    rng = np.random.default_rng(seed)
+    # Take a third of the placed jobs out too, so there is something to insert.
+    out = {int(j) for j in rng.permutation([j for lanes in placement.values() for lane in lanes for j in lane])[::3]}
+    kept = {p: [[j for j in lane if j not in out] for lane in lanes] for p, lanes in placement.items()}
+    pending = sorted(set(left) | out, key=lambda j: (costs.deadline_ms[j], j))
+    checked = []
+
+    class Recording(_Search):
+        def _set_order(self, i, order):
+            lane = self.lanes[i]
+            j = next(y for y in order if y not in lane.jobs)
+            chosen = slot_cost(costs, lane.provider, order, lw) - slot_cost(costs, lane.provider, lane.jobs, lw)
+            cheapest = np.inf
+            for other in self.lanes:
+                if not allowed[j, other.provider]:
+                    continue
+                for at in range(len(other.jobs) + 1):
+                    trial = other.jobs[:at] + [j] + other.jobs[at:]
+                    if slot_ok(costs, other.provider, trial):
+                        cheapest = min(cheapest, slot_cost(costs, other.provider, trial, lw)
+                                       - slot_cost(costs, other.provider, other.jobs, lw))
+            assert chosen <= cheapest + 1e-4 * max(1.0, abs(cheapest)), (j, chosen, cheapest)
+            checked.append(j)
+            super()._set_order(i, order)
+
+    search = Recording(costs, kept, pending, allowed, lw)
+    search.insert_pending(pending)
+    placed = search.placement()
+    assert all(slot_ok(costs, p, lane) for p, lanes in placed.items() for lane in lanes)
+    now = [j for lanes in placed.values() for lane in lanes for j in lane]
+    assert len(now) == len(set(now)) and not set(now) & set(search.unplaced)
+    assert set(now) | set(search.unplaced) == {j for lanes in kept.values() for lane in lanes for j in lane} | set(pending)
+    assert checked
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_reassignment_without_deadlines_keeps_the_optimum(seed, monkeypatch):
+    # With no deadline every job may take every position the relaxation used, so (given
+    # arcs to all of them) re-assigning an optimal placement costs exactly the optimum.
+    import numpy as np
+
+    import matcher.reassign as reassign_module
+    from matcher.costs import build_costs
+    from matcher.exact import placement_from_positions, solve_exact
+    from matcher.result import placement_objective
+
+    monkeypatch.setattr(reassign_module, "REASSIGN_WINDOW", 1000)
+    rng = np.random.default_rng(seed)
+    providers = tuple(Provider(f"p{i}", "cuda", int(rng.integers(1, 4)), 1e9, float(rng.uniform(5, 100)), 300.0,
+                               float(rng.uniform(0, 30)), 0.0, 0.0, {"m": float(rng.uniform(20, 400))})
+                      for i in range(5))
+    jobs = tuple(Job(f"j{i:03d}", "m", int(rng.integers(1, 60))) for i in range(40))
+    problem = Problem(providers, jobs, Weights(energy=1.0, latency=float(rng.uniform(0.005, 0.05))))
+    costs = build_costs(problem)
+    every = np.arange(len(jobs))
+    exact = solve_exact(costs, every)
+    rank = np.arange(len(jobs))
+    optimum = placement_from_positions(exact.job, exact.provider, exact.k, costs.slots, rank)
+    again, left_out = reassign_module.reassign(costs, optimum, costs.feasible, every, rank)
+    assert left_out == []
+    assert sorted(j for lanes in again.values() for lane in lanes for j in lane) == list(range(len(jobs)))
+    assert all(len(lanes) <= costs.slots[p] for p, lanes in again.items())
+    assert math.isclose(placement_objective(costs, again, problem.weights), exact.objective, rel_tol=1e-7)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000))
+def test_reassignment_places_each_job_once_where_allowed(seed):
+    import numpy as np
+
+    from matcher.exact import placement_from_positions, solve_exact
+    from matcher.reassign import reassign
+
+    problem, costs, allowed, _, _ = _deadline_instance(seed, n_jobs=40, n_prov=6)
+    jobs = np.flatnonzero(allowed.any(axis=1))
+    exact = solve_exact(costs, jobs)
+    rank = np.arange(len(problem.jobs))
+    relaxed = placement_from_positions(exact.job, exact.provider, exact.k, costs.slots, rank)
+    again, left_out = reassign(costs, relaxed, allowed, jobs, rank)
+    placed = [j for lanes in again.values() for lane in lanes for j in lane]
+    assert len(placed) == len(set(placed)) and not set(placed) & set(left_out)
+    assert sorted(placed + left_out) == sorted(jobs.tolist())
+    for p, lanes in again.items():
+        assert len(lanes) <= costs.slots[p]
+        assert all(allowed[j, p] for lane in lanes for j in lane)
+        # No provider gets more jobs at any depth than the relaxation had slots there.
+        assert max(len(lane) for lane in lanes) <= max(len(lane) for lane in relaxed.get(p, [[]]))
