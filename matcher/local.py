@@ -172,7 +172,7 @@ class _Search:
         return best_delta, best_gap
 
     # --- placing the unplaced, one at a time -----------------------------------------------
-    def insert_pending(self, order: list[int]) -> None:
+    def insert_pending(self, order: list[int], out_of_time: Callable[[], bool] = lambda: False) -> None:
         """Place the unplaced jobs one at a time in `order`, each in the cheapest gap it
         fits now, as a repair does; jobs no gap takes try every slot with Smith's order,
         which finds a feasible order whenever one exists. Gaps are scored with arrays
@@ -217,6 +217,8 @@ class _Search:
                     changed.append(i)
             stale |= self.gap_lane == best[1]
         for j in list(self.unplaced):
+            if out_of_time():
+                break
             self._smith_insertion(j)
         self.touched = None
 
@@ -238,9 +240,13 @@ class _Search:
 
     def _smith_insertion(self, j: int) -> None:
         """Job j into the slot where, with the slot re-ordered by Smith's rule, it adds least."""
-        best = None
+        costs, best = self.costs, None
         for i, lane in enumerate(self.lanes):
             if not self.allowed[j, lane.provider]:
+                continue
+            # Whichever job runs last ends when all of them are done: no later than the latest deadline.
+            end = lane.gap_start[-1] + 1000.0 * costs.compute_s[j, lane.provider]
+            if end > costs.deadline_ms[lane.jobs + [j]].max() + TIME_TOLERANCE_MS:
                 continue
             order, dropped = smith_order(self.costs, lane.provider, lane.jobs + [j])
             if dropped:
@@ -501,7 +507,7 @@ def improve(costs: Costs, placement: Placement, unplaced: list[int], allowed: np
     Returns (placement, jobs still unplaced, passes)."""
     search = _Search(costs, placement, unplaced, allowed, latency_weight)
     if insertion_order is not None:
-        search.insert_pending(insertion_order)
+        search.insert_pending(insertion_order, out_of_time)
     passes = 0
     while passes < max_passes and not out_of_time():
         passes += 1
