@@ -120,6 +120,7 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
     reassigned, left_out = reassign(costs, placement, allowed, placeable, id_rank)
     repaired, late = split_late(costs, reassigned)
     pending = sorted(left_out + late, key=lambda j: (costs.deadline_ms[j], id_rank[j]))
+    stats.update(reassign_left_out=len(left_out), late_after_reassign=len(late))
     best, left, passes = improve(costs, repaired, pending, allowed, w.latency, out_of_time=local_search_over,
                                  insertion_order=pending)
     stats["local_search_passes"] = passes
