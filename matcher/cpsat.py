@@ -22,8 +22,13 @@ LATENCY_UNIT = 1
 
 def solve_subproblem(costs: Costs, providers: list[int], jobs: list[int], allowed: np.ndarray,
                      latency_weight: float, hint: Placement, *, time_limit_s: float, seed: int,
-                     must_place: int) -> tuple[Placement, int, float | None, bool] | None:
-    """Best placement of `jobs` on `providers`. Returns (placement, placed, bound, optimal)."""
+                     must_place: int, work_limit_s: float | None = None
+                     ) -> tuple[Placement, int, bool, bool] | None:
+    """Best placement of `jobs` on `providers`. Returns (placement, placed, whether the
+    wall clock stopped the search, optimal). With `work_limit_s` the search stops on
+    CP-SAT's deterministic time (about seconds of work) and its two workers interleave
+    deterministically, so the same input gives the same placement unless `time_limit_s`
+    (wall clock) cuts it first."""
     model = cp_model.CpModel()
     horizon_us = {}
     presence: dict[tuple[int, int, int], cp_model.IntVar] = {}
@@ -101,9 +106,13 @@ def solve_subproblem(costs: Costs, providers: list[int], jobs: list[int], allowe
                     model.AddHint(presence[(j, p, s)], 1)
                     model.AddHint(ends[(j, p, s)], t)
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(0.05, time_limit_s)
+    wall_limit_s = max(0.05, time_limit_s)
+    solver.parameters.max_time_in_seconds = wall_limit_s
     solver.parameters.num_workers = 2
     solver.parameters.random_seed = seed
+    if work_limit_s is not None:
+        solver.parameters.max_deterministic_time = work_limit_s
+        solver.parameters.interleave_search = True
     status = solver.Solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
@@ -115,4 +124,6 @@ def solve_subproblem(costs: Costs, providers: list[int], jobs: list[int], allowe
             count += 1
     placement = {p: [[j for _, j in sorted(lane)] for _, lane in sorted(lanes.items())]
                  for p, lanes in out.items()}
-    return placement, count, None, status == cp_model.OPTIMAL
+    # Within 1% of the wall limit: the clock, not the work limit, ended the search.
+    clocked = status != cp_model.OPTIMAL and solver.wall_time >= 0.99 * wall_limit_s
+    return placement, count, clocked, status == cp_model.OPTIMAL

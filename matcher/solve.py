@@ -24,7 +24,7 @@ from .costs import Costs, build_costs
 from .cpsat import solve_subproblem
 from .exact import placement_from_positions, solve_exact
 from .heuristics import greedy, slot_ok, split_late
-from .local import improve
+from .local import CELLS_PER_SECOND, improve
 from .reassign import reassign
 from .problem import Problem
 from .result import Placement, Result, build_result, explain_unassigned, placement_objective
@@ -32,9 +32,20 @@ from .result import Placement, Result, build_result, explain_unassigned, placeme
 SOLVERS = ("optimal", "greedy-price", "greedy-energy", "round-robin")
 FULL_CPSAT_PAIRS = 600  # jobs x providers up to which CP-SAT takes the whole problem
 NEIGHBOURHOOD_PROVIDERS = 3
+NEIGHBOURHOOD_JOBS = 60  # placed jobs in one neighbourhood, at most (plus up to 20 left out)
+# The search with deadlines stops on work done, not on the clock, so the same input gives
+# the same placement (the contract asks for that). Its budgets are shares of the time
+# limit, converted at the rates measured on the 2-core bench machine; the clock only caps
+# them, as a safety on slower machines, and stats["time_capped"] says when it did (that
+# result may then differ between runs).
+LOCAL_SEARCH_WORK_SHARE = 0.45 # of the time limit: the local search's work budget
+LOCAL_SEARCH_SHARE = 0.85      # of the time limit: the clock's cap on the local search
+NEIGHBOURHOOD_WORK_S = 0.1     # CP-SAT deterministic time per neighbourhood
+NEIGHBOURHOOD_SHARE = 0.1      # of the time limit, for neighbourhoods: how many (at least one)
+FULL_CPSAT_WORK_SHARE = 0.25   # of the time limit: CP-SAT's deterministic time on a small problem (its
+                               # two interleaved workers take about twice that on the clock)
 RESULT_RESERVE_S = 0.1  # of the time limit, kept for building the result after the search
-NEIGHBOURHOOD_BUILD_S = 0.15  # allowance for building one neighbourhood's CP-SAT model
-LOCAL_SEARCH_SHARE = 0.8  # of the time limit, at most, for the local search before CP-SAT's neighbourhoods
+NEIGHBOURHOOD_BUILD_S = 0.1  # allowance for building one neighbourhood's CP-SAT model
 
 
 def _placed_count(placement: Placement) -> int:
@@ -121,9 +132,11 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
     repaired, late = split_late(costs, reassigned)
     pending = sorted(left_out + late, key=lambda j: (costs.deadline_ms[j], id_rank[j]))
     stats.update(reassign_left_out=len(left_out), late_after_reassign=len(late))
-    best, left, passes = improve(costs, repaired, pending, allowed, w.latency, out_of_time=local_search_over,
-                                 insertion_order=pending)
-    stats["local_search_passes"] = passes
+    best, left, passes, stopped = improve(
+        costs, repaired, pending, allowed, w.latency, out_of_time=local_search_over, insertion_order=pending,
+        work_budget=LOCAL_SEARCH_WORK_SHARE * time_limit_s * CELLS_PER_SECOND)
+    stats.update(local_search_passes=passes, local_search_stop=stopped)
+    time_capped = stopped == "time"
     if left:
         greedy_energy, _ = greedy(costs, allowed, sorted(file_order, key=lambda j: costs.deadline_ms[j]),
                                   _per_compute_second(costs, [p.marginal_w for p in ordered.providers]))
@@ -134,19 +147,30 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
     rng = np.random.default_rng(seed)
     n_prov = len(ordered.providers)
     if len(placeable) * n_prov <= FULL_CPSAT_PAIRS:
+        wall_s = deadline - clock() - RESULT_RESERVE_S if clock else time_limit_s
         out = solve_subproblem(costs, list(range(n_prov)), file_order, allowed, w.latency, best,
-                               time_limit_s=time_limit_s, seed=seed, must_place=_placed_count(best))
+                               time_limit_s=wall_s, seed=seed, must_place=_placed_count(best),
+                               work_limit_s=FULL_CPSAT_WORK_SHARE * time_limit_s)
         if out is not None:
-            candidate, _, _, proven = out
+            candidate, _, clocked, proven = out
+            time_capped = time_capped or clocked
             if not _better(costs, w, best, candidate):
                 best = candidate
             optimal = proven
             stats["cpsat"] = "full"
     else:
         rounds = 0
-        # Stop with time left to build the result: the limit covers the whole solve.
-        # A neighbourhood costs its model building on top of CP-SAT's own time limit.
-        while (clock() < deadline - RESULT_RESERVE_S - NEIGHBOURHOOD_BUILD_S - 0.05) if clock else rounds < 20:
+        n_rounds = max(1, int(NEIGHBOURHOOD_SHARE * time_limit_s / (NEIGHBOURHOOD_WORK_S + NEIGHBOURHOOD_BUILD_S)))
+
+        def load(p: int) -> int:
+            return sum(len(lane) for lane in best.get(p, []))
+
+        while rounds < n_rounds:
+            # Stop with time left to build the result: the limit covers the whole solve.
+            # A neighbourhood costs its model building on top of CP-SAT's own limit.
+            if clock and clock() > deadline - RESULT_RESERVE_S - NEIGHBOURHOOD_BUILD_S - NEIGHBOURHOOD_WORK_S:
+                time_capped = True
+                break
             rounds += 1
             placed_jobs = {j for lanes in best.values() for lane in lanes for j in lane}
             left = [j for j in file_order if j not in placed_jobs]
@@ -157,28 +181,35 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
                 seeds = np.flatnonzero(allowed[j0])
             else:
                 seeds = np.array(sorted(best)) if best else np.flatnonzero(allowed.any(axis=0))
+            # At most NEIGHBOURHOOD_JOBS jobs, so building the model stays within its allowance.
+            seeds = seeds[[load(p) <= NEIGHBOURHOOD_JOBS for p in seeds.tolist()]] if len(seeds) else seeds
             if not len(seeds):
                 break
             p0 = int(rng.choice(seeds))
             share = [j for lane in best.get(p0, []) for j in lane]
-            others = np.flatnonzero(allowed[share].any(axis=0)) if share else seeds
-            others = [int(p) for p in rng.permutation(others) if p != p0][: NEIGHBOURHOOD_PROVIDERS - 1]
-            hood = [p0] + others
+            hood, size = [p0], load(p0)
+            for p in rng.permutation(np.flatnonzero(allowed[share].any(axis=0)) if share else seeds).tolist():
+                if len(hood) == NEIGHBOURHOOD_PROVIDERS:
+                    break
+                if p != p0 and size + load(p) <= NEIGHBOURHOOD_JOBS:
+                    hood.append(int(p))
+                    size += load(p)
             hood_jobs = [j for p in hood for lane in best.get(p, []) for j in lane]
             hood_jobs += [j for j in left if allowed[j, hood].any()][:20]
             current = {p: best[p] for p in hood if p in best}
-            budget = 0.3 if not clock else min(0.3, max(0.05, deadline - clock() - RESULT_RESERVE_S
-                                                        - NEIGHBOURHOOD_BUILD_S))
+            wall_s = deadline - clock() - RESULT_RESERVE_S - NEIGHBOURHOOD_BUILD_S if clock else 10.0
             out = solve_subproblem(costs, hood, hood_jobs, allowed, w.latency, current,
-                                   time_limit_s=budget, seed=seed + rounds,
-                                   must_place=_placed_count(current))
+                                   time_limit_s=wall_s, seed=seed + rounds, must_place=_placed_count(current),
+                                   work_limit_s=NEIGHBOURHOOD_WORK_S)
             if out is None:
                 continue
+            time_capped = time_capped or out[2]
             candidate = {p: lanes for p, lanes in best.items() if p not in hood}
             candidate.update(out[0])
             if _better(costs, w, candidate, best):
                 best = candidate
         stats["lns_rounds"] = rounds
+    stats["time_capped"] = time_capped
 
     placed_jobs = {j for lanes in best.values() for lane in lanes for j in lane}
     unassigned += [explain_unassigned(ordered, costs, j, "deadline") for j in file_order if j not in placed_jobs]

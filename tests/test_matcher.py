@@ -426,7 +426,7 @@ def test_local_search_keeps_every_deadline_and_never_gets_worse(seed, insert_fir
     problem, costs, allowed, placement, left = _deadline_instance(seed, n_jobs=40, n_prov=6)
     before = placement_objective(costs, placement, problem.weights)
     placed_before = sum(len(lane) for lanes in placement.values() for lane in lanes)
-    out, still, passes = improve(costs, placement, left, allowed, problem.weights.latency, out_of_time=lambda: False,
+    out, still, passes, _ = improve(costs, placement, left, allowed, problem.weights.latency, out_of_time=lambda: False,
                                  insertion_order=sorted(left, key=lambda j: costs.deadline_ms[j]) if insert_first else None)
     placed = [j for lanes in out.values() for lane in lanes for j in lane]
     assert len(placed) == len(set(placed)) and not set(placed) & set(still)
@@ -538,3 +538,19 @@ def test_reassignment_places_each_job_once_where_allowed(seed):
         assert all(allowed[j, p] for lane in lanes for j in lane)
         # No provider gets more jobs at any depth than the relaxation had slots there.
         assert max(len(lane) for lane in lanes) <= max(len(lane) for lane in relaxed.get(p, [[]]))
+
+
+@pytest.mark.parametrize("n_jobs, n_prov, seed", [(20, 5, 7), (80, 12, 5)])
+def test_deadline_search_gives_the_same_placement_every_run(n_jobs, n_prov, seed):
+    # Its budgets are work (scored pairs, CP-SAT's deterministic time), not the clock:
+    # the small case goes to CP-SAT whole, the larger one through the local search and a
+    # neighbourhood.
+    import time
+
+    problem, *_ = _deadline_instance(seed, n_jobs=n_jobs, n_prov=n_prov)
+    runs = [solve(problem, time_limit_s=1.0, seed=3, clock=time.perf_counter) for _ in range(3)]
+    assert runs[0].stats["cpsat" if n_jobs == 20 else "lns_rounds"]
+    assert not any(r.stats["time_capped"] for r in runs)
+    outputs = [{k: v for k, v in r.to_json().items() if k != "solve_ms"} for r in runs]
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert check_result(problem, runs[0]) == []
