@@ -34,6 +34,7 @@ PRICE_TOLERANCE = 1e-9
 class Costs:
     compute_s: np.ndarray         # (J, P), inf where the model is not offered
     feasible: np.ndarray          # (J, P) bool: every check passes
+    before_deadline: np.ndarray   # (J, P) bool: every check but the deadline (feasible itself without deadlines)
     beta: np.ndarray              # (P,)
     delta: np.ndarray             # (P,)
     gamma: float
@@ -118,14 +119,16 @@ def build_costs(problem: Problem) -> Costs:
             price = compute_s[rows] * price_per_s[None, :]
             feasible[rows] &= ~(price > max_price[rows, None] * (1 + PRICE_TOLERANCE) + PRICE_TOLERANCE)
         rows = np.flatnonzero(np.isfinite(deadline))
+        before_deadline = feasible
         if len(rows):
+            before_deadline = feasible.copy()
             feasible[rows] &= ~(rtt_backlog[None, :] + 1000.0 * compute_s[rows] > deadline[rows, None])
 
     marginal = np.array([p.marginal_w for p in providers], dtype=float)
     carbon = np.array([p.carbon_g_per_kwh for p in providers], dtype=float)
     beta = w.energy * marginal + w.carbon * marginal * carbon / 3.6e6 + w.price * price_per_s
     return Costs(
-        compute_s=compute_s, feasible=feasible, beta=beta, delta=w.latency * rtt_backlog,
+        compute_s=compute_s, feasible=feasible, before_deadline=before_deadline, beta=beta, delta=w.latency * rtt_backlog,
         gamma=1000.0 * w.latency, slots=np.array([p.slots for p in providers], dtype=np.int64),
         rtt_backlog_ms=rtt_backlog, deadline_ms=deadline, items=items, job_model=job_model,
         seconds_per_item=seconds_per_item, _arch_ok=arch_ok, _prov_arch=prov_arch, _memory_mb=memory,

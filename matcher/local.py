@@ -42,8 +42,8 @@ CHUNK_CELLS = 1 << 17     # pairs scored per array step: 512 KB per float32 temp
 CELLS_PER_SECOND = 230e6
 JOB_CELLS = 1_440         # per placed job and pass
 INSERTION_CELLS = 50_000  # per job inserted one at a time (about 0.3 ms)
-REFLATTEN_SLOTS = 16      # slots an insertion run changes before it scores every gap afresh
-PENDING_ROWS = 512        # jobs waiting for insertion scored at once, to bound memory
+REFLATTEN_SLOTS = 32      # slots an insertion run changes before it scores every gap afresh
+PENDING_ROWS = 64         # jobs waiting for insertion scored at once (rows go stale as slots change)
 SCORING_THREADS = 2       # numpy releases the GIL in its array loops, so row chunks score in parallel
 GAIN_TOLERANCE = 1e-9     # relative to the mean job cost: smaller gains are float noise, and would loop
 TIME_TOLERANCE_MS = 1e-9
@@ -192,6 +192,8 @@ class _Search:
         changed: list[int] = []
         deltas = stale = row_of = None
         for n, j in enumerate(pending):
+            if out_of_time():
+                break
             if deltas is None or len(changed) >= REFLATTEN_SLOTS or j not in row_of:
                 self._flatten()
                 rest = np.array(pending[n:n + PENDING_ROWS], dtype=np.int64)

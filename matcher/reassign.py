@@ -22,6 +22,8 @@ start for them, not a schedule that is sure to meet every deadline.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from ortools.graph.python import min_cost_flow
 
@@ -31,6 +33,7 @@ from .result import Placement
 
 REASSIGN_PROVIDERS = 30   # cheapest providers per job that get arcs
 REASSIGN_WINDOW = 15      # positions per provider from the first that meets the job's deadline
+REASSIGN_MAX_ARCS = 1_000_000  # beyond this (jobs x providers x window), both shrink alike: the flow's time grows with it
 INT_COST_TOP = 2.0 ** 31  # the largest arc's integer cost
 TIME_TOLERANCE_MS = 1e-9
 
@@ -70,15 +73,17 @@ def reassign(costs: Costs, placement: Placement, allowed: np.ndarray, jobs: np.n
     with np.errstate(invalid="ignore"):
         first_cost = np.where(ok, costs.compute_s[jobs] * (costs.beta[None, :] + costs.gamma * k_min)
                               + costs.delta[None, :], np.inf)
-    n_best = min(REASSIGN_PROVIDERS, n_prov)
+    shrink = min(1.0, math.sqrt(REASSIGN_MAX_ARCS / (len(jobs) * REASSIGN_PROVIDERS * REASSIGN_WINDOW)))
+    n_best = min(max(1, int(REASSIGN_PROVIDERS * shrink)), n_prov)
+    window = max(1, int(REASSIGN_WINDOW * shrink))
     best_prov = (np.argpartition(first_cost, n_best - 1, axis=1)[:, :n_best] if n_best < n_prov
                  else np.broadcast_to(np.arange(n_prov), (len(jobs), n_prov)))
     row = np.repeat(np.arange(len(jobs)), best_prov.shape[1])
     prov = best_prov.ravel()
     keep = np.isfinite(first_cost[row, prov])
     row, prov = row[keep], prov[keep]
-    k = k_min[row, prov][:, None] + np.arange(REASSIGN_WINDOW)[None, :]
-    row, prov, k = np.repeat(row, REASSIGN_WINDOW), np.repeat(prov, REASSIGN_WINDOW), k.ravel()
+    k = k_min[row, prov][:, None] + np.arange(window)[None, :]
+    row, prov, k = np.repeat(row, window), np.repeat(prov, window), k.ravel()
     keep = k <= depth[prov]
     row, prov, k = row[keep], prov[keep], k[keep]
     job = jobs[row]

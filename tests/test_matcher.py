@@ -105,6 +105,27 @@ def test_deadlines_never_broken_and_small_cases_optimal(problem):
     assert len(result.assignments) == placed
     # CP-SAT rounds durations to microseconds; allow for that, nothing more.
     assert result.objective <= objective * (1 + 1e-4) + 1e-4
+    # The bound is proven: no placement of as many jobs costs less.
+    assert result.lower_bound <= objective * (1 + 1e-9) + 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(deadlines=True, max_jobs=4, max_providers=2))
+def test_flow_with_pairs_too_slow_for_a_deadline_still_bounds(problem):
+    # The deadline path's flow also allows pairs where a job alone would be late: it must
+    # still cost no more than the best placement of every job (brute force), unclamped.
+    import numpy as np
+
+    from matcher.costs import build_costs
+    from matcher.exact import solve_exact
+
+    costs = build_costs(problem)
+    placeable = np.flatnonzero(costs.feasible.any(axis=1))
+    placed, objective = brute_force(problem)
+    if placed < len(placeable) or not len(placeable):
+        return  # the flow's bound is for placements of every placeable job
+    bound = solve_exact(costs, placeable, costs.before_deadline).lower_bound
+    assert bound <= objective * (1 + 1e-9) + 1e-9
 
 
 @settings(max_examples=40, deadline=None)
