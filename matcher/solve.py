@@ -6,10 +6,10 @@
   Otherwise every job is assigned again to the relaxation's positions where its
   deadline allows (`reassign.py`, one more min-cost flow), each slot is put in Smith's
   order, the jobs still late are inserted one at a time, and the local search
-  (`local.py`: relocations, swaps, ejections) improves that for up to
-  LOCAL_SEARCH_SHARE of the time limit; the result (or greedy-energy, if that places
-  more) seeds CP-SAT, on the whole problem when small and on neighbourhoods when large,
-  until the time limit.
+  (`local.py`: relocations, swaps, ejections) improves that; the result (or
+  greedy-energy, if that places more) seeds CP-SAT, on the whole problem when small and
+  on a few neighbourhoods when large. Each stage has a work budget (a share of the time
+  limit at the rates of the bench machine), so results repeat; the clock only caps it.
 - `greedy-price`, `greedy-energy`, `round-robin`: baselines, same result format.
 """
 
