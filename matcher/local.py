@@ -224,11 +224,11 @@ class _Search:
                 continue
             self._set_order(i, new_order)
             self.unplaced.remove(j)
-            added = self._add_empty_lanes()
-            for i in [i, *added]:
-                if i not in changed:
-                    changed.append(i)
-            stale |= self.gap_lane == best[1]
+            stale |= self.gap_lane == i
+            # A slot that was empty may leave its provider none: a fresh empty one is scored one by one too.
+            for lane_id in [i, *self._add_empty_lanes()]:
+                if lane_id not in changed:
+                    changed.append(lane_id)
         for j in list(self.unplaced):
             if out_of_time():
                 break
