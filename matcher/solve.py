@@ -40,10 +40,10 @@ NEIGHBOURHOOD_JOBS = 60  # placed jobs in one neighbourhood, at most (plus up to
 # result may then differ between runs).
 LOCAL_SEARCH_WORK_SHARE = 0.45 # of the time limit: the local search's work budget
 LOCAL_SEARCH_SHARE = 0.85      # of the time limit: the clock's cap on the local search
-NEIGHBOURHOOD_WORK_S = 0.1     # CP-SAT deterministic time per neighbourhood
+NEIGHBOURHOOD_WORK_S = 0.05    # CP-SAT deterministic time per neighbourhood (one worker: about 3x on the clock)
 NEIGHBOURHOOD_SHARE = 0.1      # of the time limit, for neighbourhoods: how many (at least one)
-FULL_CPSAT_WORK_SHARE = 0.25   # of the time limit: CP-SAT's deterministic time on a small problem (its
-                               # two interleaved workers take about twice that on the clock)
+FULL_CPSAT_WORK_SHARE = 0.15   # of the time limit: CP-SAT's deterministic time on a small problem (one
+                               # worker takes about three times that on the clock)
 RESULT_RESERVE_S = 0.1  # of the time limit, kept for building the result after the search
 NEIGHBOURHOOD_BUILD_S = 0.1  # allowance for building one neighbourhood's CP-SAT model
 
