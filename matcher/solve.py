@@ -38,7 +38,7 @@ NEIGHBOURHOOD_JOBS = 60  # placed jobs in one neighbourhood, at most (plus up to
 # limit, converted at the rates measured on the 2-core bench machine; the clock only caps
 # them, as a safety on slower machines, and stats["time_capped"] says when it did (that
 # result may then differ between runs).
-LOCAL_SEARCH_WORK_SHARE = 0.45 # of the time limit: the local search's work budget
+LOCAL_SEARCH_WORK_SHARE = 0.4  # of the time limit: the local search's work budget
 LOCAL_SEARCH_SHARE = 0.85      # of the time limit: the clock's cap on the local search
 NEIGHBOURHOOD_WORK_S = 0.05    # CP-SAT deterministic time per neighbourhood (one worker: about 3x on the clock)
 NEIGHBOURHOOD_SHARE = 0.1      # of the time limit, for neighbourhoods: how many (at least one)
