@@ -64,7 +64,8 @@ def reassign(costs: Costs, placement: Placement, allowed: np.ndarray, jobs: np.n
 
     # k_min per (job, provider): start(p, k) falls with k, so count the positions that start too late.
     compute_ms = 1000.0 * costs.compute_s[jobs]
-    room_ms = costs.deadline_ms[jobs][:, None] - compute_ms + TIME_TOLERANCE_MS  # latest start that meets the deadline
+    with np.errstate(invalid="ignore"):  # inf - inf where a model is not offered: such pairs are never allowed
+        room_ms = costs.deadline_ms[jobs][:, None] - compute_ms + TIME_TOLERANCE_MS  # latest start that meets the deadline
     k_min = np.full((len(jobs), n_prov), n_pos + 1, dtype=np.int64)  # past any depth: providers without positions
     for p in np.flatnonzero(depth).tolist():
         later_first = -start_ms[offsets[p]:offsets[p + 1]]  # increasing in k
