@@ -69,6 +69,14 @@ def _map_chunks(fn, chunks: list[slice]) -> list:
     return list(_pool.map(fn, chunks))
 
 
+def _entry_cost(q_ms, start_ms, slack_ms, weight, deadline_ms, latency_weight: float):
+    """What a job of compute `q_ms` adds by entering a gap (start, slack of the jobs after
+    it, `weight`: cost per ms there), or inf where it would miss its deadline or push a
+    later job past its own. Broadcasts; keeps the operands' precision."""
+    ok = (q_ms + start_ms <= deadline_ms + TIME_TOLERANCE_MS) & (q_ms <= slack_ms + TIME_TOLERANCE_MS)
+    return np.where(ok, q_ms * weight + latency_weight * start_ms, np.inf)
+
+
 class _Lane:
     """One slot in run order, with what scoring needs: for gap g = 0..n, its start time,
     the jobs after it and their least slack; for each job its finish and the least slack
@@ -156,12 +164,12 @@ class _Search:
         start, slack = self.gap_start[gaps].astype(f32), self.gap_slack[gaps].astype(f32)
         # Cost of one ms of compute at a gap: energy, and the wait of the job and of those after it.
         weight = (self.gap_beta[gaps] / 1000.0 + self.lw * (1 + self.gap_tail[gaps])).astype(f32)
-        tol = f32(TIME_TOLERANCE_MS)
         q = 1000.0 * self.compute32[jobs][:, prov]
         with np.errstate(invalid="ignore"):
-            ok = ((q < np.inf) & (q + start[None, :] <= costs.deadline_ms[jobs].astype(f32)[:, None] + tol)
-                  & (q <= slack[None, :] + tol) & (lane[None, :] != own_lane[:, None]))
-            return np.where(ok, q * weight[None, :] + f32(self.lw) * start[None, :], np.inf)
+            delta = _entry_cost(q, start[None, :], slack[None, :], weight[None, :],
+                                costs.deadline_ms[jobs].astype(f32)[:, None], f32(self.lw))
+        delta[(q == np.inf) | (lane[None, :] == own_lane[:, None])] = np.inf
+        return delta
 
     def _insertions(self, jobs: np.ndarray, own_lane: np.ndarray, gaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Cheapest feasible gap (among `gaps`) outside each job's own slot: (delta, gap)."""
@@ -241,15 +249,10 @@ class _Search:
         p = lane.provider
         if not self.allowed[j, p]:
             return None
-        q = 1000.0 * costs.compute_s[j, p]
-        ok = ((q + lane.gap_start <= costs.deadline_ms[j] + TIME_TOLERANCE_MS)
-              & (q <= lane.gap_slack + TIME_TOLERANCE_MS))
-        if not ok.any():
-            return None
-        delta = np.where(ok, q * (costs.beta[p] / 1000.0 + self.lw * (1 + lane.gap_tail)) + self.lw * lane.gap_start,
-                         np.inf)
+        delta = _entry_cost(1000.0 * costs.compute_s[j, p], lane.gap_start, lane.gap_slack,
+                            costs.beta[p] / 1000.0 + self.lw * (1 + lane.gap_tail), costs.deadline_ms[j], self.lw)
         g = int(delta.argmin())
-        return float(delta[g]), i, g
+        return (float(delta[g]), i, g) if np.isfinite(delta[g]) else None
 
     def _smith_insertion(self, j: int) -> None:
         """Job j into the slot where, with the slot re-ordered by Smith's rule, it adds least."""
@@ -458,12 +461,7 @@ class _Search:
             self.unplaced.remove(j)
             touched.update((lane, x_lane))
         for i in touched:
-            lane = self.lanes[i]
-            if len(lane.jobs) > 1:
-                order, dropped = smith_order(self.costs, lane.provider, lane.jobs)
-                if not dropped:
-                    lane.jobs = order
-            lane.refresh(self.costs)
+            self._set_order(i, self.lanes[i].jobs)
         # A provider whose empty slot filled gets another while it has one to spare.
         touched.update(self._add_empty_lanes())
         self.touched = touched
