@@ -28,13 +28,12 @@ import numpy as np
 from ortools.graph.python import min_cost_flow
 
 from .costs import Costs
-from .exact import placement_from_positions
+from .exact import INT_COST_TOP, placement_from_positions
 from .result import Placement
 
 REASSIGN_PROVIDERS = 30   # cheapest providers per job that get arcs
 REASSIGN_WINDOW = 15      # positions per provider from the first that meets the job's deadline
 REASSIGN_MAX_ARCS = 1_000_000  # beyond this (jobs x providers x window), both shrink alike: the flow's time grows with it
-INT_COST_TOP = 2.0 ** 31  # the largest arc's integer cost
 TIME_TOLERANCE_MS = 1e-9
 
 
