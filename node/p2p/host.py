@@ -6,14 +6,23 @@
 - one connection per peer (otherwise every dial waits ~250 ms for happy-eyeballs);
 - length-prefixed frames with a cap and a timeout on every read;
 - our own reconnect loop for bootstrap peers, since the library does not redial and
-  keeps failed peers in a 60 s negative cache;
+  keeps failed peers in a 60 s negative cache (we evict our own entry before each dial);
+- inbound connections give back their slot when they close: the library's handler
+  holds its slot for the swarm's lifetime (250 of them), so after 250 buyers had come
+  and gone a bootstrap refused every new connection;
+- a listen port already taken is an error at start: the library binds with
+  SO_REUSEPORT, so a second node on the same port would start and share it;
 - shutdown swallows the library's "Nursery is closed to new arrivals" race.
 """
 
 from __future__ import annotations
 
+import contextvars
+import errno
 import logging
 import math
+import socket
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
@@ -43,6 +52,9 @@ from protocol.errors import DecodeError
 from protocol.stream import FRAME_HEADER, frame, frame_length
 
 log = logging.getLogger("idlemesh.p2p")
+RECONNECT_MIN_S = 0.2
+RECONNECT_MAX_S = 2.0   # a restarted bootstrap is found again within this
+RECONNECT_POLL_S = 0.5  # how often a link is checked while it is up
 
 # Errors a stream can raise when the peer goes away; each becomes StreamClosed.
 _STREAM_GONE = (LibStreamClosed, StreamEOF, StreamReset, StreamError, SwarmException, StreamFailure,trio.BrokenResourceError,
@@ -130,6 +142,8 @@ class P2PNode:
     # Devnet links: frames this node sends on direct streams wait this long (a round
     # trip's worth of simulated distance); gossip is not delayed.
     send_delay_s: float = 0.0
+    # Bootstrap links we keep: peer id -> {addr, connected, connected_at_ms, last_error}.
+    links: dict[str, dict] = field(default_factory=dict)
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -197,11 +211,12 @@ class P2PNode:
         infos = [_peer_info(peer_id, a) for a in addrs]
         if not infos:
             raise ConnectionError(f"no address for peer {peer_id}")
+        _forget_failed_dial(self.host, infos[0].peer_id)
         with trio.fail_after(timeout_s):
             try:
                 await self.host.connect(PeerInfo(infos[0].peer_id, [i.addrs[0] for i in infos]))
             except _STREAM_GONE as exc:
-                raise StreamClosed(f"cannot connect to {peer_id}: {exc}") from None
+                raise StreamClosed(f"cannot connect to {peer_id}: {_dial_error(exc)}") from None
 
     @asynccontextmanager
     async def open_stream(self, peer_id: str, addrs: list[str] | tuple[str, ...], protocol: str,
@@ -220,6 +235,10 @@ class P2PNode:
         finally:
             await framed.aclose()
 
+    def mesh_peers(self, topic: str) -> list[str]:
+        """Peers we forward `topic` to (our gossipsub mesh for it)."""
+        return sorted(pid.to_base58() for pid in self.pubsub.router.mesh.get(topic, ()))
+
     def connected_peers(self) -> list[str]:
         return [pid.to_base58() for pid in self.host.get_network().connections]
 
@@ -232,27 +251,140 @@ class P2PNode:
 
     async def _reconnect_loop(self, addr: str, on_connect) -> None:
         info = _peer_info(None, addr)
-        delay_s = 0.2
+        peer_id = info.peer_id.to_base58()
+        delay_s = RECONNECT_MIN_S
         while True:
             network = self.host.get_network()
             if not network.connections.get(info.peer_id):
-                # The library refuses redials for 60 s after a failure; forget that.
-                cache = getattr(network, "_negative_peer_cache", None)
-                if cache is not None and hasattr(cache, "pop"):
-                    cache.pop(info.peer_id, None)
+                self.links[peer_id] = {**self.links.get(peer_id, {}), "addr": addr, "connected": False}
+                # The library refuses redials for 60 s after a failure; a bootstrap that
+                # restarts must be found again within seconds, so forget that first.
+                _forget_failed_dial(self.host, info.peer_id)
                 try:
                     with trio.fail_after(10):
                         await self.host.connect(info)
-                    delay_s = 0.2
-                    log.info("connected to bootstrap %s", addr)
-                    if on_connect is not None:
-                        self._nursery.start_soon(on_connect, info.peer_id.to_base58())
                 except (trio.TooSlowError, *_STREAM_GONE, Exception) as exc:  # noqa: BLE001 - dial errors are many and all mean "retry later"
-                    log.info("bootstrap %s unreachable (%s); retrying in %.1f s", addr, type(exc).__name__, delay_s)
+                    reason = "timed out" if isinstance(exc, trio.TooSlowError) else _dial_error(exc)
+                    self.links[peer_id].update(last_error=reason, last_error_ms=_now_ms())
+                    log.info("cannot reach bootstrap %s (%s); retrying in %.1f s", addr, reason, delay_s)
                     await trio.sleep(delay_s)
-                    delay_s = min(delay_s * 2, 5.0)
+                    delay_s = min(delay_s * 2, RECONNECT_MAX_S)
                     continue
-            await trio.sleep(1.0)
+                delay_s = RECONNECT_MIN_S
+                self.links[peer_id].update(connected=True, connected_at_ms=_now_ms(), last_error=None)
+                log.info("connected to bootstrap %s", addr)
+                if on_connect is not None:
+                    self._nursery.start_soon(on_connect, peer_id)
+            await trio.sleep(RECONNECT_POLL_S)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _forget_failed_dial(host, peer_id: ID) -> None:
+    cache = getattr(host.get_network(), "_negative_peer_cache", None)
+    if cache is not None:
+        cache.evict(str(peer_id))
+
+
+def _dial_error(exc: BaseException) -> str:
+    """The root cause of a dial failure in a few words (the library nests it deeply)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ConnectionRefusedError) or "Connection refused" in str(exc) or "Errno 111" in str(exc):
+            return "connection refused"
+        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+            exc = exc.exceptions[0]
+            continue
+        exc = exc.__cause__ or exc.__context__
+    return "no answer"
+
+
+def check_listen_addrs(addrs: list[str]) -> None:
+    """Raise ListenError for an address we cannot listen on. The library binds with
+    SO_REUSEPORT, so without this a second node on a taken port starts and shares it."""
+    for addr in addrs:
+        try:
+            maddr = multiaddr.Multiaddr(addr)
+            host = maddr.value_for_protocol("ip4") if "/ip4/" in addr else maddr.value_for_protocol("ip6")
+            port = int(maddr.value_for_protocol("tcp"))
+        except Exception as exc:  # noqa: BLE001 - multiaddr raises many types for bad text
+            raise ListenError(f"bad listen address {addr!r}: expected e.g. /ip4/0.0.0.0/tcp/4001") from None
+        if port == 0:
+            continue
+        family = socket.AF_INET6 if "/ip6/" in addr else socket.AF_INET
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may leave TIME_WAIT
+            probe.bind((host, port))
+        except OSError as exc:
+            why = "already in use (is another node running there?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise ListenError(f"cannot listen on {addr}: port {port} {why}") from None
+        finally:
+            probe.close()
+
+
+def check_peer_addr(addr: str) -> str:
+    """The peer id of a dialable address such as /ip4/1.2.3.4/tcp/4000/p2p/12D3Koo...;
+    ValueError with a one-line reason otherwise."""
+    if "/p2p/" not in addr:
+        raise ValueError(f"address {addr!r} has no /p2p/<peer id>: copy the whole address the node printed at start")
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(addr)).peer_id.to_base58()
+    except Exception:  # noqa: BLE001 - multiaddr and the peer id parser raise many types
+        raise ValueError(f"address {addr!r} is not a valid multiaddr with a peer id") from None
+
+
+class ListenError(Exception):
+    """A listen address that cannot be used; the message says which and why."""
+
+
+class _InboundConnectionEnded(Exception):
+    """Raised inside the library's inbound handler once its connection has closed."""
+
+
+_HOLD_UNTIL_CLOSED = contextvars.ContextVar("idlemesh_hold_until_closed", default=False)
+
+
+def _release_inbound_slots_on_close(host) -> None:
+    """py-libp2p 0.8.1's inbound handler, after upgrading a connection, waits for the
+    whole swarm to finish before it returns and gives back its inbound slot, so slots
+    (max_connections - min_connections = 250) run out after 250 short-lived peers.
+    Make that handler wait for its own connection instead: the upgrade, when called
+    from the handler, waits until the connection closes and then ends the handler."""
+    swarm = host.get_network()
+    handle = swarm._do_handle_inbound_connection
+    upgrade = swarm.upgrade_inbound_raw_conn
+
+    async def handle_inbound(*args, **kwargs):
+        _HOLD_UNTIL_CLOSED.set(True)  # this task only: each inbound connection has its own
+        await handle(*args, **kwargs)
+
+    async def upgrade_then_hold(raw_conn, maddr):
+        muxed = await upgrade(raw_conn, maddr)
+        if not _HOLD_UNTIL_CLOSED.get():
+            return muxed  # other callers (hole punching) want the connection back
+        closed = getattr(muxed, "event_closed", None)
+        if closed is not None:
+            await closed.wait()
+        else:
+            while not getattr(muxed, "is_closed", True):
+                await trio.sleep(1.0)
+        raise _InboundConnectionEnded()  # the handler closes the raw socket and returns its slot
+
+    swarm._do_handle_inbound_connection = handle_inbound
+    swarm.upgrade_inbound_raw_conn = upgrade_then_hold
+
+
+async def _close_connections(host) -> None:
+    for conns in list(host.get_network().connections.values()):
+        for conn in list(conns) if isinstance(conns, (list, tuple, set)) else [conns]:
+            try:
+                await conn.close()
+            except Exception as exc:  # noqa: BLE001 - best effort on the way out
+                log.debug("closing a connection: %s", exc)
 
 
 def _peer_info(peer_id: str | None, addr: str) -> PeerInfo:
@@ -276,6 +408,7 @@ def quiet_libp2p_logs(level: int = logging.ERROR) -> None:
 @asynccontextmanager
 async def open_p2p_node(seed: bytes, listen_addrs: list[str]) -> AsyncIterator[P2PNode]:
     """A running libp2p host with gossipsub. `seed` is the node's 32-byte Ed25519 seed."""
+    check_listen_addrs(listen_addrs)
     key_pair = create_new_key_pair(seed)
     noise_key = create_x25519_key_pair()
     host = new_host(
@@ -290,6 +423,7 @@ async def open_p2p_node(seed: bytes, listen_addrs: list[str]) -> AsyncIterator[P
         heartbeat_interval=1,
         spam_protection_enabled=False,
     )
+    _release_inbound_slots_on_close(host)
     pubsub = Pubsub(host, gossipsub, strict_signing=True)
     try:
         async with host.run([multiaddr.Multiaddr(a) for a in listen_addrs]):
@@ -305,6 +439,10 @@ async def open_p2p_node(seed: bytes, listen_addrs: list[str]) -> AsyncIterator[P
                         yield node
                     finally:
                         nursery.cancel_scope.cancel()
+                        # Say goodbye on every connection: the library leaves the sockets
+                        # open, and a peer would hold their resources until we exit.
+                        with trio.move_on_after(2, shield=True):
+                            await _close_connections(host)
     except BaseExceptionGroup as group:
         # Known shutdown race in py-libp2p (pubsub continuously_read_stream): harmless.
         rest = group.subgroup(lambda e: not (isinstance(e, RuntimeError) and "Nursery is closed" in str(e))
