@@ -15,7 +15,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devnet.launcher import LIGHT_MODELS, open_devnet  # noqa: E402
+from devnet.launcher import open_devnet  # noqa: E402
+from node.calibrate import reference_model_path  # noqa: E402
 from node.buyer import Buyer, SubmitSpec  # noqa: E402
 
 
@@ -25,7 +26,7 @@ async def main(jobs: int) -> None:
     overhead, latency, compute = [], [], []
     async with open_devnet(2, root=root) as net:
         for i in range(jobs + 2):
-            spec = SubmitSpec(model_path=LIGHT_MODELS / "light_squeezenet.onnx", inputs={"data_0": x}, count=1,
+            spec = SubmitSpec(model_path=reference_model_path("squeezenet"), inputs={"data_0": x}, count=1,
                               bootstrap=[net.bootstrap_addr], home=root / f"buyer-{i}", out_dir=root / "out")
             # A fresh buyer identity each time: py-libp2p refuses a quick reconnect under
             # the same peer id while the bootstrap still holds the old connection.
@@ -37,7 +38,7 @@ async def main(jobs: int) -> None:
             latency.append(outcome.latency_ms)
             compute.append(outcome.compute_ms)
     pct = lambda a, q: round(float(np.percentile(a, q)), 2)  # noqa: E731
-    print(json.dumps({"bench": "overhead", "model": "light_squeezenet", "jobs": jobs,
+    print(json.dumps({"bench": "overhead", "model": "squeezenet (seeded weights)", "jobs": jobs,
                       "overhead_ms": {"p50": pct(overhead, 50), "p95": pct(overhead, 95)},
                       "latency_ms": {"p50": pct(latency, 50), "p95": pct(latency, 95)},
                       "compute_ms": {"p50": pct(compute, 50), "p95": pct(compute, 95)},

@@ -12,7 +12,9 @@ import numpy as np
 from node.buyer import Buyer, SubmitSpec
 from node.cli import _print_outcomes
 
-from .launcher import LIGHT_MODELS, open_devnet
+from node.calibrate import reference_model_path
+
+from .launcher import open_devnet
 
 
 async def run_demo(n_providers: int, n_jobs: int, as_json: bool) -> int:
@@ -23,7 +25,7 @@ async def run_demo(n_providers: int, n_jobs: int, as_json: bool) -> int:
     async with open_devnet(n_providers, root=root, progress=say) as net:
         say(f"devnet up in {time.perf_counter() - started:.1f} s; submitting {n_jobs} squeezenet jobs")
         x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
-        spec = SubmitSpec(model_path=LIGHT_MODELS / "light_squeezenet.onnx", inputs={"data_0": x}, count=n_jobs,
+        spec = SubmitSpec(model_path=reference_model_path("squeezenet"), inputs={"data_0": x}, count=n_jobs,
                           bootstrap=[net.bootstrap_addr], home=root / "buyer", out_dir=root / "out")
         outcomes, summary = await Buyer(spec).run()
     _print_outcomes(outcomes, summary, as_json)

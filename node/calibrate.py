@@ -23,9 +23,9 @@ import onnx
 import onnxruntime as ort
 
 from .executor import ORT_TYPES, best_execution_providers
+from .models import ARCHITECTURES, LIGHT_MODELS, seeded_model_path
 from .power import EnergyMeter, cpu_model_name, estimate_power
 
-LIGHT_MODELS = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 REFERENCE_MODELS = ("squeezenet", "shufflenet", "resnet50", "densenet121", "inception_v1", "inception_v2",
                     "bvlc_alexnet", "zfnet512", "vgg19")
 DEFAULT_BATCHES = (1, 4, 8)
@@ -34,7 +34,9 @@ PROFILE_VERSION = 1
 
 
 def reference_model_path(name: str) -> Path:
-    return LIGHT_MODELS / f"light_{name}.onnx"
+    """The architecture with seeded random weights (node/models.py), made once and cached,
+    so outputs depend on inputs; the shipped light model where no seeded one exists."""
+    return seeded_model_path(name) if name in ARCHITECTURES else LIGHT_MODELS / f"light_{name}.onnx"
 
 
 def model_name(path: Path) -> str:

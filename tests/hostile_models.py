@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from devnet.launcher import LIGHT_MODELS
+from node.calibrate import reference_model_path
 
 
 def _relu_model(opset: int) -> onnx.ModelProto:
@@ -33,7 +33,7 @@ def huge_shape_model() -> onnx.ModelProto:
 def write_corpus(root: Path) -> dict[str, tuple[Path, set[str]]]:
     """name -> (file, the error codes a provider may answer with)."""
     root.mkdir(parents=True, exist_ok=True)
-    good = (LIGHT_MODELS / "light_squeezenet.onnx").read_bytes()
+    good = reference_model_path("squeezenet").read_bytes()
     files = {
         "truncated": (good[: len(good) // 2], {"model-invalid"}),
         "garbage": (bytes(range(256)) * 64, {"model-invalid"}),

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from devnet.launcher import LIGHT_MODELS, open_devnet
+from devnet.launcher import open_devnet
 from node.buyer import Buyer, SubmitSpec
+from node.calibrate import reference_model_path
 
-MODEL = LIGHT_MODELS / "light_squeezenet.onnx"
+MODEL = reference_model_path("squeezenet")
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from devnet.launcher import LIGHT_MODELS
+from node.calibrate import LIGHT_MODELS, reference_model_path
 from node.calibrate import calibrate, load_profile, save_profile, with_dynamic_batch
 from node.config import ConfigError, load_config
 from node.executor import Executor, JobFailed, ModelStore
@@ -20,7 +20,7 @@ from protocol.tensors import Tensor
 
 from .hostile_models import write_corpus
 
-SQUEEZENET = LIGHT_MODELS / "light_squeezenet.onnx"
+SQUEEZENET = reference_model_path("squeezenet")
 
 
 # --- meters ---------------------------------------------------------------------------

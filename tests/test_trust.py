@@ -6,12 +6,13 @@ import sqlite3
 
 import numpy as np
 
-from devnet.launcher import LIGHT_MODELS, open_devnet
+from devnet.launcher import open_devnet
+from node.calibrate import reference_model_path
 from node.buyer import Buyer, SubmitSpec
 from node.reputation import ReputationBook, own_digest, provider_scores, score
 from protocol.signing import SigningKey
 
-MODEL = LIGHT_MODELS / "light_squeezenet.onnx"
+MODEL = reference_model_path("squeezenet")
 
 
 async def test_spot_checks_dispute_a_lying_provider_and_reputation_then_excludes_it(tmp_path):
