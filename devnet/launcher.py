@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
-import onnx
 import trio
 
-LIGHT_MODELS = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
-DEFAULT_MODELS = ("light_squeezenet.onnx", "light_shufflenet.onnx")
+from node.calibrate import reference_model_path
+
+DEFAULT_MODELS = ("squeezenet", "shufflenet")  # seeded random weights: outputs depend on inputs
 
 # A small built-in fleet of declared profiles, so the matcher has real choices before
 # issue-6 fleets exist: (device name, slots, idle W, busy W, marginal W/slot, g CO2/kWh,
@@ -51,7 +51,7 @@ class Devnet:
     _nursery: trio.Nursery | None = None
 
     async def restart(self, child: Child, timeout_s: float = 60.0) -> Child:
-        """Start a stopped (or killed) provider again with the same home and arguments."""
+        """Start a stopped (or killed) node again with the same home, port and arguments."""
         if child.process.returncode is None:
             child.process.kill()
         await child.process.wait()
@@ -63,6 +63,10 @@ class Devnet:
     @property
     def providers(self) -> list[Child]:
         return [c for c in self.children if c.name.startswith("provider")]
+
+    @property
+    def bootstrap(self) -> Child:
+        return next(c for c in self.children if c.name == "bootstrap")
 
 
 async def _pump(stream, send: trio.MemorySendChannel) -> None:
@@ -96,7 +100,8 @@ async def _wait_event(child: Child, name: str, timeout_s: float) -> dict:
 async def _start(nursery: trio.Nursery, name: str, home: Path, args: list[str]) -> Child:
     home.mkdir(parents=True, exist_ok=True)
     log = open(home / "node.log", "ab")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # IDLEMESH_TRACE_OFFERS: each node reports when offers arrive (gossip delivery figures).
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", IDLEMESH_TRACE_OFFERS="1")
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "node.cli", *args], stdout=subprocess.PIPE, stderr=log, env=env,
         start_new_session=True)  # our own process group: Ctrl-C reaches us, we stop them in order
@@ -131,7 +136,7 @@ def provider_args(i: int, home: Path, bootstrap: str, models: list[Path]) -> lis
 def host_profile(models: list[Path]) -> tuple[dict[str, float], float]:
     """This machine's measured items/s per model on one slot, and its resnet50 rate: the
     yardstick a simulated device's published resnet50 figure is scaled against."""
-    from node.calibrate import calibrate, reference_model_path
+    from node.calibrate import calibrate
 
     reference = reference_model_path("resnet50")
     measured = calibrate(list(dict.fromkeys([*models, reference])), batches=(), seconds_per_point=0.3)
@@ -177,7 +182,7 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
     """A running devnet; every child is stopped when the block exits, however it exits.
     With a fleet (devnet/fleet.py) the providers are its simulated devices."""
     root = root or Path(tempfile.mkdtemp(prefix="idlemesh-devnet-"))
-    models = models or [LIGHT_MODELS / m for m in DEFAULT_MODELS]
+    models = models or [reference_model_path(m) for m in DEFAULT_MODELS]
     say = progress or (lambda text: None)
     children: list[Child] = []
     async with trio.open_nursery() as nursery:
@@ -187,6 +192,8 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
             children.append(boot)
             boot.ready = await _wait_event(boot, "ready", timeout_s)
             bootstrap_addr = boot.ready["addrs"][0]
+            # A restart must come back on the same port: providers keep dialing this address.
+            boot.args[boot.args.index("--listen") + 1] = bootstrap_addr.split("/p2p/")[0]
             say(f"bootstrap ready at {bootstrap_addr}")
             if fleet is not None:
                 say("measuring this machine once, to scale the fleet's published throughput")

@@ -36,6 +36,7 @@ log = logging.getLogger("idlemesh.buyer")
 RESULT_FRAME_BYTES = 96 * 1024 * 1024
 JOB_TTL_MS = 10 * 60_000
 RETRY_PROVIDERS = 3  # the placed provider and up to two others, per job
+SYNC_ATTEMPTS = 5    # per bootstrap, 0.1 s apart and doubling: about 3 s before "cannot reach"
 
 
 class SubmitError(Exception):
@@ -122,6 +123,13 @@ def offers_to_problem(offers: list[Offer], model_sha: str, items: int, count: in
 class Buyer:
     def __init__(self, spec: SubmitSpec):
         self.spec = spec
+        if not spec.bootstrap:
+            raise SubmitError("give at least one --bootstrap address")
+        for addr in spec.bootstrap:
+            try:
+                bootstrap_peer_id(addr)
+            except ValueError as exc:
+                raise SubmitError(f"bootstrap {exc}") from None
         self.seed, self.key = load_key(spec.home)
         self.ledger = Ledger(spec.home / "ledger.sqlite", self.key.public_key)
         self.journal = Journal(spec.home)
@@ -262,15 +270,21 @@ class Buyer:
             gossip = OfferGossip(p2p, book)
             gossip.own_digest = lambda: own_digest(self.key, self.ledger.reputation(), self.ledger.provider_keys(),
                                                    now_ms=now_ms())
+            unreachable = {}
             for addr in spec.bootstrap:
-                await self._sync(gossip, p2p, addr)
+                error = await self._sync(gossip, p2p, addr)
+                if error:
+                    unreachable[addr] = error
             current = [e.offer for e in book.current(now_ms=now_ms())]
             scores = provider_scores(self.ledger.reputation(), gossip.reputation, self.key.public_key)
             trusted = [o for o in current if scores.get(o.peer_id, 0.5) >= spec.min_reputation]
             self.excluded = {o.peer_id: round(scores[o.peer_id], 3) for o in current if o not in trusted}
             offers = [o for o in trusted if o.available]
-            if not current:
-                failure = f"no offers from {', '.join(spec.bootstrap)}: is the network up?"
+            if len(unreachable) == len(spec.bootstrap):
+                failure = "cannot reach " + "; ".join(f"bootstrap {a} ({e})" for a, e in unreachable.items())
+            elif not current:
+                failure = (f"no offers at {', '.join(a for a in spec.bootstrap if a not in unreachable)}: "
+                           "the bootstrap is up but no provider is selling through it")
             elif not trusted:
                 failure = f"all {len(current)} providers score under --min-reputation {spec.min_reputation}"
             elif not offers:
@@ -297,20 +311,24 @@ class Buyer:
             raise SubmitError(failure)
         return self._outcomes, self._summary
 
-    async def _sync(self, gossip: OfferGossip, p2p, addr: str) -> None:
+    async def _sync(self, gossip: OfferGossip, p2p, addr: str) -> str | None:
+        """Take the bootstrap's offer book; None, or why it could not be reached."""
         # A peer that reconnects under the same id (a second `submit` from the same home)
         # can be refused while the remote still holds the old connection: retry briefly.
         delay_s = 0.1
-        for attempt in range(6):
+        error = ""
+        for attempt in range(SYNC_ATTEMPTS):
             try:
                 await p2p.connect(bootstrap_peer_id(addr), [addr])
                 await gossip.sync_with(bootstrap_peer_id(addr))
-                return
+                return None
             except (StreamClosed, DecodeError, trio.TooSlowError) as exc:
+                error = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc).rsplit(": ", 1)[-1]
                 log.info("bootstrap %s (attempt %d): %s", addr, attempt + 1, exc)
                 await trio.sleep(delay_s)
                 delay_s *= 2
-        log.warning("bootstrap %s unreachable after retries", addr)
+        log.warning("bootstrap %s unreachable after %d attempts: %s", addr, SYNC_ATTEMPTS, error)
+        return error
 
     def _journal_batch(self) -> tuple[list[str], dict[str, JobOutcome]]:
         """The batch's job ids and an outcome for each; jobs already paid for are done."""

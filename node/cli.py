@@ -25,7 +25,7 @@ def _provider_config(args):
         "models": args.model, "speed_factor": args.speed_factor, "idle_only": args.idle_only,
         "idle_threshold": args.idle_threshold, "idle_hold_s": args.idle_hold_s,
         "fault_output_noise": args.fault_output_noise, "link_delay_ms": args.link_delay_ms,
-        "arch": args.arch, "carbon_source": args.carbon_source,
+        "arch": args.arch, "carbon_source": args.carbon_source, "offer_ttl_s": args.offer_ttl_s,
     }
     try:
         return load_config(Path(args.home), overrides)
@@ -326,6 +326,7 @@ def _provider_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--idle-hold-s", type=float, help="seconds under the threshold before selling (default 60)")
     run.add_argument("--fault-output-noise", type=float, help=argparse.SUPPRESS)  # devnet: a lying provider
     run.add_argument("--link-delay-ms", type=float, help="devnet: simulated one-way link delay added on the wire")
+    run.add_argument("--offer-ttl-s", type=float, help="offer lifetime in s, refreshed every third of it (default 60)")
 
 
 def _open_ledger(home: str):

@@ -19,6 +19,7 @@ Example (every key optional):
     model_budget_mb = 2048   # disk for models buyers send; least recently used go first
     job_memory_mb = 4096     # a job estimated to need more is refused
     open_models = true       # also run models not listed, sent by hash on demand
+    offer_ttl_s = 60.0       # offer lifetime in s (3-600); refreshed every third of it
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "provider.toml"
+MIN_OFFER_TTL_S = 3.0
+MAX_OFFER_TTL_S = 600.0  # receivers refuse offers that live longer (protocol.messages.open_offer)
 
 
 def local_arch() -> str:
@@ -64,6 +67,7 @@ class ProviderConfig:
     open_models: bool = True
     fault_output_noise: float = 0.0       # devnet fault injection only: perturb outputs
     link_delay_ms: float = 0.0            # devnet: one-way delay of this provider's simulated link
+    offer_ttl_s: float = 60.0             # offer lifetime; refreshed every third of it
 
     def check(self) -> None:
         problems = []
@@ -71,6 +75,8 @@ class ProviderConfig:
             problems.append(f"slots must be >= 1, got {self.slots}")
         if not 0.0 < self.idle_threshold <= 1.0:
             problems.append(f"idle_threshold must be in (0, 1], got {self.idle_threshold}")
+        if not MIN_OFFER_TTL_S <= self.offer_ttl_s <= MAX_OFFER_TTL_S:
+            problems.append(f"offer_ttl_s must be in [{MIN_OFFER_TTL_S:g}, {MAX_OFFER_TTL_S:g}] s, got {self.offer_ttl_s}")
         if self.speed_factor <= 0:
             problems.append(f"speed_factor must be > 0, got {self.speed_factor}")
         for name in ("idle_w", "busy_w", "marginal_w", "carbon_ceiling"):
@@ -84,6 +90,12 @@ class ProviderConfig:
                 problems.append(f"model file not found: {path}")
         if self.carbon_csv is not None and not Path(self.carbon_csv).is_file():
             problems.append(f"carbon_csv not found: {self.carbon_csv}")
+        from .p2p import check_peer_addr
+        for addr in self.bootstrap:
+            try:
+                check_peer_addr(addr)
+            except ValueError as exc:
+                problems.append(f"bootstrap: {exc}")
         from protocol.messages import ARCHES
         if self.arch not in ARCHES:
             problems.append(f"arch must be one of {ARCHES}, got {self.arch!r}")
@@ -100,7 +112,7 @@ _KINDS = {
     "idle_w": float, "busy_w": float, "marginal_w": float, "carbon_g_per_kwh": float, "carbon_source": str, "carbon_csv": Path,
     "carbon_ceiling": float, "price_per_s": float, "models": list, "speed_factor": float, "idle_only": bool,
     "idle_threshold": float, "idle_hold_s": float, "model_budget_mb": float, "job_memory_mb": float,
-    "open_models": bool, "fault_output_noise": float, "link_delay_ms": float,
+    "open_models": bool, "fault_output_noise": float, "link_delay_ms": float, "offer_ttl_s": float,
 }
 _PATH_KEYS = {"carbon_csv"}
 _PATH_LIST_KEYS = {"models"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Callable
@@ -29,6 +30,9 @@ GOSSIP_PER_ORIGIN = (0.5, 10.0)   # offers per second sustained, burst
 SYNC_PER_PEER = (1.0, 10.0)       # offer-sync streams per second sustained, burst
 DIGEST_PER_ORIGIN = (0.05, 3.0)   # reputation digests: one per 20 s sustained
 DIGEST_RELAY_S = 30.0             # a relaying node publishes at most one digest this often
+SYNCED_BY_KEPT = 16               # the latest peers that synced with us, for status
+# Set by the devnet launcher: nodes print an event per offer arrival (bench/soak.py).
+TRACE_OFFERS = os.environ.get("IDLEMESH_TRACE_OFFERS") == "1"
 
 
 def now_ms() -> int:
@@ -57,6 +61,8 @@ class OfferGossip:
         self.reputation = ReputationBook()
         self.own_digest: Callable[[], bytes | None] = lambda: None
         self._relayed: set[bytes] = set()
+        self.last_sync: dict | None = None  # the peer, time and offers of our last sync_with
+        self.synced_by: dict[str, int] = {}  # peers that took our book by sync -> when (ms)
         p2p.set_validator(REPUTATION_TOPIC, self._validate_digest)
         self._sync_limit = PeerRateLimit(*SYNC_PER_PEER)
         p2p.set_validator(OFFERS_TOPIC, self._validate)
@@ -71,15 +77,26 @@ class OfferGossip:
     def _validate(self, origin: str, data: bytes) -> bool:
         # Runs before forwarding: floods, forged, expired, oversized, duplicate and stale
         # offers stop here (a duplicate is never newer than the one the book holds).
+        if origin == self.p2p.peer_id:
+            # The library validates our own publishes too, and our own offer never sits
+            # in our book: refusing it here once stopped every offer from being gossiped.
+            return data == self.own_offer()
         if not self._gossip_limit.allow(origin, time.monotonic()):
             self._bad("rate-limited", origin, "offer gossip over the per-origin rate")
             return False
         offer = self.book.check(data, now_ms=now_ms())
+        # A relayed copy of someone else's offer is refused: only its provider publishes it.
         return offer is not None and offer.peer_id == origin
 
-    def _take(self, signed: bytes) -> None:
+    def _take(self, signed: bytes, via: str) -> None:
         offer = self.book.add(signed, now_ms=now_ms())
-        if offer is not None and offer.peer_id not in self._known and offer.peer_id != self.p2p.peer_id:
+        if offer is None or offer.peer_id == self.p2p.peer_id:
+            return
+        if TRACE_OFFERS:
+            # Devnet and bench only: when each offer arrived, to measure gossip delivery.
+            emit("offer-heard", provider=offer.peer_id, issued_at_ms=offer.issued_at_ms,
+                 latency_ms=now_ms() - offer.issued_at_ms, via=via)
+        if offer.peer_id not in self._known:
             self._known.add(offer.peer_id)
             if self.on_new_offer:
                 self.on_new_offer(offer.peer_id)
@@ -99,7 +116,7 @@ class OfferGossip:
                     nursery.start_soon(self._relay_digests)
                 task_status.started()
                 async for _origin, data in messages:
-                    self._take(data)
+                    self._take(data, "gossip")
                 nursery.cancel_scope.cancel()
 
     async def _drain(self, digests) -> None:
@@ -119,8 +136,8 @@ class OfferGossip:
                 except (StreamClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     log.info("digest relay failed: %s", exc)
 
-    def _outgoing(self) -> OfferSync:
-        own = self.own_offer()
+    def _outgoing(self, *, push_own: bool = True) -> OfferSync:
+        own = self.own_offer() if push_own else None
         others = [e.signed for e in self.book.current(now_ms=now_ms()) if e.offer.peer_id != self.p2p.peer_id]
         digest = self.own_digest()
         digests = ([digest] if digest else []) + self.reputation.current(now_ms=now_ms())
@@ -150,29 +167,35 @@ class OfferGossip:
             except DecodeError as exc:
                 self._bad("bad-offer", stream.remote_peer_id, f"offer in sync: {exc}")
                 continue
-            self._take(signed)
+            self._take(signed, "sync")
         self._take_digests(message.digests, stream.remote_peer_id)
         try:
             await stream.send(encode_message(self._outgoing()))
+            self.synced_by[stream.remote_peer_id] = now_ms()
+            while len(self.synced_by) > SYNCED_BY_KEPT:
+                del self.synced_by[next(iter(self.synced_by))]
         except (StreamClosed, trio.TooSlowError):
             pass
 
-    async def sync_with(self, peer_id: str, addrs: list[str] | tuple[str, ...] = ()) -> int:
-        """Push our offers to `peer_id` and take its book. Returns how many offers came back."""
+    async def sync_with(self, peer_id: str, addrs: list[str] | tuple[str, ...] = (), *, push_own: bool = True) -> int:
+        """Push our offers to `peer_id` and take its book. Returns how many offers came back.
+        Without `push_own` the answer shows what gossip alone brought that peer of ours."""
         async with self.p2p.open_stream(peer_id, addrs, OFFER_SYNC_PROTOCOL) as stream:
-            await stream.send(encode_message(self._outgoing()))
+            await stream.send(encode_message(self._outgoing(push_own=push_own)))
             payload = await stream.receive(max_bytes=SYNC_FRAME_BYTES, timeout_s=SYNC_TIMEOUT_S)
         message = decode_message(payload, max_bytes=SYNC_FRAME_BYTES, expect=("offers",))
+        self.last_sync = {"peer": peer_id, "at_ms": now_ms(), "offers": message.offers}
         for signed in message.offers:
-            self._take(signed)
+            self._take(signed, "sync")
         self._take_digests(message.digests, peer_id)
         return len(message.offers)
 
 
 def bootstrap_peer_id(addr: str) -> str:
-    if "/p2p/" not in addr:
-        raise SystemExit(f"bootstrap address {addr} must end in /p2p/<peer id>")
-    return addr.rsplit("/p2p/", 1)[1]
+    """The peer id in a bootstrap address; ValueError with a one-line reason otherwise."""
+    from .p2p import check_peer_addr
+
+    return check_peer_addr(addr)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -21,7 +21,7 @@ import trio
 from protocol.errors import DecodeError, ExpiredError
 from protocol.messages import (
     Device, ModelCapability, Offer, PowerProfile, Receipt, check_window, open_job_request,
-    sign_offer, sign_receipt,
+    open_offer, sign_offer, sign_receipt,
 )
 from protocol.stream import (
     MAX_CONTROL_FRAME_BYTES, MAX_MODEL_BYTES, Accepted, JobError, JobResult, NeedModel,
@@ -38,7 +38,7 @@ from .calibrate import (
 )
 from .config import ProviderConfig
 from .executor import Executor, JobFailed, ModelStore
-from .gossip import OfferGossip, emit, now_ms
+from .gossip import SYNC_TIMEOUT_S, TRACE_OFFERS, OfferGossip, emit, now_ms
 from .identity import load_key
 from .ledger import Ledger, LedgerError
 from .offers import OfferBook
@@ -49,8 +49,13 @@ from .ratelimit import PeerRateLimit
 
 log = logging.getLogger("idlemesh.provider")
 
-OFFER_TTL_MS = 60_000
-OFFER_REFRESH_S = 20.0  # within the gossip budget of one message per node per 10-30 s
+# An offer lives `offer_ttl_s` (config, default 60 s) and is refreshed every third of
+# that: within the gossip budget of one message per node per 10-30 s, and two refreshes
+# can be lost before it expires anywhere.
+REFRESHES_PER_TTL = 3
+# The bootstrap's copy of our offer older than this many refresh periods: gossip is
+# not reaching it (status warns, and we push the offer by sync).
+STALE_REFRESHES = 2
 READ_TIMEOUT_S = 30.0
 SEEN_JOBS_MAX = 100_000
 
@@ -85,6 +90,9 @@ class Provider:
         self._results_bytes = 0
         self._running: set[str] = set()  # jobs accepted and not yet finished
         self._signed_offer: bytes | None = None
+        self.offer_log: dict = {}  # our current offer: issued/expires, publishes, last error
+        self.seen_by: dict[str, dict] = {}  # bootstrap peer id -> what its book holds of ours
+        self.gossip: OfferGossip | None = None
         self.carbon = CarbonSchedule(config.carbon_g_per_kwh, config.carbon_csv, config.carbon_source)
         self.idle_gate = IdleGate(config.idle_threshold, config.idle_hold_s)
         self.owner_load = 0.0
@@ -153,15 +161,17 @@ class Provider:
                                power.busy_source, power.marginal_source),
             carbon_g_per_kwh=self.carbon.at(datetime.now(timezone.utc)), carbon_source=self.carbon.source,
             price_per_s=c.price_per_s, backlog_ms=backlog_ms, issued_at_ms=issued,
-            expires_at_ms=issued + OFFER_TTL_MS, idle_only=c.idle_only,
+            expires_at_ms=issued + int(c.offer_ttl_s * 1000), idle_only=c.idle_only,
             execution_provider=self.executor.execution_provider, available=self.availability.selling,
             carbon_ceiling_g_per_kwh=c.carbon_ceiling, open_models_items_per_s=open_rate,
             link_rtt_ms=2 * c.link_delay_ms if c.link_delay_ms else None,
         )
 
     def refresh_offer(self) -> bytes:
-        self._signed_offer = sign_offer(self.key, self.build_offer())
-        self.book.add(self._signed_offer, now_ms=now_ms())
+        # Never into our own book: gossip validates our own publishes against it.
+        offer = self.build_offer()
+        self._signed_offer = sign_offer(self.key, offer)
+        self.offer_log.update(issued_at_ms=offer.issued_at_ms, expires_at_ms=offer.expires_at_ms)
         return self._signed_offer
 
     # --- when to sell -----------------------------------------------------------------
@@ -189,10 +199,15 @@ class Provider:
 
     async def _publish_now(self) -> None:
         signed = self.refresh_offer()
+        offer = self.offer_log
         try:
             await self.p2p.publish(OFFERS_TOPIC, signed)
+            offer.update(published=offer.get("published", 0) + 1, last_publish_ms=now_ms(), last_publish_error=None)
         except (StreamClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            offer["last_publish_error"] = f"{type(exc).__name__}: {exc}"
             log.info("publish failed: %s", exc)
+        if TRACE_OFFERS:
+            emit("offer-published", issued_at_ms=offer["issued_at_ms"], published=offer.get("published", 0))
 
     def status(self) -> dict:
         return {
@@ -208,6 +223,7 @@ class Provider:
             "models": [{"name": m.name, "items_per_s": m.items_per_s, "source": m.throughput_source}
                        for m in self.models],
             "addrs": list(self.p2p.listen_addrs) if self.p2p else [],
+            "offer": self.network_view(),
         }
 
     def write_status(self) -> None:
@@ -216,14 +232,14 @@ class Provider:
         tmp.write_text(json.dumps(self.status(), indent=2))
         os.replace(tmp, path)
 
-    async def _advertise(self, gossip: OfferGossip) -> None:
+    @property
+    def refresh_s(self) -> float:
+        return self.config.offer_ttl_s / REFRESHES_PER_TTL
+
+    async def _advertise(self) -> None:
         while True:
-            signed = self.refresh_offer()
-            try:
-                await self.p2p.publish(OFFERS_TOPIC, signed)
-            except (StreamClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.info("publish failed: %s", exc)
-            await trio.sleep(OFFER_REFRESH_S)
+            await self._publish_now()
+            await trio.sleep(self.refresh_s)
 
     async def _announce_to(self, gossip: OfferGossip, peer_id: str) -> None:
         # Push our offer straight to each bootstrap peer on (re)connect: a fresh buyer
@@ -233,6 +249,72 @@ class Provider:
             emit("announced", peer_id=self.key.peer_id, to=peer_id)
         except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
             log.info("offer sync with %s failed: %s", peer_id, exc)
+
+    async def _check_visibility(self, gossip: OfferGossip) -> None:
+        """Once per offer lifetime, ask each connected bootstrap for its book without
+        pushing ours: the copy of our offer it holds shows whether gossip reaches it.
+        A stale or missing copy is a warning in status, and we push the offer by sync."""
+        while True:
+            await trio.sleep(self.config.offer_ttl_s)
+            for peer_id, link in list(self.p2p.links.items()):
+                if link.get("connected"):
+                    await self._probe(gossip, peer_id)
+
+    async def _probe(self, gossip: OfferGossip, peer_id: str) -> None:
+        seen = self.seen_by.setdefault(peer_id, {})
+        try:
+            with trio.fail_after(SYNC_TIMEOUT_S):
+                await gossip.sync_with(peer_id, push_own=False)
+        except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
+            seen.update(checked_at_ms=now_ms(), error=f"offer sync failed: {exc}")
+            return
+        theirs = None
+        for signed in gossip.last_sync["offers"]:
+            try:
+                offer = open_offer(signed, now_ms=now_ms())
+            except DecodeError:
+                continue
+            if offer.peer_id == self.key.peer_id:
+                theirs = offer
+        checked = now_ms()
+        age_ms = checked - theirs.issued_at_ms if theirs else None
+        stale = age_ms is None or age_ms > STALE_REFRESHES * self.refresh_s * 1000
+        seen.update(checked_at_ms=checked, error=None, offer_age_ms=age_ms, stale=stale)
+        if stale:
+            log.warning("bootstrap %s %s: gossip is not reaching it; pushing the offer by sync", peer_id,
+                        "holds no offer of ours" if theirs is None else f"holds our offer from {age_ms / 1000:.0f} s ago")
+            await self._announce_to(gossip, peer_id)
+
+    def network_view(self) -> dict:
+        """What the network sees of our offer, for `provider status`."""
+        now = now_ms()
+        offer = dict(self.offer_log)
+        bootstraps = []
+        for peer_id, link in self.p2p.links.items() if self.p2p else ():
+            bootstraps.append({"peer_id": peer_id, **link, **self.seen_by.get(peer_id, {})})
+        synced = self.gossip.synced_by if self.gossip else {}
+        warnings = []
+        if not self.config.bootstrap:
+            warnings.append("no bootstrap configured: only buyers that dial this node directly see the offer")
+        for b in bootstraps:
+            if not b.get("connected"):
+                warnings.append(f"cannot reach bootstrap {b['addr']}" + (f" ({b['last_error']})" if b.get("last_error") else ""))
+            elif b.get("stale"):
+                age = b.get("offer_age_ms")
+                warnings.append(f"bootstrap {b['peer_id']} " + ("holds no offer of ours" if age is None else
+                                f"holds our offer from {age / 1000:.0f} s ago") + ": gossip is not reaching it")
+        if bootstraps and not any(b.get("connected") for b in bootstraps):
+            warnings.append("no bootstrap reachable: buyers cannot find this provider")
+        if offer.get("last_publish_error"):
+            warnings.append(f"last publish failed: {offer['last_publish_error']}")
+        return {
+            **offer, "ttl_s": self.config.offer_ttl_s, "refresh_s": self.refresh_s,
+            "age_ms": now - offer["issued_at_ms"] if "issued_at_ms" in offer else None,
+            "mesh_peers": self.p2p.mesh_peers(OFFERS_TOPIC) if self.p2p else [],
+            "bootstraps": bootstraps,
+            "synced_by": [{"peer_id": p, "at_ms": t} for p, t in sorted(synced.items(), key=lambda kv: -kv[1])],
+            "warnings": warnings,
+        }
 
     # --- jobs -------------------------------------------------------------------------
 
@@ -388,14 +470,15 @@ class Provider:
             self.p2p = p2p
             p2p.send_delay_s = 2 * self.config.link_delay_ms / 1000
             self.refresh_offer()
-            gossip = OfferGossip(p2p, self.book, own_offer=lambda: self._signed_offer)
+            gossip = self.gossip = OfferGossip(p2p, self.book, own_offer=lambda: self._signed_offer)
             gossip.on_bad_input = self.count
             p2p.set_stream_handler(JOB_PROTOCOL, self._serve_job)
             async with trio.open_nursery() as nursery:
                 await nursery.start(gossip.run)
                 p2p.keep_connected(self.config.bootstrap,
                                    on_connect=lambda pid: self._announce_to(gossip, pid))
-                nursery.start_soon(self._advertise, gossip)
+                nursery.start_soon(self._advertise)
+                nursery.start_soon(self._check_visibility, gossip)
                 nursery.start_soon(self._watch_policy)
                 self.write_status()
                 emit("ready", role="provider", peer_id=p2p.peer_id, addrs=p2p.listen_addrs,
