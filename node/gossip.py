@@ -84,9 +84,14 @@ class OfferGossip:
         if not self._gossip_limit.allow(origin, time.monotonic()):
             self._bad("rate-limited", origin, "offer gossip over the per-origin rate")
             return False
-        offer = self.book.check(data, now_ms=now_ms())
-        # A relayed copy of someone else's offer is refused: only its provider publishes it.
-        return offer is not None and offer.peer_id == origin
+        offer = self.book.open(data, now_ms=now_ms())
+        if offer is None:
+            return False
+        if offer.peer_id != origin:
+            # A relayed copy of someone else's offer: only its provider publishes it.
+            self._bad("relayed-offer", origin, f"published an offer of {offer.peer_id}")
+            return False
+        return self.book.is_newer(offer)
 
     def _take(self, signed: bytes, via: str) -> None:
         offer = self.book.add(signed, now_ms=now_ms())

@@ -22,18 +22,23 @@ class OfferBook:
         self._entries: dict[str, BookEntry] = {}
         self.rejected = 0
 
-    def check(self, signed: bytes, *, now_ms: int) -> Offer | None:
-        """The offer if it is valid and newer than what we hold, else None (counted)."""
+    def open(self, signed: bytes, *, now_ms: int) -> Offer | None:
+        """The offer if its signature and validity window check out, else None (counted)."""
         try:
-            offer = open_offer(signed, now_ms=now_ms)
+            return open_offer(signed, now_ms=now_ms)
         except DecodeError as exc:
             self.rejected += 1
             log.info("dropped offer: %s", exc)
             return None
+
+    def is_newer(self, offer: Offer) -> bool:
         held = self._entries.get(offer.peer_id)
-        if held is not None and held.offer.issued_at_ms >= offer.issued_at_ms:
-            return None
-        return offer
+        return held is None or held.offer.issued_at_ms < offer.issued_at_ms
+
+    def check(self, signed: bytes, *, now_ms: int) -> Offer | None:
+        """The offer if it is valid and newer than what we hold, else None."""
+        offer = self.open(signed, now_ms=now_ms)
+        return offer if offer is not None and self.is_newer(offer) else None
 
     def add(self, signed: bytes, *, now_ms: int) -> Offer | None:
         """Store a valid, newer offer; returns it, or None if it was dropped or stale."""

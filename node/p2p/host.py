@@ -3,13 +3,15 @@
 - gossipsub v1.1 only, heartbeat 1 s, library spam protection off (we validate and
   rate-limit ourselves), strict signing on;
 - Noise is the only security transport (the library default also accepts plaintext);
-- one connection per peer (otherwise every dial waits ~250 ms for happy-eyeballs);
+- one connection per peer (otherwise every dial waits ~250 ms for happy-eyeballs), and
+  no auto-connector (it redials departed peers to keep 50 connections open);
 - length-prefixed frames with a cap and a timeout on every read;
 - our own reconnect loop for bootstrap peers, since the library does not redial and
   keeps failed peers in a 60 s negative cache (we evict our own entry before each dial);
 - inbound connections give back their slot when they close: the library's handler
   holds its slot for the swarm's lifetime (250 of them), so after 250 buyers had come
   and gone a bootstrap refused every new connection;
+- the peerstore never evicts our own key (after 1,000 peers it did, and identify broke);
 - a listen port already taken is an error at start: the library binds with
   SO_REUSEPORT, so a second node on the same port would start and share it;
 - shutdown swallows the library's "Nursery is closed to new arrivals" race.
@@ -387,6 +389,24 @@ async def _close_connections(host) -> None:
                 log.debug("closing a connection: %s", exc)
 
 
+def _keep_own_and_connected_peers(host) -> None:
+    """The library's peerstore holds at most 1,000 peers and evicts entries without
+    addresses first, and our own entry has none: after 1,000 buyers had come and gone a
+    bootstrap lost its own key, identify failed on every new connection and nobody could
+    reach it. After each eviction, put back our own entry and those of connected peers."""
+    store = host.get_peerstore()
+    enforce = store._enforce_peer_limit
+
+    def enforce_keeping_ours() -> None:
+        keep = [host.get_id(), *host.get_network().connections]
+        kept = {pid: store.peer_data_map[pid] for pid in keep if pid in store.peer_data_map}
+        enforce()
+        for pid, data in kept.items():
+            store.peer_data_map.setdefault(pid, data)
+
+    store._enforce_peer_limit = enforce_keeping_ours
+
+
 def _peer_info(peer_id: str | None, addr: str) -> PeerInfo:
     maddr = multiaddr.Multiaddr(addr)
     if "/p2p/" in addr:
@@ -414,7 +434,9 @@ async def open_p2p_node(seed: bytes, listen_addrs: list[str]) -> AsyncIterator[P
     host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=noise_key.private_key)},
-        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        # min_connections=0: the library's auto-connector would otherwise keep dialing
+        # peers it once knew (buyers long gone, addresses behind NAT) to hold 50 open.
+        connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0),
         listen_addrs=[multiaddr.Multiaddr(a) for a in listen_addrs],
     )
     gossipsub = GossipSub(
@@ -424,6 +446,7 @@ async def open_p2p_node(seed: bytes, listen_addrs: list[str]) -> AsyncIterator[P
         spam_protection_enabled=False,
     )
     _release_inbound_slots_on_close(host)
+    _keep_own_and_connected_peers(host)
     pubsub = Pubsub(host, gossipsub, strict_signing=True)
     try:
         async with host.run([multiaddr.Multiaddr(a) for a in listen_addrs]):

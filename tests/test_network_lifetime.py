@@ -1,0 +1,162 @@
+"""A network that stands: real processes kept alive across several offer lifetimes, with a
+kill -9 and restart of the bootstrap and of a provider in the middle, and a bootstrap
+that serves 1,000 buyers coming and going.
+
+No fixed sleeps: each step waits for the event that proves it (an offer refreshed past a
+lifetime boundary, an offer heard by gossip, a reconnect), under a generous guard
+against hangs. Offers live OFFER_TTL_S here (set through provider config) so that the
+test outlives four lifetimes in well under a minute.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import time
+
+import numpy as np
+import onnxruntime as ort
+import trio
+
+from devnet.launcher import open_devnet
+from node.buyer import Buyer, SubmitSpec
+from node.calibrate import reference_model_path
+from node.gossip import OfferGossip
+from node.offers import OfferBook
+from node.p2p import open_p2p_node
+from protocol.topics import OFFERS_TOPIC
+
+MODEL = reference_model_path("squeezenet")
+OFFER_TTL_S = 6.0
+GUARD_S = 60.0  # a hang guard, not a measurement: every awaited event comes far sooner
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def _wait_for(child, predicate, what: str, timeout_s: float = GUARD_S) -> dict:
+    with trio.fail_after(timeout_s):
+        async for event in child.events:
+            if predicate(event):
+                return event
+    raise AssertionError(f"{child.name} exited while waiting for {what}")
+
+
+async def _all_refreshed_past(providers, boundary_ms: int) -> None:
+    """Every provider has published an offer issued at or after `boundary_ms`."""
+    for child in providers:
+        await _wait_for(child, lambda e: e.get("event") == "offer-published" and e["issued_at_ms"] >= boundary_ms,
+                        f"an offer issued after {boundary_ms}")
+
+
+async def _heard_by_gossip(bootstrap, provider_ids: set[str], after_ms: int) -> None:
+    """The bootstrap heard each provider's offer by gossip (not by a sync push)."""
+    waiting = set(provider_ids)
+    await _wait_for(bootstrap, lambda e: e.get("event") == "offer-heard" and e["via"] == "gossip"
+                    and e["issued_at_ms"] >= after_ms and waiting.discard(e["provider"]) is None and not waiting,
+                    f"gossip of {len(provider_ids)} offers")
+
+
+async def _fresh_buyer_settles(net, tmp_path, label: str, x: np.ndarray, expected: np.ndarray, jobs: int = 4):
+    spec = SubmitSpec(model_path=MODEL, inputs={"data_0": x}, count=jobs, bootstrap=[net.bootstrap_addr],
+                      home=tmp_path / f"buyer-{label}", out_dir=tmp_path / f"out-{label}")
+    outcomes, summary = await Buyer(spec).run()
+    assert [o.state for o in outcomes] == ["settled"] * jobs, (label, [o.error for o in outcomes])
+    for o in outcomes:
+        np.testing.assert_allclose(np.load(o.output_path), expected, rtol=1e-5, atol=1e-6)
+    return outcomes, summary
+
+
+async def test_offers_live_as_long_as_their_providers_across_restarts(tmp_path):
+    x = np.random.default_rng(11).random((1, 3, 224, 224), dtype=np.float32)
+    expected = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"]).run(None, {"data_0": x})[0]
+    ttl = ["--offer-ttl-s", str(OFFER_TTL_S)]
+    async with open_devnet(3, root=tmp_path / "net", extra_args={0: ttl, 1: ttl, 2: ttl}) as net:
+        ids = {c.ready["peer_id"] for c in net.providers}
+        start_ms = _now_ms()
+        ttl_ms = int(OFFER_TTL_S * 1000)
+        for lifetime in (1, 2):
+            await _all_refreshed_past(net.providers, start_ms + lifetime * ttl_ms)
+            # Gossip alone carries each refresh to the bootstrap, lifetime after lifetime.
+            await _heard_by_gossip(net.bootstrap, ids, start_ms + (lifetime - 1) * ttl_ms)
+            outcomes, summary = await _fresh_buyer_settles(net, tmp_path, f"lifetime-{lifetime}", x, expected)
+            assert summary["offers"] == 3
+
+        # kill -9 the bootstrap and start it again on the same home and port: every
+        # provider is back within its reconnect backoff (not the library's 60 s cache).
+        boot = net.bootstrap
+        boot.process.send_signal(signal.SIGKILL)
+        await boot.process.wait()
+        killed_ms = _now_ms()
+        boot = await net.restart(boot)
+        for child in net.providers:
+            await _wait_for(child, lambda e: e.get("event") == "announced", "a reconnect to the bootstrap", 30)
+        # ... and gossip flows through the restarted bootstrap again.
+        await _all_refreshed_past(net.providers, _now_ms())
+        await _heard_by_gossip(boot, ids, killed_ms)
+        await _fresh_buyer_settles(net, tmp_path, "after-bootstrap-restart", x, expected)
+
+        # kill -9 a provider and restart it: its new offer reaches the network.
+        victim = net.providers[0]
+        victim.process.send_signal(signal.SIGKILL)
+        await victim.process.wait()
+        victim = await net.restart(victim)
+        await _wait_for(victim, lambda e: e.get("event") == "announced", "the restarted provider's announce")
+        restarted_ms = _now_ms()
+        await _all_refreshed_past(net.providers, restarted_ms + ttl_ms)
+        await _heard_by_gossip(boot, ids, restarted_ms)
+        _, summary = await _fresh_buyer_settles(net, tmp_path, "after-provider-restart", x, expected)
+        assert summary["offers"] == 3  # the restarted provider's offer among them
+
+        # A provider that stops is gone from every book within one lifetime.
+        stopped = net.providers[2]
+        stopped_id = stopped.ready["peer_id"]
+        stopped.process.send_signal(signal.SIGTERM)
+        await stopped.process.wait()
+        gone_by_ms = _now_ms() + ttl_ms
+        await _all_refreshed_past(net.providers[:2], gone_by_ms)
+        _, summary = await _fresh_buyer_settles(net, tmp_path, "after-provider-stop", x, expected, jobs=2)
+        assert summary["offers"] == 2
+
+        # A relayed copy of a provider's current, validly signed offer, published by
+        # another node, is refused (and counted) by the bootstrap.
+        book = OfferBook()
+        boot_id = boot.ready["peer_id"]
+        async with open_p2p_node(secrets.token_bytes(32), ["/ip4/127.0.0.1/tcp/0"]) as reader:
+            await reader.connect(boot_id, [net.bootstrap_addr])
+            await OfferGossip(reader, book).sync_with(boot_id)
+        assert stopped_id not in {e.offer.peer_id for e in book.current(now_ms=_now_ms())}
+        genuine = book.current(now_ms=_now_ms())[0].signed
+        async with open_p2p_node(secrets.token_bytes(32), ["/ip4/127.0.0.1/tcp/0"]) as relayer:
+            await relayer.connect(boot_id, [net.bootstrap_addr])
+            await relayer.wait_for_subscription(boot_id, OFFERS_TOPIC, timeout_s=GUARD_S)
+            await relayer.publish(OFFERS_TOPIC, genuine)
+            refused = await _wait_for(boot, lambda e: e.get("event") == "refused", "the relayed offer's refusal")
+        assert refused == {"event": "refused", "code": "relayed-offer", "peer": relayer.peer_id}
+
+
+async def test_a_bootstrap_serves_a_thousand_short_buyer_sessions(tmp_path):
+    """Each session dials the bootstrap, syncs and closes, 8 at a time; the bootstrap gives
+    every connection back (the library's 250 inbound slots used to run out), and a
+    fresh buyer still settles jobs afterwards."""
+    x = np.random.default_rng(12).random((1, 3, 224, 224), dtype=np.float32)
+    expected = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"]).run(None, {"data_0": x})[0]
+    async with open_devnet(1, root=tmp_path / "net") as net:
+        boot_id = net.bootstrap.ready["peer_id"]
+        synced = []
+        limiter = trio.CapacityLimiter(8)
+
+        async def session() -> None:
+            async with limiter:
+                async with open_p2p_node(secrets.token_bytes(32), ["/ip4/127.0.0.1/tcp/0"]) as p2p:
+                    book = OfferBook()
+                    await p2p.connect(boot_id, [net.bootstrap_addr])
+                    synced.append(await OfferGossip(p2p, book).sync_with(boot_id))
+
+        with trio.fail_after(600):
+            async with trio.open_nursery() as nursery:
+                for _ in range(1000):
+                    nursery.start_soon(session)
+        assert synced == [1] * 1000  # every session got the one provider's offer
+        await _fresh_buyer_settles(net, tmp_path, "after-1000", x, expected, jobs=2)
