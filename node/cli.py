@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,14 +36,18 @@ def _provider_config(args):
         raise SystemExit(f"idlemesh: bad provider config: {exc}") from None
 
 
+def _exit_status(signum: int) -> int:
+    """130 after Ctrl-C (SIGINT), as shells expect; 0 after SIGTERM (systemd's stop)."""
+    return 130 if signum == signal.SIGINT else 0
+
+
 def _provider_run(args) -> int:
     from .gossip import setup_logging
     from .provider import Provider
 
     setup_logging(args.verbose)
     config = _provider_config(args)
-    trio.run(Provider(config).run)
-    return 0
+    return _exit_status(trio.run(Provider(config).run))
 
 
 def _provider_calibrate(args) -> int:
@@ -116,16 +123,56 @@ def _provider_status(args) -> int:
         print(f"  model {m['name']}: {m['items_per_s']:.1f} items/s [{m['source']}]")
     if status.get("counters"):
         print(f"  refused inputs: {status['counters']}")
+    _print_offer_view(status.get("offer") or {}, now_ms=time.time() * 1000)
     return 0
+
+
+def _ago(ms: float) -> str:
+    return f"{ms / 1000:.0f} s ago"
+
+
+def _print_offer_view(offer: dict, *, now_ms: float) -> None:
+    """Whether the network sees our offer: the part an operator checks first."""
+    if "issued_at_ms" not in offer:
+        print("  offer: not published yet")
+        return
+    print(f"  offer: refreshed {_ago(now_ms - offer['issued_at_ms'])}, expires in "
+          f"{(offer['expires_at_ms'] - now_ms) / 1000:.0f} s (lifetime {offer['ttl_s']:g} s, refreshed every "
+          f"{offer['refresh_s']:g} s); published {offer.get('published', 0)} times")
+    for b in offer.get("bootstraps", []):
+        if not b.get("connected"):
+            line = f"unreachable ({b.get('last_error') or 'no answer'})"
+        elif "checked_at_ms" not in b:
+            line = "connected; not checked yet (once per offer lifetime)"
+        elif b.get("error"):
+            line = f"connected; last check failed: {b['error']}"
+        elif b.get("offer_age_ms") is None:
+            line = f"connected; holds NO offer of ours (checked {_ago(now_ms - b['checked_at_ms'])})"
+        else:
+            line = (f"connected; holds our offer from {b['offer_age_ms'] / 1000:.0f} s before the check "
+                    f"(checked {_ago(now_ms - b['checked_at_ms'])})")
+        print(f"  bootstrap {b['peer_id']}: {line}")
+    mesh = offer.get("mesh_peers", [])
+    print(f"  gossip: forwarded to {len(mesh)} peer(s)" + (f": {', '.join(mesh)}" if mesh else ""))
+    synced = offer.get("synced_by", [])
+    if synced:
+        print(f"  last synced by: " + ", ".join(f"{s['peer_id']} ({_ago(now_ms - s['at_ms'])})" for s in synced[:5]))
+    for warning in offer.get("warnings", []):
+        print(f"  WARNING: {warning}")
 
 
 def _bootstrap_run(args) -> int:
     from .bootstrap import run_bootstrap
     from .gossip import setup_logging
+    from .p2p import check_peer_addr
 
     setup_logging(args.verbose)
-    trio.run(run_bootstrap, Path(args.home), [args.listen])
-    return 0
+    for addr in args.bootstrap or []:
+        try:
+            check_peer_addr(addr)
+        except ValueError as exc:
+            raise SystemExit(f"idlemesh: bootstrap {exc}") from None
+    return _exit_status(trio.run(run_bootstrap, Path(args.home), [args.listen], args.bootstrap or []))
 
 
 def _model_input_names(model_path: str) -> list[str]:
@@ -180,7 +227,7 @@ def _submit(args) -> int:
     from .buyer import Buyer, SubmitError, SubmitSpec, resume_spec
     from .gossip import setup_logging
 
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, level=logging.WARNING)  # the table and the error line say the rest
     try:
         if args.resume:
             spec = resume_spec(Path(args.home), args.bootstrap, args.resume, spot_check=args.spot_check,
@@ -203,7 +250,18 @@ def _submit(args) -> int:
             if args.events:  # one JSON line per finished job, for scripts watching a long batch
                 print(json.dumps({"event": "job", **outcome.to_json()}), flush=True)
 
-        outcomes, summary = trio.run(lambda: buyer.run(on_progress=progress))
+        try:
+            outcomes, summary = trio.run(lambda: buyer.run(on_progress=progress))
+        except KeyboardInterrupt:
+            if not buyer.batch_id:
+                print("interrupted before any job was sent; nothing to resume", file=sys.stderr)
+            else:
+                again = ["idlemesh", "submit", "--resume", buyer.batch_id, "--home", args.home]
+                for addr in args.bootstrap:
+                    again += ["--bootstrap", addr]
+                print(f"interrupted; jobs already paid stay paid. Finish the batch with: {shlex.join(again)}",
+                      file=sys.stderr)
+            return 130
     except SubmitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -254,7 +312,8 @@ def _devnet_up(args) -> int:
     try:
         trio.run(main)
     except KeyboardInterrupt:
-        print("devnet stopped", file=sys.stderr)
+        print("devnet stopped: every node was shut down", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -459,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     brun = boot.add_parser("run")
     brun.add_argument("--home", default=str(DEFAULT_HOME / "bootstrap"))
     brun.add_argument("--listen", default="/ip4/0.0.0.0/tcp/4000")
+    brun.add_argument("--bootstrap", action="append",
+                      help="another bootstrap of the same network to stay connected to (repeatable)")
     brun.set_defaults(func=_bootstrap_run)
 
     sm = sub.add_parser("submit", help="submit ONNX inference jobs")
@@ -533,8 +594,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .identity import HomeError
+    from .p2p import ListenError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (HomeError, ListenError) as exc:
+        print(f"idlemesh: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("idlemesh: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

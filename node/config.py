@@ -19,7 +19,7 @@ Example (every key optional):
     model_budget_mb = 2048   # disk for models buyers send; least recently used go first
     job_memory_mb = 4096     # a job estimated to need more is refused
     open_models = true       # also run models not listed, sent by hash on demand
-    offer_ttl_s = 60.0       # offer lifetime in s (3-600); refreshed every third of it
+    offer_ttl_s = 60.0       # offer lifetime in s (6-600); refreshed every third of it
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_NAME = "provider.toml"
-MIN_OFFER_TTL_S = 3.0
+MIN_OFFER_TTL_S = 6.0   # refreshed every 2 s at most: half the gossip rate a peer allows an origin
 MAX_OFFER_TTL_S = 600.0  # receivers refuse offers that live longer (protocol.messages.open_offer)
 
 

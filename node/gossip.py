@@ -26,7 +26,7 @@ SYNC_FRAME_BYTES = 8 * 1024 * 1024
 SYNC_TIMEOUT_S = 10.0
 # Honest nodes publish an offer every 10-30 s and sync on (re)connect: these leave an
 # order of magnitude of headroom and still cap what one peer can make us verify.
-GOSSIP_PER_ORIGIN = (0.5, 10.0)   # offers per second sustained, burst
+GOSSIP_PER_ORIGIN = (1.0, 10.0)   # offers per second sustained, burst (the shortest lifetime refreshes every 2 s)
 SYNC_PER_PEER = (1.0, 10.0)       # offer-sync streams per second sustained, burst
 DIGEST_PER_ORIGIN = (0.05, 3.0)   # reputation digests: one per 20 s sustained
 DIGEST_RELAY_S = 30.0             # a relaying node publishes at most one digest this often
@@ -203,9 +203,10 @@ def bootstrap_peer_id(addr: str) -> str:
     return check_peer_addr(addr)
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False, *, level: int = logging.INFO) -> None:
+    """Our lines at `level` (DEBUG with -v); the library's only when verbose."""
     from .p2p.host import quiet_libp2p_logs
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.DEBUG if verbose else level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    quiet_libp2p_logs()
+    quiet_libp2p_logs(logging.WARNING if verbose else logging.CRITICAL)

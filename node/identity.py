@@ -11,8 +11,24 @@ from protocol.signing import SigningKey
 IDENTITY_FILE = "identity.key"
 
 
+class HomeError(Exception):
+    """A node home that cannot be used; the message says which and why, in one line."""
+
+
+def prepare_home(home: Path) -> None:
+    """Create `home` if needed and check that we can write there, before anything else
+    happens (a provider would otherwise calibrate for minutes, then fail to save)."""
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        probe = home / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise HomeError(f"home {home} is not writable: {exc.strerror or exc}; choose another with --home") from None
+
+
 def load_or_create_seed(home: Path) -> bytes:
-    home.mkdir(parents=True, exist_ok=True)
+    prepare_home(home)
     path = home / IDENTITY_FILE
     if path.exists():
         seed = path.read_bytes()

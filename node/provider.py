@@ -42,7 +42,7 @@ from .gossip import SYNC_TIMEOUT_S, TRACE_OFFERS, OfferGossip, emit, now_ms
 from .identity import load_key
 from .ledger import Ledger, LedgerError
 from .offers import OfferBook
-from .p2p import FramedStream, StreamClosed, open_p2p_node
+from .p2p import FramedStream, StreamClosed, check_listen_addrs, open_p2p_node
 from .policy import Availability, CarbonSchedule, IdleGate, OwnerLoad, decide
 from .power import probe_meter
 from .ratelimit import PeerRateLimit
@@ -464,7 +464,9 @@ class Provider:
 
     # --- lifetime ---------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self) -> int:
+        """Serve until SIGINT or SIGTERM; returns the signal's number."""
+        check_listen_addrs(self.config.listen)  # before minutes of calibration, not after
         self.prepare()
         async with open_p2p_node(self.seed, self.config.listen) as p2p:
             self.p2p = p2p
@@ -480,13 +482,17 @@ class Provider:
                 nursery.start_soon(self._advertise)
                 nursery.start_soon(self._check_visibility, gossip)
                 nursery.start_soon(self._watch_policy)
-                self.write_status()
-                emit("ready", role="provider", peer_id=p2p.peer_id, addrs=p2p.listen_addrs,
-                     models=[m.name for m in self.models])
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
+                    for addr, why in (await p2p.first_dials(self.config.bootstrap)).items():
+                        log.warning("cannot reach bootstrap %s (%s); retrying: buyers cannot find this provider "
+                                    "until one answers", addr, why)
+                    self.write_status()
+                    emit("ready", role="provider", peer_id=p2p.peer_id, addrs=p2p.listen_addrs,
+                         models=[m.name for m in self.models])
+                    async for signum in signals:
                         break
                 nursery.cancel_scope.cancel()
         self.ledger.close()
         (self.config.home / STATUS_NAME).unlink(missing_ok=True)
         emit("stopped", role="provider", counters=self.counters)
+        return signum

@@ -146,6 +146,7 @@ class P2PNode:
     send_delay_s: float = 0.0
     # Bootstrap links we keep: peer id -> {addr, connected, connected_at_ms, last_error}.
     links: dict[str, dict] = field(default_factory=dict)
+    _first_dial_done: dict[str, trio.Event] = field(default_factory=dict)
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -186,7 +187,13 @@ class P2PNode:
                 origin = ID(message.from_id).to_base58()
             except (ValueError, TypeError):
                 return False
-            return validator(origin, bytes(message.data))
+            if validator(origin, bytes(message.data)):
+                return True
+            # The library marks only accepted messages as seen, so a refused one is
+            # asked for again on every heartbeat's IHAVE, validated (and counted against
+            # its origin's rate) each time: once refused, it is seen.
+            self.pubsub._mark_msg_seen(message)
+            return False
 
         self.pubsub.set_topic_validator(topic, check, False)
 
@@ -251,10 +258,23 @@ class P2PNode:
         for addr in addrs:
             self._nursery.start_soon(self._reconnect_loop, addr, on_connect)
 
+    async def first_dials(self, addrs: list[str], timeout_s: float = 12.0) -> dict[str, str]:
+        """Wait for the first dial of each kept address; returns the unreachable ones
+        (address -> why), so a node can say so before it reports ready."""
+        with trio.move_on_after(timeout_s):
+            for addr in addrs:
+                await self._first_dial_done.setdefault(addr, trio.Event()).wait()
+        unreachable = {}
+        for link in self.links.values():
+            if not link.get("connected"):
+                unreachable[link["addr"]] = link.get("last_error") or "no answer yet"
+        return unreachable
+
     async def _reconnect_loop(self, addr: str, on_connect) -> None:
         info = _peer_info(None, addr)
         peer_id = info.peer_id.to_base58()
         delay_s = RECONNECT_MIN_S
+        first = self._first_dial_done.setdefault(addr, trio.Event())
         while True:
             network = self.host.get_network()
             if not network.connections.get(info.peer_id):
@@ -267,13 +287,17 @@ class P2PNode:
                         await self.host.connect(info)
                 except (trio.TooSlowError, *_STREAM_GONE, Exception) as exc:  # noqa: BLE001 - dial errors are many and all mean "retry later"
                     reason = "timed out" if isinstance(exc, trio.TooSlowError) else _dial_error(exc)
+                    # One line per outage (or change of cause), not one per retry.
+                    say = log.info if reason != self.links[peer_id].get("last_error") else log.debug
                     self.links[peer_id].update(last_error=reason, last_error_ms=_now_ms())
-                    log.info("cannot reach bootstrap %s (%s); retrying in %.1f s", addr, reason, delay_s)
+                    first.set()
+                    say("cannot reach bootstrap %s (%s); retrying every %.1f s at most", addr, reason, RECONNECT_MAX_S)
                     await trio.sleep(delay_s)
                     delay_s = min(delay_s * 2, RECONNECT_MAX_S)
                     continue
                 delay_s = RECONNECT_MIN_S
                 self.links[peer_id].update(connected=True, connected_at_ms=_now_ms(), last_error=None)
+                first.set()
                 log.info("connected to bootstrap %s", addr)
                 if on_connect is not None:
                     self._nursery.start_soon(on_connect, peer_id)
@@ -291,16 +315,21 @@ def _forget_failed_dial(host, peer_id: ID) -> None:
 
 
 def _dial_error(exc: BaseException) -> str:
-    """The root cause of a dial failure in a few words (the library nests it deeply)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, ConnectionRefusedError) or "Connection refused" in str(exc) or "Errno 111" in str(exc):
-            return "connection refused"
-        if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-            exc = exc.exceptions[0]
+    """The root cause of a dial failure in a few words (the library nests it deeply, in
+    exception chains, groups and its own MultiError)."""
+    pending, seen = [exc], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
             continue
-        exc = exc.__cause__ or exc.__context__
+        seen.add(id(e))
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, (TimeoutError, trio.TooSlowError)):
+            return "timed out"
+        if isinstance(e, OSError) and e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return "host unreachable"
+        pending += [e.__cause__, e.__context__, *getattr(e, "exceptions", ()), *getattr(e, "errors", ())]
     return "no answer"
 
 
@@ -419,8 +448,9 @@ def _peer_info(peer_id: str | None, addr: str) -> PeerInfo:
     return PeerInfo(ID.from_base58(peer_id), [maddr])
 
 
-def quiet_libp2p_logs(level: int = logging.ERROR) -> None:
-    """libp2p warns loudly about normal events; keep operators' eyes on our own lines."""
+def quiet_libp2p_logs(level: int = logging.CRITICAL) -> None:
+    """libp2p logs normal events (a refused dial, a peer that left) at ERROR, once per
+    attempt; our own lines say what matters, with the peer id."""
     logging.getLogger("libp2p").setLevel(level)
     logging.getLogger("multiaddr").setLevel(level)
 
