@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench soak clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/executor.py
 	$(BIN)/python bench/trust.py
+
+soak: $(BIN)/.installed  # 10 providers, default offer lifetime, 10 minutes, a bootstrap restart at minute 5
+	$(BIN)/python bench/soak.py --providers 10 --minutes 10 --restart-bootstrap-at 5
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -51,7 +51,11 @@ class NodeMeter:
         self.rss_start_mb = self.process.memory_info().rss / 1e6
         self.idle_cpu_s = 0.0
         self.idle_wall_s = 0.0
+        self.rss_warm_mb: float | None = None  # after the first buyer: models loaded once
         self._mark = (self.started_at, self.cpu_start)
+
+    def rss_mb(self) -> float:
+        return self.process.memory_info().rss / 1e6
 
     def _cpu(self) -> float:
         t = self.process.cpu_times()
@@ -74,6 +78,8 @@ class NodeMeter:
             "rss_mb_start": round(self.rss_start_mb, 1),
             "rss_mb_end": round(self.process.memory_info().rss / 1e6, 1),
             "rss_growth_mb": round(self.process.memory_info().rss / 1e6 - self.rss_start_mb, 1),
+            "rss_mb_after_first_buyer": round(self.rss_warm_mb, 1) if self.rss_warm_mb else None,
+            "rss_growth_after_first_buyer_mb": round(self.rss_mb() - self.rss_warm_mb, 1) if self.rss_warm_mb else None,
             "cpu_share_idle": round(self.idle_cpu_s / self.idle_wall_s, 4) if self.idle_wall_s else None,
             "cpu_share_total": round((self._cpu() - self.cpu_start) / wall, 4),
             "seconds": round(wall, 1),
@@ -110,7 +116,7 @@ async def soak(n_providers: int, minutes: float, jobs: int, restart_at_min: floa
             for child in net.children:
                 meters[child.name] = NodeMeter(child.name, child.process.pid)
                 nursery.start_soon(collect, child)
-            started = time.monotonic()
+            started = trio.current_time()  # trio's clock: sleep_until reads it
             for minute in range(1, int(minutes) + 1):
                 await trio.sleep_until(started + 60 * minute - 20)  # a buyer 40 s into each minute
                 if restart_at_min is not None and minute == int(restart_at_min) and not restart:
@@ -141,6 +147,8 @@ async def soak(n_providers: int, minutes: float, jobs: int, restart_at_min: floa
                 say(json.dumps(row))
                 for meter in meters.values():
                     meter.skip_until_now()
+                    if meter.rss_warm_mb is None:
+                        meter.rss_warm_mb = meter.rss_mb()
             await trio.sleep_until(started + 60 * minutes)
             for meter in meters.values():
                 meter.idle_until_now()
@@ -163,6 +171,7 @@ async def soak(n_providers: int, minutes: float, jobs: int, restart_at_min: floa
                                  "max_back_s": max(restart["back_s"].values(), default=None)}) if restart else None,
         "nodes": nodes,
         "rss_growth_mb_max": max(n["rss_growth_mb"] for n in nodes),
+        "rss_growth_after_first_buyer_mb_max": max((n["rss_growth_after_first_buyer_mb"] or 0) for n in nodes),
         "cpu_share_idle_max": max((n["cpu_share_idle"] or 0) for n in nodes),
     }
 

@@ -49,6 +49,7 @@ class Devnet:
     bootstrap_addr: str
     children: list[Child]
     _nursery: trio.Nursery | None = None
+    bootstrap_addrs: list[str] = field(default_factory=list)
 
     async def restart(self, child: Child, timeout_s: float = 60.0) -> Child:
         """Start a stopped (or killed) node again with the same home, port and arguments."""
@@ -178,23 +179,31 @@ def fleet_provider_args(member, home: Path, bootstrap: str, models: list[Path], 
 @asynccontextmanager
 async def open_devnet(n_providers: int, *, root: Path | None = None, models: list[Path] | None = None,
                       progress=None, timeout_s: float = 120.0,
-                      extra_args: dict[int, list[str]] | None = None, fleet=None) -> AsyncIterator[Devnet]:
+                      extra_args: dict[int, list[str]] | None = None, fleet=None,
+                      n_bootstraps: int = 1) -> AsyncIterator[Devnet]:
     """A running devnet; every child is stopped when the block exits, however it exits.
-    With a fleet (devnet/fleet.py) the providers are its simulated devices."""
+    With a fleet (devnet/fleet.py) the providers are its simulated devices. With several
+    bootstraps, each later one keeps a connection to the first, and every provider is
+    given all of their addresses."""
     root = root or Path(tempfile.mkdtemp(prefix="idlemesh-devnet-"))
     models = models or [reference_model_path(m) for m in DEFAULT_MODELS]
     say = progress or (lambda text: None)
     children: list[Child] = []
     async with trio.open_nursery() as nursery:
         try:
-            boot = await _start(nursery, "bootstrap", root / "bootstrap",
-                                ["bootstrap", "run", "--home", str(root / "bootstrap"), "--listen", "/ip4/127.0.0.1/tcp/0"])
-            children.append(boot)
-            boot.ready = await _wait_event(boot, "ready", timeout_s)
-            bootstrap_addr = boot.ready["addrs"][0]
-            # A restart must come back on the same port: providers keep dialing this address.
-            boot.args[boot.args.index("--listen") + 1] = bootstrap_addr.split("/p2p/")[0]
-            say(f"bootstrap ready at {bootstrap_addr}")
+            addrs: list[str] = []
+            for b in range(n_bootstraps):
+                name = "bootstrap" if b == 0 else f"bootstrap-{b}"
+                args = ["bootstrap", "run", "--home", str(root / name), "--listen", "/ip4/127.0.0.1/tcp/0"]
+                boot = await _start(nursery, name, root / name, args + [a for addr in addrs[:1] for a in
+                                                                        ("--bootstrap", addr)])
+                children.append(boot)
+                boot.ready = await _wait_event(boot, "ready", timeout_s)
+                addrs.append(boot.ready["addrs"][0])
+                # A restart must come back on the same port: providers keep dialing this address.
+                boot.args[boot.args.index("--listen") + 1] = addrs[-1].split("/p2p/")[0]
+                say(f"{name} ready at {addrs[-1]}")
+            bootstrap_addr = addrs[0]
             if fleet is not None:
                 say("measuring this machine once, to scale the fleet's published throughput")
                 host_rates, host_resnet50 = await trio.to_thread.run_sync(host_profile, models)
@@ -205,14 +214,15 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
                     args = fleet_provider_args(members[i], home, bootstrap_addr, models, host_rates, host_resnet50)
                 else:
                     args = provider_args(i, home, bootstrap_addr, models)
+                args += [a for addr in addrs[1:] for a in ("--bootstrap", addr)]
                 args += (extra_args or {}).get(i, [])
                 children.append(await _start(nursery, f"provider-{i}", home, args))
-            for i, child in enumerate(children[1:], start=1):
+            for i, child in enumerate(children[n_bootstraps:], start=1):
                 child.ready = await _wait_event(child, "ready", timeout_s)
                 await _wait_event(child, "announced", timeout_s)
                 label = f" ({members[i - 1].device.name}, {members[i - 1].region.name})" if fleet is not None else ""
                 say(f"provider {i}/{n_providers} ready{label}: {child.ready['peer_id']}")
-            yield Devnet(root, bootstrap_addr, children, nursery)
+            yield Devnet(root, bootstrap_addr, children, nursery, bootstrap_addrs=addrs)
         finally:
             with trio.CancelScope(shield=True):
                 await _stop(children)

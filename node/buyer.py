@@ -37,6 +37,7 @@ RESULT_FRAME_BYTES = 96 * 1024 * 1024
 JOB_TTL_MS = 10 * 60_000
 RETRY_PROVIDERS = 3  # the placed provider and up to two others, per job
 SYNC_ATTEMPTS = 5    # per bootstrap, 0.1 s apart and doubling: about 3 s before "cannot reach"
+EMPTY_BOOK_RETRIES_S = (0.5, 1.0, 2.0)  # waits before syncing again while every book is empty
 
 
 class SubmitError(Exception):
@@ -275,6 +276,15 @@ class Buyer:
                 error = await self._sync(gossip, p2p, addr)
                 if error:
                     unreachable[addr] = error
+            # A bootstrap that has just restarted holds no offers until providers
+            # reconnect (a second or two): ask again briefly before saying there are none.
+            for delay_s in EMPTY_BOOK_RETRIES_S:
+                if book.current(now_ms=now_ms()) or len(unreachable) == len(spec.bootstrap):
+                    break
+                await trio.sleep(delay_s)
+                for addr in spec.bootstrap:
+                    if addr not in unreachable:
+                        await self._sync(gossip, p2p, addr)
             current = [e.offer for e in book.current(now_ms=now_ms())]
             scores = provider_scores(self.ledger.reputation(), gossip.reputation, self.key.public_key)
             trusted = [o for o in current if scores.get(o.peer_id, 0.5) >= spec.min_reputation]

@@ -160,3 +160,28 @@ async def test_a_bootstrap_serves_a_thousand_short_buyer_sessions(tmp_path):
                     nursery.start_soon(session)
         assert synced == [1] * 1000  # every session got the one provider's offer
         await _fresh_buyer_settles(net, tmp_path, "after-1000", x, expected, jobs=2)
+
+
+async def test_losing_one_of_two_bootstraps_loses_nothing(tmp_path):
+    x = np.random.default_rng(13).random((1, 3, 224, 224), dtype=np.float32)
+    expected = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"]).run(None, {"data_0": x})[0]
+    ttl = ["--offer-ttl-s", str(OFFER_TTL_S)]
+    async with open_devnet(2, root=tmp_path / "net", n_bootstraps=2, extra_args={0: ttl, 1: ttl}) as net:
+        first, second = net.bootstrap_addrs
+        survivor = next(c for c in net.children if c.name == "bootstrap-1")
+        ids = {c.ready["peer_id"] for c in net.providers}
+        net.bootstrap.process.send_signal(signal.SIGKILL)
+        await net.bootstrap.process.wait()
+        killed_ms = _now_ms()
+        # A lifetime later every offer is still refreshed through the survivor ...
+        await _all_refreshed_past(net.providers, killed_ms + int(OFFER_TTL_S * 1000))
+        await _heard_by_gossip(survivor, ids, killed_ms)
+        # ... and buyers settle, given both addresses (the first one dead) or only the survivor.
+        for label, addrs in (("both", [first, second]), ("survivor", [second])):
+            spec = SubmitSpec(model_path=MODEL, inputs={"data_0": x}, count=2, bootstrap=addrs,
+                              home=tmp_path / f"buyer-{label}", out_dir=tmp_path / f"out-{label}")
+            outcomes, summary = await Buyer(spec).run()
+            assert summary["offers"] == 2, label
+            assert [o.state for o in outcomes] == ["settled"] * 2, (label, [o.error for o in outcomes])
+            for o in outcomes:
+                np.testing.assert_allclose(np.load(o.output_path), expected, rtol=1e-5, atol=1e-6)
