@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import tempfile
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devnet.launcher import open_devnet  # noqa: E402
 from node.buyer import Buyer, SubmitSpec  # noqa: E402
 from node.calibrate import reference_model_path  # noqa: E402
+from node.gossip import setup_logging  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -184,6 +186,7 @@ def main() -> None:
     ap.add_argument("--restart-bootstrap-at", type=float, default=None, metavar="MINUTE")
     args = ap.parse_args()
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    setup_logging(level=logging.WARNING)  # the in-process buyers' library noise stays out of the figures
     print(json.dumps(trio.run(soak, args.providers, args.minutes, args.jobs, args.restart_bootstrap_at, say),
                      indent=2))
 

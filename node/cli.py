@@ -305,8 +305,11 @@ def _devnet_up(args) -> int:
                                progress=lambda t: print(t, file=sys.stderr, flush=True)) as net:
             print(json.dumps({"bootstrap": net.bootstrap_addr, "root": str(net.root),
                               "providers": [c.ready["peer_id"] for c in net.providers]}), flush=True)
+            boot = net.bootstrap
+            listen = boot.args[boot.args.index("--listen") + 1]
             print(f"devnet up: idlemesh submit MODEL.onnx --input X.npy --bootstrap {net.bootstrap_addr}"
-                  f"\nCtrl-C stops every node.", file=sys.stderr, flush=True)
+                  f"\nthe bootstrap (pid {boot.process.pid}) comes back with: idlemesh bootstrap run --home {boot.home} "
+                  f"--listen {listen}\nCtrl-C stops every node.", file=sys.stderr, flush=True)
             await trio.sleep_forever()
 
     try:
@@ -352,6 +355,21 @@ def _devnet_run(args) -> int:
         print(f"report: {out / 'index.html'} and {out / 'report.json'}")
     lost = sum(report["jobs_lost"].values()) + sum(report["receipts_applied_twice"].values())
     return 0 if lost == 0 else 1
+
+
+def _models_make(args) -> int:
+    import shutil
+
+    from .models import ARCHITECTURES, seeded_model_path
+
+    if args.name not in ARCHITECTURES:
+        raise SystemExit(f"idlemesh: unknown architecture {args.name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    path = seeded_model_path(args.name, args.seed)
+    if args.out:
+        shutil.copyfile(path, args.out)
+        path = Path(args.out)
+    print(json.dumps({"model": args.name, "seed": args.seed, "path": str(path)}) if args.json else path)
+    return 0
 
 
 def _devnet_demo(args) -> int:
@@ -570,6 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--seed", type=int, default=0)
     mt.add_argument("--explain", action="store_true")
     mt.set_defaults(func=_match)
+
+    md = sub.add_parser("models", help="reference models with seeded random weights, for tests and demos")
+    mdm = md.add_subparsers(dest="action", required=True).add_parser(
+        "make", help="write (once, then from the cache) an architecture with seeded random weights; prints its path")
+    mdm.add_argument("name", help="squeezenet, shufflenet, resnet50, bvlc_alexnet, zfnet512 or vgg19")
+    mdm.add_argument("--seed", type=int, default=0)
+    mdm.add_argument("--out", help="also copy it to this file")
+    mdm.add_argument("--json", action="store_true")
+    mdm.set_defaults(func=_models_make)
 
     dn = sub.add_parser("devnet", help="local multi-process network").add_subparsers(dest="action", required=True)
     up = dn.add_parser("up", help="start a bootstrap node and N providers")
