@@ -252,7 +252,9 @@ def _submit(args) -> int:
 
         try:
             outcomes, summary = trio.run(lambda: buyer.run(on_progress=progress))
-        except KeyboardInterrupt:
+        except BaseException as exc:
+            if not _interrupted(exc):
+                raise
             if not buyer.batch_id:
                 print("interrupted before any job was sent; nothing to resume", file=sys.stderr)
             else:
@@ -300,24 +302,31 @@ def _devnet_up(args) -> int:
         except FleetError as exc:
             raise SystemExit(f"idlemesh: bad fleet file: {exc}") from None
 
-    async def main():
-        async with open_devnet(args.n, root=Path(args.root) if args.root else None, fleet=fleet,
-                               progress=lambda t: print(t, file=sys.stderr, flush=True)) as net:
-            print(json.dumps({"bootstrap": net.bootstrap_addr, "root": str(net.root),
-                              "providers": [c.ready["peer_id"] for c in net.providers]}), flush=True)
-            boot = net.bootstrap
-            listen = boot.args[boot.args.index("--listen") + 1]
-            print(f"devnet up: idlemesh submit MODEL.onnx --input X.npy --bootstrap {net.bootstrap_addr}"
-                  f"\nthe bootstrap (pid {boot.process.pid}) comes back with: idlemesh bootstrap run --home {boot.home} "
-                  f"--listen {listen}\nCtrl-C stops every node.", file=sys.stderr, flush=True)
-            await trio.sleep_forever()
+    async def main() -> int:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            stopped_by = {}
+            async with trio.open_nursery() as nursery:
+                async def stop_on_signal() -> None:
+                    async for signum in signals:
+                        stopped_by["signal"] = signum
+                        nursery.cancel_scope.cancel()  # open_devnet stops every child on the way out
 
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        print("devnet stopped: every node was shut down", file=sys.stderr)
-        return 130
-    return 0
+                nursery.start_soon(stop_on_signal)
+                async with open_devnet(args.n, root=Path(args.root) if args.root else None, fleet=fleet,
+                                       progress=lambda t: print(t, file=sys.stderr, flush=True)) as net:
+                    print(json.dumps({"bootstrap": net.bootstrap_addr, "root": str(net.root),
+                                      "providers": [c.ready["peer_id"] for c in net.providers]}), flush=True)
+                    boot = net.bootstrap
+                    listen = boot.args[boot.args.index("--listen") + 1]
+                    print(f"devnet up: idlemesh submit MODEL.onnx --input X.npy --bootstrap {net.bootstrap_addr}"
+                          f"\nthe bootstrap (pid {boot.process.pid}) comes back with: idlemesh bootstrap run "
+                          f"--home {boot.home} --listen {listen}\nCtrl-C stops every node.", file=sys.stderr, flush=True)
+                    await trio.sleep_forever()
+        return stopped_by["signal"]
+
+    signum = trio.run(main)
+    print("devnet stopped: every node was shut down", file=sys.stderr)
+    return _exit_status(signum)
 
 
 def _devnet_run(args) -> int:
@@ -630,9 +639,18 @@ def main(argv: list[str] | None = None) -> int:
     except (HomeError, ListenError) as exc:
         print(f"idlemesh: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not _interrupted(exc):
+            raise
         print("idlemesh: interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, also when trio delivers it inside an exception group from a nursery."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(lambda e: isinstance(e, KeyboardInterrupt)) is not None
+    return isinstance(exc, KeyboardInterrupt)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""Mistakes an operator makes at start get one line that says what to do, before `ready`,
+and Ctrl-C ends a daemon with status 130. Real processes, asserted on the exit status and
+the first line printed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from node.calibrate import reference_model_path
+
+REPO = Path(__file__).resolve().parents[1]
+PEER = "12D3KooWSBKwL4Njx1h8drSoK58Wz5QkEQsKmMRvrwRoHtKYuoAL"  # a valid peer id nobody runs
+
+
+def idlemesh(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout_s)
+
+
+def first_error_line(done: subprocess.CompletedProcess) -> str:
+    # Our own log lines carry a timestamp; the error is the line that does not.
+    return next(line for line in done.stderr.splitlines() if line.startswith(("idlemesh:", "error:")))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _start_bootstrap(home: Path, port: int):
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "node.cli", "bootstrap", "run", "--home", str(home), "--listen",
+         f"/ip4/127.0.0.1/tcp/{port}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
+    line = b""
+    with trio.fail_after(60):
+        while not line.endswith(b"\n"):
+            chunk = await process.stdout.receive_some(1)
+            assert chunk, "the bootstrap exited before ready"
+            line += chunk
+    return process, json.loads(line)
+
+
+async def test_a_taken_port_an_address_without_peer_id_and_an_unwritable_home_are_one_line_errors(tmp_path):
+    port = free_port()
+    process, ready = await _start_bootstrap(tmp_path / "boot", port)
+    try:
+        assert ready["event"] == "ready"
+        # A second node on the same port (the library would share it with SO_REUSEPORT).
+        done = idlemesh("bootstrap", "run", "--home", str(tmp_path / "boot2"), "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+        assert done.returncode == 1 and done.stdout == ""
+        assert first_error_line(done) == (f"idlemesh: cannot listen on /ip4/127.0.0.1/tcp/{port}: port {port} "
+                                          "already in use (is another node running there?)")
+        # Ctrl-C: the daemon stops cleanly with 130.
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(30):
+            assert await process.wait() == 130
+    finally:
+        if process.returncode is None:
+            process.kill()
+
+    done = idlemesh("provider", "run", "--home", str(tmp_path / "p"), "--bootstrap", "/ip4/127.0.0.1/tcp/4000")
+    assert done.returncode == 1
+    assert first_error_line(done) == ("idlemesh: bad provider config: bootstrap: address '/ip4/127.0.0.1/tcp/4000' "
+                                      "has no /p2p/<peer id>: copy the whole address the node printed at start")
+
+    done = idlemesh("provider", "run", "--home", "/dev/null/home", "--listen", "/ip4/127.0.0.1/tcp/0")
+    assert done.returncode == 1
+    assert first_error_line(done) == ("idlemesh: home /dev/null/home is not writable: Not a directory; "
+                                      "choose another with --home")
+
+
+def test_submit_says_cannot_reach_for_a_bootstrap_that_does_not_answer(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 224, 224), np.float32))
+    addr = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{PEER}"
+    done = idlemesh("submit", str(reference_model_path("squeezenet")), "--input", str(tmp_path / "x.npy"),
+                    "--bootstrap", addr, "--home", str(tmp_path / "buyer"), "--out", str(tmp_path / "out"))
+    assert done.returncode == 1
+    assert first_error_line(done) == f"error: cannot reach bootstrap {addr} (connection refused)"
