@@ -55,7 +55,6 @@ class OfferGossip:
         self.on_new_offer = on_new_offer
         self.bad_inputs = 0
         self.on_bad_input: Callable[[str, str, object], None] | None = None
-        self._known: set[str] = set()
         self._gossip_limit = PeerRateLimit(*GOSSIP_PER_ORIGIN)
         self._digest_limit = PeerRateLimit(*DIGEST_PER_ORIGIN)
         self.reputation = ReputationBook()
@@ -94,17 +93,18 @@ class OfferGossip:
         return self.book.is_newer(offer)
 
     def _take(self, signed: bytes, via: str) -> None:
-        offer = self.book.add(signed, now_ms=now_ms())
-        if offer is None or offer.peer_id == self.p2p.peer_id:
+        now = now_ms()
+        offer = self.book.open(signed, now_ms=now)
+        if offer is None or offer.peer_id == self.p2p.peer_id or not self.book.is_newer(offer):
             return
+        was_held = self.book.holds(offer.peer_id, now_ms=now)
+        self.book.store(offer, signed)
         if TRACE_OFFERS:
             # Devnet and bench only: when each offer arrived, to measure gossip delivery.
             emit("offer-heard", provider=offer.peer_id, issued_at_ms=offer.issued_at_ms,
                  latency_ms=now_ms() - offer.issued_at_ms, via=via)
-        if offer.peer_id not in self._known:
-            self._known.add(offer.peer_id)
-            if self.on_new_offer:
-                self.on_new_offer(offer.peer_id)
+        if self.on_new_offer and not was_held:  # a provider (back) in our book
+            self.on_new_offer(offer.peer_id)
 
     def _validate_digest(self, origin: str, data: bytes) -> bool:
         if not self._digest_limit.allow(origin, time.monotonic()):
@@ -133,7 +133,9 @@ class OfferGossip:
         at most every DIGEST_RELAY_S: gossip stays within its budget."""
         while True:
             await trio.sleep(DIGEST_RELAY_S)
-            fresh = [d for d in self.reputation.current(now_ms=now_ms()) if d not in self._relayed]
+            current = self.reputation.current(now_ms=now_ms())
+            self._relayed &= set(current)  # forget expired digests: a bootstrap runs for months
+            fresh = [d for d in current if d not in self._relayed]
             if fresh:
                 self._relayed.add(fresh[0])
                 try:

@@ -44,8 +44,17 @@ class OfferBook:
         """Store a valid, newer offer; returns it, or None if it was dropped or stale."""
         offer = self.check(signed, now_ms=now_ms)
         if offer is not None:
-            self._entries[offer.peer_id] = BookEntry(offer, signed)
+            self.store(offer, signed)
         return offer
+
+    def store(self, offer: Offer, signed: bytes) -> None:
+        """Keep an offer that `open` returned and `is_newer` accepted."""
+        self._entries[offer.peer_id] = BookEntry(offer, signed)
+
+    def holds(self, peer_id: str, *, now_ms: int) -> bool:
+        """Whether an unexpired offer of `peer_id` is in the book."""
+        entry = self._entries.get(peer_id)
+        return entry is not None and entry.offer.expires_at_ms > now_ms
 
     def current(self, *, now_ms: int) -> list[BookEntry]:
         for pid in [p for p, e in self._entries.items() if e.offer.expires_at_ms <= now_ms]:
