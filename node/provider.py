@@ -280,6 +280,9 @@ class Provider:
         age_ms = checked - theirs.issued_at_ms if theirs else None
         stale = age_ms is None or age_ms > STALE_REFRESHES * self.refresh_s * 1000
         seen.update(checked_at_ms=checked, error=None, offer_age_ms=age_ms, stale=stale)
+        self.write_status()
+        if TRACE_OFFERS:
+            emit("offer-checked", bootstrap=peer_id, offer_age_ms=age_ms, stale=stale)
         if stale:
             log.warning("bootstrap %s %s: gossip is not reaching it; pushing the offer by sync", peer_id,
                         "holds no offer of ours" if theirs is None else f"holds our offer from {age_ms / 1000:.0f} s ago")
