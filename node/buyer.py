@@ -175,6 +175,10 @@ class Buyer:
                             raise DecodeError("provider asked for a model we did not send")
                         await stream.send(encode_message(ModelBlob(self.model_sha, self.model_bytes)), timeout_s=120)
                     elif message.kind == "accepted":
+                        if outcome.state != "requested":
+                            # The peer broke the protocol: a remote error that fails this
+                            # attempt only, never our own misuse that ends the batch.
+                            raise DecodeError(f"provider {offer.peer_id} sent 'accepted' twice")
                         outcome.state = next_state(outcome.state, "accept", role="buyer")
                         outcome.state = next_state(outcome.state, "start", role="buyer")
                     elif message.kind == "error":

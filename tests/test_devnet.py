@@ -181,3 +181,50 @@ async def test_hostile_models_fail_their_jobs_and_the_provider_keeps_serving(tmp
     # Only the honest jobs reached the provider's ledger.
     db = sqlite3.connect(home / "ledger.sqlite")
     assert db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0] == 2
+
+
+async def test_a_provider_that_breaks_the_protocol_fails_its_attempts_not_the_batch(tmp_path, input_array):
+    """A provider with an irresistible offer answers every job with 'accepted' twice: each
+    attempt there fails as the peer's error, and the batch settles on the honest one."""
+    import secrets
+
+    from protocol.messages import Device, ModelCapability, Offer, PowerProfile, open_job_request, sign_offer
+    from protocol.signing import SigningKey
+    from protocol.stream import Accepted
+
+    model_sha = hashlib.sha256(MODEL.read_bytes()).hexdigest()
+    async with open_devnet(1, root=tmp_path / "net") as net:
+        honest = net.providers[0].ready["peer_id"]
+        boot_id = bootstrap_peer_id(net.bootstrap_addr)
+        seed = secrets.token_bytes(32)
+        key = SigningKey(seed)
+        async with open_p2p_node(seed, ["/ip4/127.0.0.1/tcp/0"]) as liar:
+            now = int(time.time() * 1000)
+            signed = sign_offer(key, Offer(
+                provider=key.public_key, peer_id=key.peer_id, addrs=tuple(liar.listen_addrs),
+                device=Device("x86_64", "liar", 1 << 20), slots=8,
+                models=(ModelCapability("squeezenet", model_sha, 1e6, "measured"),),
+                power=PowerProfile(1.0, 1.5, 0.001, "declared", "declared", "declared"),
+                carbon_g_per_kwh=0.0, carbon_source="declared", price_per_s=0.0, backlog_ms=0.0,
+                issued_at_ms=now, expires_at_ms=now + 60_000))
+            tried = []
+
+            async def accept_twice(stream) -> None:
+                payload = await stream.receive(max_bytes=1 << 24, timeout_s=10)
+                _, request = open_job_request(decode_message(payload, max_bytes=1 << 24, expect=("submit",)).request)
+                tried.append(request.job_id)
+                for _ in range(2):
+                    await stream.send(encode_message(Accepted(request.job_id, 0)))
+                with trio.move_on_after(10):
+                    await stream.receive(max_bytes=1 << 16, timeout_s=10)  # until the buyer hangs up
+
+            liar.set_stream_handler(JOB_PROTOCOL, accept_twice)
+            await liar.connect(boot_id, [net.bootstrap_addr])
+            await OfferGossip(liar, OfferBook(), own_offer=lambda: signed).sync_with(boot_id)
+            spec = SubmitSpec(model_path=MODEL, inputs={"data_0": input_array}, count=4,
+                              bootstrap=[net.bootstrap_addr], home=tmp_path / "buyer", out_dir=tmp_path / "out")
+            outcomes, summary = await Buyer(spec).run()
+    assert summary["offers"] == 2 and tried  # the liar was placed and tried ...
+    assert [o.state for o in outcomes] == ["settled"] * 4, [o.error for o in outcomes]
+    assert {o.provider for o in outcomes} == {honest}  # ... and every job settled on the honest provider
+    assert all(o.attempts[0] == key.peer_id for o in outcomes if o.job_id in tried)
