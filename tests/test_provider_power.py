@@ -91,7 +91,7 @@ def test_calibration_labels_every_figure_with_its_source(tmp_path):
 
 def test_dynamic_batch_rewrite_runs_at_other_batch_sizes():
     import onnxruntime as ort
-    data = with_dynamic_batch((LIGHT_MODELS / "light_resnet50.onnx").read_bytes())
+    data = with_dynamic_batch((LIGHT_MODELS / "light_resnet50.onnx").read_bytes())  # shapes only
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     out = session.run(None, {"gpu_0/data_0": np.zeros((3, 3, 224, 224), np.float32)})
     assert out[0].shape[0] == 3
@@ -181,6 +181,8 @@ async def test_executor_refuses_the_hostile_corpus_and_keeps_serving(tmp_path):
 async def test_executor_timeout_stops_the_run_and_frees_the_slot(tmp_path):
     store = ModelStore(tmp_path / "models")
     executor = Executor(store, slots=1, check_models=False)
+    # Only the run time matters here: the shipped vgg19 (9 KB, weights computed at load)
+    # costs the same compute as the seeded one (575 MB).
     sha = _put(store, LIGHT_MODELS / "light_vgg19.onnx")
     many = (Tensor.from_array("data_0", np.zeros((64, 3, 224, 224), np.float32)),)
     with pytest.raises(JobFailed) as failed:
