@@ -427,6 +427,10 @@ def _open_ledger(home: str):
 
 
 def _ledger(args) -> int:
+    if args.json and not (Path(args.home) / "ledger.sqlite").exists():
+        # No job yet: an empty ledger, not an error, for scripts that poll it.
+        print(json.dumps({"me": None, "balances": [], "entries_sum_pico": 0, "conserved": True}, indent=2))
+        return 0
     ledger, _ = _open_ledger(args.home)
     balances = ledger.balances()
     total = ledger.total_pico()
@@ -521,10 +525,21 @@ def _verify(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("idlemesh")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="idlemesh", description="An open marketplace for idle AI compute.")
     ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap.add_argument("--version", action="version", version=f"idlemesh {_version()}")
+    sub = ap.add_subparsers(dest="command")
+    ap.set_defaults(func=lambda args: (ap.print_help(), 0)[1])  # `idlemesh` alone: help, status 0
 
     prov = sub.add_parser("provider", help="run a provider daemon").add_subparsers(dest="action", required=True)
     run = prov.add_parser("run", help="advertise capacity and serve jobs (settings: HOME/provider.toml, flags win)")

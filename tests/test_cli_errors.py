@@ -86,3 +86,13 @@ def test_submit_says_cannot_reach_for_a_bootstrap_that_does_not_answer(tmp_path)
                     "--bootstrap", addr, "--home", str(tmp_path / "buyer"), "--out", str(tmp_path / "out"))
     assert done.returncode == 1
     assert first_error_line(done) == f"error: cannot reach bootstrap {addr} (connection refused)"
+
+
+def test_version_bare_command_and_an_empty_ledger(tmp_path):
+    done = idlemesh("--version")
+    assert done.returncode == 0 and done.stdout.startswith("idlemesh ")
+    done = idlemesh()
+    assert done.returncode == 0 and done.stdout.startswith("usage: idlemesh")
+    done = idlemesh("ledger", "--home", str(tmp_path / "new"), "--json")
+    assert done.returncode == 0
+    assert json.loads(done.stdout) == {"me": None, "balances": [], "entries_sum_pico": 0, "conserved": True}
