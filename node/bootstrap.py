@@ -14,7 +14,8 @@ import trio
 
 from protocol.errors import DecodeError
 
-from .gossip import OfferGossip, emit
+from .gossip import OfferGossip, emit, now_ms
+from .metrics import NodeMetrics
 from .identity import load_or_create_seed
 from .offers import OfferBook
 from .p2p import StreamClosed, check_listen_addrs, open_p2p_node
@@ -22,13 +23,24 @@ from .p2p import StreamClosed, check_listen_addrs, open_p2p_node
 log = logging.getLogger("idlemesh.bootstrap")
 
 
-async def run_bootstrap(home: Path, listen: list[str], peers: list[str] = ()) -> int:
+async def run_bootstrap(home: Path, listen: list[str], peers: list[str] = (), metrics: str | None = None) -> int:
     """Serve until SIGINT or SIGTERM; returns the signal's number."""
     seed = load_or_create_seed(home)
     check_listen_addrs(listen)
     async with open_p2p_node(seed, listen) as p2p:
-        gossip = OfferGossip(p2p, OfferBook(), on_new_offer=lambda pid: emit("offer", provider=pid))
-        gossip.on_bad_input = lambda code, peer, detail: emit("refused", code=code, peer=peer)
+        book = OfferBook()
+        gossip = OfferGossip(p2p, book, on_new_offer=lambda pid: emit("offer", provider=pid))
+        counters = NodeMetrics("bootstrap")
+
+        def refused(code: str, peer: str, detail: object) -> None:
+            counters.refused.labels(code).inc()
+            emit("refused", code=code, peer=peer)
+
+        gossip.on_bad_input = refused
+        if metrics:
+            counters.read_when_scraped(counters.offers_held, lambda: book.count(now_ms=now_ms()))
+            counters.read_when_scraped(counters.connected_peers, lambda: len(p2p.host.get_network().connections))
+            counters.serve(metrics)
 
         async def exchange_books(peer_id: str) -> None:
             try:

@@ -29,6 +29,7 @@ def _provider_config(args):
         "idle_threshold": args.idle_threshold, "idle_hold_s": args.idle_hold_s,
         "fault_output_noise": args.fault_output_noise, "link_delay_ms": args.link_delay_ms,
         "arch": args.arch, "carbon_source": args.carbon_source, "offer_ttl_s": args.offer_ttl_s,
+        "metrics": args.metrics,
     }
     try:
         return load_config(Path(args.home), overrides)
@@ -172,7 +173,13 @@ def _bootstrap_run(args) -> int:
             check_peer_addr(addr)
         except ValueError as exc:
             raise SystemExit(f"idlemesh: bootstrap {exc}") from None
-    return _exit_status(trio.run(run_bootstrap, Path(args.home), [args.listen], args.bootstrap or []))
+    if args.metrics:
+        from .metrics import parse_listen
+        try:
+            parse_listen(args.metrics)
+        except ValueError as exc:
+            raise SystemExit(f"idlemesh: {exc}") from None
+    return _exit_status(trio.run(run_bootstrap, Path(args.home), [args.listen], args.bootstrap or [], args.metrics))
 
 
 def _model_input_names(model_path: str) -> list[str]:
@@ -413,6 +420,7 @@ def _provider_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--fault-output-noise", type=float, help=argparse.SUPPRESS)  # devnet: a lying provider
     run.add_argument("--link-delay-ms", type=float, help="devnet: simulated one-way link delay added on the wire")
     run.add_argument("--offer-ttl-s", type=float, help="offer lifetime in s, refreshed every third of it (default 60)")
+    run.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there (default off)")
 
 
 def _open_ledger(home: str):
@@ -562,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     brun.add_argument("--listen", default="/ip4/0.0.0.0/tcp/4000")
     brun.add_argument("--bootstrap", action="append",
                       help="another bootstrap of the same network to stay connected to (repeatable)")
+    brun.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there (default off)")
     brun.set_defaults(func=_bootstrap_run)
 
     sm = sub.add_parser("submit", help="submit ONNX inference jobs")

@@ -20,6 +20,7 @@ Example (every key optional):
     job_memory_mb = 4096     # a job estimated to need more is refused
     open_models = true       # also run models not listed, sent by hash on demand
     offer_ttl_s = 60.0       # offer lifetime in s (6-600); refreshed every third of it
+    metrics = "127.0.0.1:9464"  # Prometheus endpoint (off when absent); keep it off public addresses
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class ProviderConfig:
     fault_output_noise: float = 0.0       # devnet fault injection only: perturb outputs
     link_delay_ms: float = 0.0            # devnet: one-way delay of this provider's simulated link
     offer_ttl_s: float = 60.0             # offer lifetime; refreshed every third of it
+    metrics: str | None = None            # HOST:PORT for a Prometheus endpoint; off when unset
 
     def check(self) -> None:
         problems = []
@@ -90,6 +92,12 @@ class ProviderConfig:
                 problems.append(f"model file not found: {path}")
         if self.carbon_csv is not None and not Path(self.carbon_csv).is_file():
             problems.append(f"carbon_csv not found: {self.carbon_csv}")
+        if self.metrics is not None:
+            from .metrics import parse_listen
+            try:
+                parse_listen(self.metrics)
+            except ValueError as exc:
+                problems.append(str(exc))
         from .p2p import check_peer_addr
         for addr in self.bootstrap:
             try:
@@ -113,6 +121,7 @@ _KINDS = {
     "carbon_ceiling": float, "price_per_s": float, "models": list, "speed_factor": float, "idle_only": bool,
     "idle_threshold": float, "idle_hold_s": float, "model_budget_mb": float, "job_memory_mb": float,
     "open_models": bool, "fault_output_noise": float, "link_delay_ms": float, "offer_ttl_s": float,
+    "metrics": str,
 }
 _PATH_KEYS = {"carbon_csv"}
 _PATH_LIST_KEYS = {"models"}

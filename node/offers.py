@@ -51,6 +51,10 @@ class OfferBook:
         """Keep an offer that `open` returned and `is_newer` accepted."""
         self._entries[offer.peer_id] = BookEntry(offer, signed)
 
+    def count(self, *, now_ms: int) -> int:
+        """Unexpired offers, without pruning (safe to call from a metrics thread)."""
+        return sum(1 for e in list(self._entries.values()) if e.offer.expires_at_ms > now_ms)
+
     def holds(self, peer_id: str, *, now_ms: int) -> bool:
         """Whether an unexpired offer of `peer_id` is in the book."""
         entry = self._entries.get(peer_id)

@@ -20,7 +20,7 @@ import trio
 
 from protocol.errors import DecodeError, ExpiredError
 from protocol.messages import (
-    Device, ModelCapability, Offer, PowerProfile, Receipt, check_window, open_job_request,
+    Device, ModelCapability, Offer, PowerProfile, Receipt, SignedReceipt, check_window, open_job_request,
     open_offer, sign_offer, sign_receipt,
 )
 from protocol.stream import (
@@ -41,6 +41,7 @@ from .executor import Executor, JobFailed, ModelStore
 from .gossip import SYNC_TIMEOUT_S, TRACE_OFFERS, OfferGossip, emit, now_ms
 from .identity import load_key
 from .ledger import Ledger, LedgerError
+from .metrics import NodeMetrics
 from .offers import OfferBook
 from .p2p import FramedStream, StreamClosed, check_listen_addrs, open_p2p_node
 from .policy import Availability, CarbonSchedule, IdleGate, OwnerLoad, decide
@@ -93,6 +94,7 @@ class Provider:
         self.offer_log: dict = {}  # our current offer: issued/expires, publishes, last error
         self.seen_by: dict[str, dict] = {}  # bootstrap peer id -> what its book holds of ours
         self.gossip: OfferGossip | None = None
+        self.metrics = NodeMetrics("provider")
         self.carbon = CarbonSchedule(config.carbon_g_per_kwh, config.carbon_csv, config.carbon_source)
         self.idle_gate = IdleGate(config.idle_threshold, config.idle_hold_s)
         self.owner_load = 0.0
@@ -103,6 +105,7 @@ class Provider:
         """Count a refused input from a peer; the event lets a watcher (devnet, tests)
         see each one as it happens."""
         self.counters[name] = self.counters.get(name, 0) + 1
+        self.metrics.refused.labels(name).inc()
         log.info("%s from %s: %s", name, peer, detail)
         emit("refused", code=name, peer=peer)
 
@@ -288,6 +291,18 @@ class Provider:
                         "holds no offer of ours" if theirs is None else f"holds our offer from {age_ms / 1000:.0f} s ago")
             await self._announce_to(gossip, peer_id)
 
+    def _export_metrics(self, p2p) -> None:
+        m = self.metrics
+        m.slots.set(self.config.slots)
+        m.read_when_scraped(m.slots_busy, lambda: len(self._running))
+        m.read_when_scraped(m.connected_peers, lambda: len(p2p.host.get_network().connections))
+        m.read_when_scraped(m.offers_held, lambda: self.book.count(now_ms=now_ms()))
+        m.read_when_scraped(m.offer_age, lambda: (now_ms() - self.offer_log.get("issued_at_ms", now_ms())) / 1000)
+        m.read_when_scraped(m.offer_visible, lambda: float(bool(self.seen_by) and not any(
+            v.get("stale") or v.get("error") for v in self.seen_by.values())))
+        m.serve(self.config.metrics)
+        log.info("metrics on http://%s/metrics", self.config.metrics)
+
     def network_view(self) -> dict:
         """What the network sees of our offer, for `provider status`."""
         now = now_ms()
@@ -436,6 +451,9 @@ class Provider:
         frame = encode_message(JobResult(request.job_id, tuple(result.outputs), signed))
         self._keep_result(request.job_id, request.buyer, frame)
         self.jobs_done += 1
+        self.metrics.jobs.labels("completed").inc()
+        self.metrics.compute_seconds.inc(compute_ms / 1000)
+        self.metrics.energy_joules.labels(energy_source).inc(energy_j)
         emit("job", job_id=request.job_id, buyer=peer, compute_ms=round(compute_ms, 3),
              energy_j=round(energy_j, 6), energy_source=energy_source)
         await stream.send(frame)
@@ -448,6 +466,7 @@ class Provider:
             ack_bytes = decode_message(payload, max_bytes=MAX_CONTROL_FRAME_BYTES, expect=("ack",)).ack
         except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
             self.count("no-ack", peer, exc)
+            self.metrics.jobs.labels("unacked").inc()
             return
         try:
             applied = self.ledger.apply_ack(ack_bytes, now_ms=now_ms())
@@ -456,6 +475,9 @@ class Provider:
             return
         if applied.applied:
             self._results.pop(job_id, None)
+            self.metrics.jobs.labels("settled" if applied.status == "accepted" else applied.status).inc()
+            if applied.status == "accepted":
+                self.metrics.earnings.inc(SignedReceipt.parse(self.ledger.receipt_bytes(job_id)[0]).receipt.price)
         emit("settled", job_id=job_id, status=applied.status)
 
     def _keep_result(self, job_id: str, buyer: bytes, frame: bytes) -> None:
@@ -475,6 +497,8 @@ class Provider:
             self.p2p = p2p
             p2p.send_delay_s = 2 * self.config.link_delay_ms / 1000
             self.refresh_offer()
+            if self.config.metrics:
+                self._export_metrics(p2p)
             gossip = self.gossip = OfferGossip(p2p, self.book, own_offer=lambda: self._signed_offer)
             gossip.on_bad_input = self.count
             p2p.set_stream_handler(JOB_PROTOCOL, self._serve_job)

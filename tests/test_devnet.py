@@ -228,3 +228,32 @@ async def test_a_provider_that_breaks_the_protocol_fails_its_attempts_not_the_ba
     assert [o.state for o in outcomes] == ["settled"] * 4, [o.error for o in outcomes]
     assert {o.provider for o in outcomes} == {honest}  # ... and every job settled on the honest provider
     assert all(o.attempts[0] == key.peer_id for o in outcomes if o.job_id in tried)
+
+
+async def test_metrics_endpoint_counts_jobs_energy_and_earnings(tmp_path, input_array):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with open_devnet(1, root=tmp_path / "net", extra_args={0: ["--metrics", f"127.0.0.1:{port}"]}) as net:
+        spec = SubmitSpec(model_path=MODEL, inputs={"data_0": input_array}, count=3,
+                          bootstrap=[net.bootstrap_addr], home=tmp_path / "buyer", out_dir=tmp_path / "out")
+        outcomes, _ = await Buyer(spec).run()
+        assert [o.state for o in outcomes] == ["settled"] * 3
+        await _collect(net.providers[0], "settled", 3)  # the provider applied every ack
+        text = await trio.to_thread.run_sync(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+    series = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            series[name] = float(value)
+    assert series['idlemesh_jobs_total{outcome="completed"}'] == 3
+    assert series['idlemesh_jobs_total{outcome="settled"}'] == 3
+    assert series["idlemesh_compute_seconds_total"] > 0
+    assert series['idlemesh_energy_joules_total{source="declared"}'] == pytest.approx(sum(o.energy_j for o in outcomes))
+    assert series["idlemesh_earnings_total"] == pytest.approx(sum(o.price for o in outcomes))
+    assert series["idlemesh_slots"] == 2 and series["idlemesh_slots_busy"] == 0
+    assert series["idlemesh_connected_peers"] >= 1 and 0 <= series["idlemesh_offer_age_seconds"] < 60
