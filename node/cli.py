@@ -56,8 +56,10 @@ def _provider_calibrate(args) -> int:
     from .power import probe_meter
     from .executor import best_execution_providers
 
+    from .identity import prepare_home
+
     config = _provider_config(args)
-    config.home.mkdir(parents=True, exist_ok=True)
+    prepare_home(config.home)  # an unwritable home fails now, not after minutes of measuring
     paths = config.models or [reference_model_path(name) for name in REFERENCE_MODELS]
     meter = probe_meter(want_gpu=best_execution_providers()[0] == "CUDAExecutionProvider") \
         if config.speed_factor == 1.0 else None
@@ -105,6 +107,7 @@ def _provider_status(args) -> int:
     age_s = (time.time() * 1000 - status.get("updated_at_ms", 0)) / 1000
     status["running"] = alive
     status["status_age_s"] = round(age_s, 1)
+    status.update(_ledger_activity(Path(args.home)))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0 if alive else 1
@@ -112,7 +115,18 @@ def _provider_status(args) -> int:
         print(f"provider in {args.home} is not running (stale status from {age_s:.0f} s ago)")
         return 1
     state = "SELLING" if status["selling"] else f"WITHDRAWN ({status['reason']})"
-    print(f"provider {status['peer_id']} (pid {status['pid']}): {state}")
+    uptime_s = (time.time() * 1000 - status.get("started_at_ms", time.time() * 1000)) / 1000
+    print(f"provider {status['peer_id']} (pid {status['pid']}): {state}, up {_duration(uptime_s)}")
+    print(f"  price {status.get('price_per_s', 0):g} {status.get('price_unit', '')}; listening on "
+          f"{', '.join(status.get('listen', []))}; reachable at {', '.join(status['addrs'])}")
+    for label, figures in (("today", status.get("today")), ("in total", status.get("total"))):
+        if figures:
+            energy = ", ".join(f"{j:.3f} J [{src}]" for src, j in sorted(figures["energy_j"].items())) or "0 J"
+            jobs = figures["jobs"]
+            print(f"  {label}: {jobs.get('accepted', 0)} jobs paid, earned {figures['price']:.9g} price units, "
+                  f"{figures['compute_s']:.3f} s compute, energy {energy}"
+                  + (f"; {jobs['unacked']} awaiting the buyer's ack" if jobs.get("unacked") else "")
+                  + (f"; {jobs['rejected']} rejected" if jobs.get("rejected") else ""))
     print(f"  jobs: {status['jobs_running']} running, {status['jobs_done']} done; slots {status['slots']}")
     print(f"  owner load {status['owner_load']:.0%} (idle-only {'on' if status['idle_only'] else 'off'}); "
           f"grid {status['carbon_g_per_kwh']:.0f} g/kWh [{status['carbon_source']}], "
@@ -126,6 +140,30 @@ def _provider_status(args) -> int:
         print(f"  refused inputs: {status['counters']}")
     _print_offer_view(status.get("offer") or {}, now_ms=time.time() * 1000)
     return 0
+
+
+def _ledger_activity(home: Path) -> dict:
+    """Jobs, earnings and energy today (UTC) and in total, read from the provider's ledger."""
+    import datetime as dt
+
+    from .identity import load_key
+    from .ledger import Ledger
+
+    if not (home / "ledger.sqlite").exists():
+        return {}
+    midnight = dt.datetime.now(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    ledger = Ledger(home / "ledger.sqlite", load_key(home)[1].public_key)
+    try:
+        return {"today": ledger.activity(since_ms=int(midnight.timestamp() * 1000)), "total": ledger.activity()}
+    finally:
+        ledger.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    days, h = divmod(hours, 24)
+    return f"{days}d {h}h" if days else f"{h}h {m}m" if h else f"{m}m {s}s"
 
 
 def _ago(ms: float) -> str:
@@ -160,6 +198,21 @@ def _print_offer_view(offer: dict, *, now_ms: float) -> None:
         print(f"  last synced by: " + ", ".join(f"{s['peer_id']} ({_ago(now_ms - s['at_ms'])})" for s in synced[:5]))
     for warning in offer.get("warnings", []):
         print(f"  WARNING: {warning}")
+
+
+def _provider_install_service(args) -> int:
+    from .service import install_service
+
+    try:
+        path, unit, next_steps = install_service(Path(args.home).expanduser().resolve(), system=args.system,
+                                                 name=args.name, out=Path(args.out) if args.out else None)
+    except OSError as exc:
+        raise SystemExit(f"idlemesh: cannot write the unit: {exc.strerror or exc}; try --out FILE") from None
+    if args.json:
+        print(json.dumps({"unit": str(path), "next": next_steps}))
+    else:
+        print(f"wrote {path}\nthen: {next_steps}")
+    return 0
 
 
 def _bootstrap_run(args) -> int:
@@ -559,6 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seconds", type=float, default=0.5, help="seconds per measurement")
     cal.add_argument("--json", action="store_true")
     cal.set_defaults(func=_provider_calibrate)
+    svc = prov.add_parser("install-service", help="write a systemd unit that runs the provider of HOME")
+    svc.add_argument("--home", default=str(DEFAULT_HOME / "provider"))
+    svc.add_argument("--system", action="store_true",
+                     help="a system unit in /etc/systemd/system (default: a user unit in ~/.config/systemd/user)")
+    svc.add_argument("--name", default="idlemesh-provider", help="unit name (default idlemesh-provider)")
+    svc.add_argument("--out", help="write the unit to this file instead")
+    svc.add_argument("--json", action="store_true")
+    svc.set_defaults(func=_provider_install_service)
     st = prov.add_parser("status", help="what the provider in HOME is doing")
     st.add_argument("--home", default=str(DEFAULT_HOME / "provider"))
     st.add_argument("--json", action="store_true")

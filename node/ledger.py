@@ -266,6 +266,18 @@ class Ledger:
             receipts_sha256=receipts_digest([r[1] for r in rows]), as_of_ms=now_ms)
         return sign_statement(key, statement), statement
 
+    def activity(self, *, since_ms: int = 0) -> dict:
+        """Receipts applied since `since_ms`: jobs by status, price earned or paid on
+        accepted ones, compute seconds, and energy J by how it was obtained."""
+        jobs = dict(self.db.execute("SELECT status, COUNT(*) FROM receipts WHERE applied_at_ms >= ? "
+                                    "GROUP BY status", (since_ms,)).fetchall())
+        price_pico, compute_ms = self.db.execute(
+            "SELECT COALESCE(SUM(price_pico), 0), COALESCE(SUM(compute_ms), 0) FROM receipts "
+            "WHERE status = 'accepted' AND applied_at_ms >= ?", (since_ms,)).fetchone()
+        energy = dict(self.db.execute("SELECT energy_source, SUM(energy_j) FROM receipts WHERE status = 'accepted' "
+                                      "AND applied_at_ms >= ? GROUP BY energy_source", (since_ms,)).fetchall())
+        return {"jobs": jobs, "price": price_pico / PICO, "compute_s": compute_ms / 1000, "energy_j": energy}
+
     def close(self) -> None:
         self.db.close()
 

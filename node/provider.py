@@ -95,6 +95,7 @@ class Provider:
         self.seen_by: dict[str, dict] = {}  # bootstrap peer id -> what its book holds of ours
         self.gossip: OfferGossip | None = None
         self.metrics = NodeMetrics("provider")
+        self.started_at_ms = now_ms()
         self.carbon = CarbonSchedule(config.carbon_g_per_kwh, config.carbon_csv, config.carbon_source)
         self.idle_gate = IdleGate(config.idle_threshold, config.idle_hold_s)
         self.owner_load = 0.0
@@ -226,6 +227,9 @@ class Provider:
             "models": [{"name": m.name, "items_per_s": m.items_per_s, "source": m.throughput_source}
                        for m in self.models],
             "addrs": list(self.p2p.listen_addrs) if self.p2p else [],
+            "listen": list(self.config.listen), "started_at_ms": self.started_at_ms,
+            "price_per_s": self.config.price_per_s, "price_unit": "price units per busy second",
+            "metrics": self.config.metrics,
             "offer": self.network_view(),
         }
 

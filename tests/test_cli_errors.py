@@ -96,3 +96,24 @@ def test_version_bare_command_and_an_empty_ledger(tmp_path):
     done = idlemesh("ledger", "--home", str(tmp_path / "new"), "--json")
     assert done.returncode == 0
     assert json.loads(done.stdout) == {"me": None, "balances": [], "entries_sum_pico": 0, "conserved": True}
+
+
+def test_install_service_writes_a_unit_that_systemd_accepts(tmp_path):
+    import shutil
+
+    import pytest
+
+    for system in (False, True):
+        unit = tmp_path / f"idlemesh-provider-{system}.service"
+        flags = ["--system"] if system else []
+        done = idlemesh("provider", "install-service", "--home", str(tmp_path / "home"), "--out", str(unit),
+                        "--json", *flags)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["unit"] == str(unit)
+        text = unit.read_text()
+        assert f"provider run --home {tmp_path / 'home'}" in text and "Restart=on-failure" in text
+        assert ("ProtectSystem=strict" in text) == system
+        if shutil.which("systemd-analyze") is None:
+            pytest.skip("systemd-analyze is not installed here")
+        verified = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+        assert verified.returncode == 0, verified.stderr
