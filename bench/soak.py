@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devnet.launcher import open_devnet  # noqa: E402
 from node.buyer import Buyer, SubmitSpec  # noqa: E402
 from node.calibrate import reference_model_path  # noqa: E402
-from node.gossip import setup_logging  # noqa: E402
+from node.logs import setup_logging  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shlex
 import signal
 import sys
@@ -15,6 +14,7 @@ import numpy as np
 import trio
 
 DEFAULT_HOME = Path.home() / ".idlemesh"
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _provider_config(args):
@@ -37,16 +37,24 @@ def _provider_config(args):
         raise SystemExit(f"idlemesh: bad provider config: {exc}") from None
 
 
+def _setup_logging(args, default: str = "info") -> None:
+    from .logs import setup_logging
+
+    try:
+        setup_logging(args.verbose, level=args.log_level or default, file=args.log_file, json_lines=args.log_json)
+    except OSError as exc:
+        raise SystemExit(f"idlemesh: cannot write the log file {args.log_file}: {exc.strerror or exc}") from None
+
+
 def _exit_status(signum: int) -> int:
     """130 after Ctrl-C (SIGINT), as shells expect; 0 after SIGTERM (systemd's stop)."""
     return 130 if signum == signal.SIGINT else 0
 
 
 def _provider_run(args) -> int:
-    from .gossip import setup_logging
     from .provider import Provider
 
-    setup_logging(args.verbose)
+    _setup_logging(args)
     config = _provider_config(args)
     return _exit_status(trio.run(Provider(config).run))
 
@@ -195,7 +203,7 @@ def _print_offer_view(offer: dict, *, now_ms: float) -> None:
     print(f"  gossip: forwarded to {len(mesh)} peer(s)" + (f": {', '.join(mesh)}" if mesh else ""))
     synced = offer.get("synced_by", [])
     if synced:
-        print(f"  last synced by: " + ", ".join(f"{s['peer_id']} ({_ago(now_ms - s['at_ms'])})" for s in synced[:5]))
+        print("  last synced by: " + ", ".join(f"{s['peer_id']} ({_ago(now_ms - s['at_ms'])})" for s in synced[:5]))
     for warning in offer.get("warnings", []):
         print(f"  WARNING: {warning}")
 
@@ -217,10 +225,9 @@ def _provider_install_service(args) -> int:
 
 def _bootstrap_run(args) -> int:
     from .bootstrap import run_bootstrap
-    from .gossip import setup_logging
     from .p2p import check_peer_addr
 
-    setup_logging(args.verbose)
+    _setup_logging(args)
     for addr in args.bootstrap or []:
         try:
             check_peer_addr(addr)
@@ -285,9 +292,8 @@ def _print_outcomes(outcomes, summary, as_json: bool) -> None:
 
 def _submit(args) -> int:
     from .buyer import Buyer, SubmitError, SubmitSpec, resume_spec
-    from .gossip import setup_logging
 
-    setup_logging(args.verbose, level=logging.WARNING)  # the table and the error line say the rest
+    _setup_logging(args, default="warning")  # the table and the error line say the rest
     try:
         if args.resume:
             spec = resume_spec(Path(args.home), args.bootstrap, args.resume, spot_check=args.spot_check,
@@ -394,9 +400,8 @@ def _devnet_run(args) -> int:
     from devnet.report import write_report
     from devnet.run import run_scenario
     from devnet.scenario import ScenarioError, load_scenario
-    from .gossip import setup_logging
 
-    setup_logging(args.verbose)
+    _setup_logging(args)
     try:
         scenario = load_scenario(Path(args.scenario))
         if args.providers:
@@ -597,7 +602,11 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="idlemesh", description="An open marketplace for idle AI compute.")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug lines, ours and the library's")
+    ap.add_argument("--log-level", choices=LOG_LEVELS, help="our log lines at this level and above (default info; "
+                    "warning for submit)")
+    ap.add_argument("--log-file", help="append log lines to this file instead of stderr")
+    ap.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     ap.add_argument("--version", action="version", version=f"idlemesh {_version()}")
     sub = ap.add_subparsers(dest="command")
     ap.set_defaults(func=lambda args: (ap.print_help(), 0)[1])  # `idlemesh` alone: help, status 0

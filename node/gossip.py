@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from typing import Callable
 
@@ -203,12 +202,3 @@ def bootstrap_peer_id(addr: str) -> str:
     from .p2p import check_peer_addr
 
     return check_peer_addr(addr)
-
-
-def setup_logging(verbose: bool = False, *, level: int = logging.INFO) -> None:
-    """Our lines at `level` (DEBUG with -v); the library's only when verbose."""
-    from .p2p.host import quiet_libp2p_logs
-
-    logging.basicConfig(level=logging.DEBUG if verbose else level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    quiet_libp2p_logs(logging.WARNING if verbose else logging.CRITICAL)

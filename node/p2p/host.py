@@ -341,7 +341,7 @@ def check_listen_addrs(addrs: list[str]) -> None:
             maddr = multiaddr.Multiaddr(addr)
             host = maddr.value_for_protocol("ip4") if "/ip4/" in addr else maddr.value_for_protocol("ip6")
             port = int(maddr.value_for_protocol("tcp"))
-        except Exception as exc:  # noqa: BLE001 - multiaddr raises many types for bad text
+        except Exception:  # noqa: BLE001 - multiaddr raises many types for bad text
             raise ListenError(f"bad listen address {addr!r}: expected e.g. /ip4/0.0.0.0/tcp/4001") from None
         if port == 0:
             continue
