@@ -15,6 +15,9 @@ import trio
 
 DEFAULT_HOME = Path.home() / ".idlemesh"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# Tables print peer ids by this many leading characters ("12D3KooW" + 8 that differ):
+# enough to tell peers apart, and what `settle` and `receipts --peer` accept back.
+PEER_PREFIX = 16
 
 
 def _provider_config(args):
@@ -274,10 +277,10 @@ def _print_outcomes(outcomes, summary, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"jobs": [o.to_json() for o in outcomes], **summary}, indent=2))
         return
-    print(f"{'job':10} {'provider':14} {'state':9} {'latency_ms':>10} {'compute_ms':>10} "
+    print(f"{'job':10} {'provider':16} {'state':9} {'latency_ms':>10} {'compute_ms':>10} "
           f"{'energy_j':>9} {'source':9} {'price':>9}")
     for o in outcomes:
-        print(f"{o.job_id[:8]:10} ...{o.provider[-10:]:11} {o.state:9} {o.latency_ms:10.1f} {o.compute_ms:10.2f} "
+        print(f"{o.job_id[:8]:10} {o.provider[:PEER_PREFIX]:16} {o.state:9} {o.latency_ms:10.1f} {o.compute_ms:10.2f} "
               f"{o.energy_j:9.4f} {o.energy_source:9} {o.price:9.2e}")
         if o.error:
             print(f"    error: {o.error}")
@@ -300,12 +303,10 @@ def _submit(args) -> int:
                                min_reputation=args.min_reputation)
         else:
             if not args.model or not args.input:
-                print("error: give MODEL and --input (or --resume to finish a journalled batch)", file=sys.stderr)
-                return 2
+                return _fail(args, "error: give MODEL and --input (or --resume to finish a journalled batch)", 2)
             model = Path(args.model)
             if not model.exists():
-                print(f"error: model file {model} not found", file=sys.stderr)
-                return 2
+                return _fail(args, f"error: model file {model} not found", 2)
             inputs = _parse_inputs(args.input, args.model)
             spec = SubmitSpec(model_path=model, inputs=inputs, count=args.count, bootstrap=args.bootstrap,
                               home=Path(args.home), out_dir=Path(args.out), max_price=args.max_price,
@@ -331,8 +332,7 @@ def _submit(args) -> int:
                       file=sys.stderr)
             return 130
     except SubmitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, f"error: {exc}")
     _print_outcomes(outcomes, summary, args.json)
     return 0 if all(o.state == "settled" for o in outcomes) else 1
 
@@ -343,8 +343,7 @@ def _match(args) -> int:
     try:
         problem = problem_from_json(json.loads(Path(args.problem).read_text()))
     except (OSError, ValueError) as exc:
-        print(f"error: {args.problem}: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, f"error: {args.problem}: {exc}", 2)
     result = solve(problem, solver=args.solver, time_limit_s=args.time_limit, seed=args.seed,
                    clock=time.perf_counter)
     out = result.to_json()
@@ -515,8 +514,14 @@ def _ledger(args) -> int:
 
 
 def _receipts(args) -> int:
+    from .ledger import LedgerError
+
     ledger, _ = _open_ledger(args.home)
-    rows = ledger.history(counterparty=args.peer, limit=args.limit)
+    try:
+        peer = ledger.resolve_peer(args.peer) if args.peer else None
+    except LedgerError as exc:
+        raise SystemExit(f"idlemesh: {exc}") from None
+    rows = ledger.history(counterparty=peer, limit=args.limit)
     if args.export:
         out = Path(args.export)
         out.mkdir(parents=True, exist_ok=True)
@@ -528,9 +533,9 @@ def _receipts(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'receipt':<34} {'role':<8} {'counterparty':<14} {'status':<9} {'price':>12} {'energy_j':>10} source")
+    print(f"{'receipt':<34} {'role':<8} {'counterparty':<16} {'status':<9} {'price':>12} {'energy_j':>10} source")
     for r in rows:
-        print(f"{r['receipt_id']:<34} {r['role']:<8} ...{r['counterparty'][-10:]:<11} {r['status']:<9} "
+        print(f"{r['receipt_id']:<34} {r['role']:<8} {r['counterparty'][:PEER_PREFIX]:<16} {r['status']:<9} "
               f"{r['price']:12.4g} {r['energy_j']:10.4f} {r['energy_source']}" +
               (f"  ({r['reason']})" if r["reason"] else ""))
     if args.export:
@@ -544,10 +549,11 @@ def _settle(args) -> int:
 
     ledger, key = _open_ledger(args.home)
     try:
+        args.peer = ledger.resolve_peer(args.peer)  # a prefix as printed in the tables is enough
         signed, statement = ledger.statement(key, args.peer, now_ms=now_ms())
     except LedgerError as exc:
         raise SystemExit(f"idlemesh: {exc}") from None
-    out = Path(args.out or f"statement-{args.peer[-8:]}.idm")
+    out = Path(args.out or f"statement-{args.peer[:PEER_PREFIX]}.idm")
     out.write_bytes(signed)
     summary = {"file": str(out), "issuer": ledger.me, "counterparty": args.peer, "receipts": statement.receipts,
                "net_price": statement.net_price, "energy_j": statement.energy_j,
@@ -668,13 +674,13 @@ def build_parser() -> argparse.ArgumentParser:
     lg.set_defaults(func=_ledger)
     rc = sub.add_parser("receipts", help="receipt history")
     rc.add_argument("--home", default=str(DEFAULT_HOME / "buyer"))
-    rc.add_argument("--peer", help="only receipts with this peer id")
+    rc.add_argument("--peer", help="only receipts with this peer (its id, or a unique prefix as tables print it)")
     rc.add_argument("--limit", type=int, default=100)
     rc.add_argument("--export", help="also write each signed receipt (and ack) to this directory")
     rc.add_argument("--json", action="store_true")
     rc.set_defaults(func=_receipts)
     se = sub.add_parser("settle", help="write a signed statement of the netted balance with PEER")
-    se.add_argument("peer")
+    se.add_argument("peer", help="peer id, or a unique prefix as tables print it")
     se.add_argument("--home", default=str(DEFAULT_HOME / "buyer"))
     se.add_argument("--out", help="file for the signed statement (default statement-<peer>.idm)")
     se.add_argument("--json", action="store_true")
@@ -731,13 +737,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (HomeError, ListenError) as exc:
-        print(f"idlemesh: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, f"idlemesh: {exc}")
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # our one-line errors
+            return _fail(args, exc.code)
+        raise
     except BaseException as exc:
         if not _interrupted(exc):
             raise
         print("idlemesh: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(args, message: str, status: int = 1) -> int:
+    """One line on stderr; with --json also {"error": ...} on stdout, for scripts."""
+    print(message, file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message.removeprefix("idlemesh: ").removeprefix("error: ")}))
+    return status
 
 
 def _interrupted(exc: BaseException) -> bool:

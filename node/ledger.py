@@ -266,6 +266,17 @@ class Ledger:
             receipts_sha256=receipts_digest([r[1] for r in rows]), as_of_ms=now_ms)
         return sign_statement(key, statement), statement
 
+    def resolve_peer(self, prefix: str) -> str:
+        """The one counterparty whose peer id starts with `prefix` (tables print prefixes)."""
+        rows = [r[0] for r in self.db.execute("SELECT DISTINCT counterparty FROM receipts WHERE counterparty >= ? "
+                                              "AND counterparty < ? ORDER BY counterparty LIMIT 3",
+                                              (prefix, prefix + "\U0010ffff"))]
+        if not rows:
+            raise LedgerError(f"no receipt with a peer whose id starts with {prefix!r}")
+        if len(rows) > 1 and prefix not in rows:
+            raise LedgerError(f"{prefix!r} matches several peers ({', '.join(rows[:2])}, ...): type more of the id")
+        return prefix if prefix in rows else rows[0]
+
     def activity(self, *, since_ms: int = 0) -> dict:
         """Receipts applied since `since_ms`: jobs by status, price earned or paid on
         accepted ones, compute seconds, and energy J by how it was obtained."""

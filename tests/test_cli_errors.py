@@ -117,3 +117,36 @@ def test_install_service_writes_a_unit_that_systemd_accepts(tmp_path):
             pytest.skip("systemd-analyze is not installed here")
         verified = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
         assert verified.returncode == 0, verified.stderr
+
+
+def test_json_errors_are_json_on_stdout_and_peer_prefixes_are_typed_back(tmp_path):
+    done = idlemesh("submit", str(tmp_path / "missing.onnx"), "--input", "x.npy", "--bootstrap",
+                    f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}", "--json")
+    assert done.returncode == 2
+    assert json.loads(done.stdout) == {"error": f"model file {tmp_path / 'missing.onnx'} not found"}
+    done = idlemesh("ledger", "--home", "/dev/null/x")
+    assert done.returncode == 1 and first_error_line(done).startswith("idlemesh: no ledger in /dev/null/x")
+
+
+def test_a_ledger_peer_is_found_by_the_prefix_tables_print(tmp_path):
+    from node.ledger import Ledger, LedgerError
+    from protocol.messages import Receipt, ReceiptAck, SignedReceipt, sign_receipt, sign_receipt_ack
+    from protocol.signing import SigningKey
+
+    import pytest
+
+    buyer, providers = SigningKey(bytes([1]) * 32), [SigningKey(bytes([i]) * 32) for i in (2, 3)]
+    ledger = Ledger(tmp_path / "ledger.sqlite", buyer.public_key)
+    for i, provider in enumerate(providers):
+        receipt = sign_receipt(provider, Receipt(
+            job_id=f"{i:032x}", buyer=buyer.public_key, provider=provider.public_key, model_sha256="aa" * 32,
+            input_sha256="bb" * 32, output_sha256="cc" * 32, queue_ms=0.0, compute_ms=1.0, energy_j=0.1,
+            energy_source="declared", price=1e-6, issued_at_ms=1, execution_provider="CPUExecutionProvider"))
+        ack = sign_receipt_ack(buyer, ReceiptAck(f"{i:032x}", SignedReceipt.parse(receipt).body_sha256, True, "", 2))
+        ledger.apply(receipt, ack, now_ms=3)
+    full = providers[0].peer_id
+    assert ledger.resolve_peer(full[:16]) == full and ledger.resolve_peer(full) == full
+    with pytest.raises(LedgerError, match="matches several peers"):
+        ledger.resolve_peer("12D3KooW")
+    with pytest.raises(LedgerError, match="no receipt with a peer"):
+        ledger.resolve_peer("12D3KooWzzzz")
