@@ -1,33 +1,15 @@
 """Provider configuration: HOME/provider.toml for everything the flags set, so the daemon
 can run under systemd; a flag given on the command line wins over the file.
 
-Example (every key optional):
-
-    listen = ["/ip4/0.0.0.0/tcp/4001"]
-    bootstrap = ["/ip4/203.0.113.5/tcp/4000/p2p/12D3KooW..."]
-    slots = 2
-    models = ["/srv/models/resnet50.onnx"]     # default: reference models from `onnx`
-    price_per_s = 0.0001
-    idle_w = 12.0            # declared power, used only when no meter is readable
-    busy_w = 65.0
-    carbon_g_per_kwh = 300.0  # static grid intensity ...
-    carbon_csv = "/etc/idlemesh/grid.csv"   # ... or an hourly schedule
-    carbon_ceiling = 400.0   # withdraw capacity while the grid is dirtier
-    idle_only = true         # sell only while the owner leaves the machine idle
-    idle_threshold = 0.2     # owner's share of CPU above which we withdraw
-    idle_hold_s = 60.0       # how long it must stay under before we sell again
-    model_budget_mb = 2048   # disk for models buyers send; least recently used go first
-    job_memory_mb = 4096     # a job estimated to need more is refused
-    open_models = true       # also run models not listed, sent by hash on demand
-    offer_ttl_s = 60.0       # offer lifetime in s (6-600); refreshed every third of it
-    metrics = "127.0.0.1:9464"  # Prometheus endpoint (off when absent); keep it off public addresses
+Every key, its default, unit and meaning: docs/config.md, generated from the fields of
+ProviderConfig below (`python -m node.config > docs/config.md`), so it cannot drift.
 """
 
 from __future__ import annotations
 
 import platform
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,35 +23,48 @@ def local_arch() -> str:
     return "arm64" if machine in ("arm64", "aarch64") else "x86_64"
 
 
+def _key(default=None, *, help: str, unit: str = "", factory=None):
+    """A provider.toml key: its default, unit and meaning live here, once; the reference
+    in docs/config.md is generated from them (`python -m node.config`)."""
+    metadata = {"help": help, "unit": unit}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class ProviderConfig:
     home: Path
-    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4001"])
-    bootstrap: list[str] = field(default_factory=list)
-    slots: int = 1
-    device_name: str | None = None       # default: the CPU model name
-    arch: str = field(default_factory=local_arch)
-    memory_mb: int = 4096
-    idle_w: float | None = None           # declared; None: measured or estimated
-    busy_w: float | None = None
-    marginal_w: float | None = None       # declared per busy slot; default busy - idle
-    carbon_g_per_kwh: float = 300.0
-    carbon_source: str = "declared"
-    carbon_csv: Path | None = None
-    carbon_ceiling: float | None = None
-    price_per_s: float = 0.0001
-    models: list[Path] = field(default_factory=list)
-    speed_factor: float = 1.0             # simulated devices scale measured throughput
-    idle_only: bool = False
-    idle_threshold: float = 0.2
-    idle_hold_s: float = 60.0
-    model_budget_mb: float = 2048.0
-    job_memory_mb: float = 4096.0
-    open_models: bool = True
-    fault_output_noise: float = 0.0       # devnet fault injection only: perturb outputs
-    link_delay_ms: float = 0.0            # devnet: one-way delay of this provider's simulated link
-    offer_ttl_s: float = 60.0             # offer lifetime; refreshed every third of it
-    metrics: str | None = None            # HOST:PORT for a Prometheus endpoint; off when unset
+    listen: list[str] = _key(factory=lambda: ["/ip4/0.0.0.0/tcp/4001"], help="multiaddrs to listen on")
+    bootstrap: list[str] = _key(factory=list, help="bootstrap multiaddrs, each ending in /p2p/<peer id>; "
+                                "give several: losing one loses nothing")
+    slots: int = _key(1, help="jobs run at once")
+    device_name: str | None = _key(help="advertised device name (default: the CPU or GPU model name)")
+    arch: str = _key(factory=local_arch, help="advertised arch: cuda, arm64 or x86_64 (default: this machine's)")
+    memory_mb: int = _key(4096, unit="MiB", help="advertised device memory, shared by the slots")
+    idle_w: float | None = _key(unit="W", help="declared idle power, used only when no meter is readable")
+    busy_w: float | None = _key(unit="W", help="declared busy power, used only when no meter is readable")
+    marginal_w: float | None = _key(unit="W", help="declared marginal power per busy slot (default busy - idle)")
+    carbon_g_per_kwh: float = _key(300.0, unit="g CO2/kWh", help="static grid carbon intensity")
+    carbon_source: str = _key("declared", help="where the static carbon figure comes from")
+    carbon_csv: Path | None = _key(help="hourly grid intensity instead: a CSV of time,g_per_kwh rows")
+    carbon_ceiling: float | None = _key(unit="g CO2/kWh", help="withdraw capacity while the grid is dirtier")
+    price_per_s: float = _key(0.0001, unit="price units per busy second", help="price of compute time")
+    models: list[Path] = _key(factory=list, help="ONNX models to offer (default: seeded squeezenet, shufflenet "
+                              "and resnet50); throughput is measured")
+    speed_factor: float = _key(1.0, help="devnet: simulate a device this many times faster than this machine")
+    idle_only: bool = _key(False, help="sell only while the owner leaves the machine idle")
+    idle_threshold: float = _key(0.2, unit="share of CPU", help="owner load above which capacity is withdrawn")
+    idle_hold_s: float = _key(60.0, unit="s", help="how long the owner load must stay under before selling again")
+    model_budget_mb: float = _key(2048.0, unit="MiB", help="disk for models buyers send; least recently used go first")
+    job_memory_mb: float = _key(4096.0, unit="MiB", help="a job estimated to need more memory is refused")
+    open_models: bool = _key(True, help="also run models this provider does not list, sent by hash on demand. "
+                             "RISK: strangers' models run here; each is checked in a throwaway subprocess first "
+                             "and runs under a timeout and a memory ceiling, but set false to run only your own")
+    fault_output_noise: float = _key(0.0, help="devnet fault injection only: perturb outputs")
+    link_delay_ms: float = _key(0.0, unit="ms", help="devnet: one-way delay of this provider's simulated link")
+    offer_ttl_s: float = _key(60.0, unit="s", help="offer lifetime (6-600); refreshed every third of it")
+    metrics: str | None = _key(help="HOST:PORT of a Prometheus endpoint (off when unset); keep it private")
 
     def check(self) -> None:
         problems = []
@@ -160,3 +155,27 @@ def load_config(home: Path, overrides: dict[str, Any]) -> ProviderConfig:
     config = ProviderConfig(home=home, **values)
     config.check()
     return config
+
+
+def reference() -> str:
+    """docs/config.md: every provider.toml key with its default, unit and meaning."""
+    lines = ["# provider.toml reference", "",
+             "Generated from `node/config.py` (`python -m node.config > docs/config.md`); a test keeps the two",
+             "equal. Every key is optional; a flag given on the command line wins over the file.", "",
+             "| key | default | unit | meaning |", "|---|---|---|---|"]
+    for f in fields(ProviderConfig):
+        if f.name == "home":
+            continue
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if f.name == "arch":
+            shown = "this machine's"
+        elif default is None:
+            shown = "unset"
+        else:
+            shown = f"`{str(default).lower() if isinstance(default, bool) else default}`"
+        lines.append(f"| `{f.name}` | {shown} | {f.metadata['unit']} | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

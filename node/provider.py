@@ -119,6 +119,10 @@ class Provider:
         """Throughput from HOME/profile.json when it covers our models, else measured now
         (and saved); power from the meter, else declared, else published estimates."""
         c = self.config
+        if c.open_models:
+            log.warning("open_models is on: models that buyers send run here (each checked in a throwaway "
+                        "subprocess first, then under a timeout and a memory ceiling); set open_models = false "
+                        "in provider.toml to run only your own")
         paths = self.model_paths()
         wanted = {}
         for path in paths:

@@ -219,3 +219,15 @@ def test_model_store_evicts_least_recently_used_never_pinned(tmp_path):
     with pytest.raises(JobFailed) as failed:
         store.put(hashlib.sha256(b"x" * 3000).hexdigest(), b"x" * 3000)
     assert failed.value.code == "too-large"
+
+
+def test_the_config_reference_is_generated_from_the_config_definition():
+    from dataclasses import fields
+
+    from node import config
+
+    # docs/config.md is `python -m node.config`: regenerate it when a key changes.
+    assert (Path(config.__file__).parents[1] / "docs" / "config.md").read_text() == config.reference()
+    keys = {f.name for f in fields(config.ProviderConfig)} - {"home"}
+    assert set(config._KINDS) == keys  # the loader knows the type of every key
+    assert all(f.metadata.get("help") for f in fields(config.ProviderConfig) if f.name != "home")
