@@ -28,6 +28,8 @@ from .power import EnergyMeter, cpu_model_name, estimate_power
 
 REFERENCE_MODELS = ("squeezenet", "shufflenet", "resnet50", "densenet121", "inception_v1", "inception_v2",
                     "bvlc_alexnet", "zfnet512", "vgg19")
+# What a provider offers, and calibrates, unless told otherwise (--model): one profile.
+DEFAULT_MODELS = ("squeezenet", "shufflenet", "resnet50")
 DEFAULT_BATCHES = (1, 4, 8)
 PROFILE_NAME = "profile.json"
 PROFILE_VERSION = 1
@@ -94,6 +96,17 @@ class Profile:
 
     def model(self, sha256: str) -> ModelFigures | None:
         return next((m for m in self.models if m.sha256 == sha256), None)
+
+
+def merge_profiles(old: Profile | None, new: Profile) -> Profile:
+    """`new`, plus every model `old` measured that `new` did not, when both describe the
+    same device at the same speed; otherwise `new` alone (old figures would be wrong)."""
+    if old is None or old.speed_factor != new.speed_factor or old.device_name != new.device_name:
+        return new
+    measured = {m.sha256 for m in new.models}
+    return Profile(new.device_name, new.execution_provider, new.power,
+                   [*new.models, *(m for m in old.models if m.sha256 not in measured)], new.calibrated_at_ms,
+                   new.speed_factor)
 
 
 def save_profile(home: Path, profile: Profile) -> Path:

@@ -23,16 +23,17 @@ PEER_PREFIX = 16
 def _provider_config(args):
     from .config import ConfigError, load_config
 
+    flag = lambda name: getattr(args, name, None)  # noqa: E731 - calibrate has only some of run's flags
     overrides = {
-        "listen": [args.listen] if args.listen else None, "bootstrap": args.bootstrap, "slots": args.slots,
-        "device_name": args.device_name, "memory_mb": args.memory_mb, "idle_w": args.idle_w,
-        "busy_w": args.busy_w, "marginal_w": args.marginal_w, "carbon_g_per_kwh": args.carbon,
-        "carbon_csv": args.carbon_csv, "carbon_ceiling": args.carbon_ceiling, "price_per_s": args.price_per_s,
-        "models": args.model, "speed_factor": args.speed_factor, "idle_only": args.idle_only,
-        "idle_threshold": args.idle_threshold, "idle_hold_s": args.idle_hold_s,
-        "fault_output_noise": args.fault_output_noise, "link_delay_ms": args.link_delay_ms,
-        "arch": args.arch, "carbon_source": args.carbon_source, "offer_ttl_s": args.offer_ttl_s,
-        "metrics": args.metrics,
+        "listen": [flag("listen")] if flag("listen") else None, "bootstrap": flag("bootstrap"),
+        "slots": flag("slots"), "device_name": flag("device_name"), "memory_mb": flag("memory_mb"),
+        "idle_w": flag("idle_w"), "busy_w": flag("busy_w"), "marginal_w": flag("marginal_w"),
+        "carbon_g_per_kwh": flag("carbon"), "carbon_csv": flag("carbon_csv"), "carbon_ceiling": flag("carbon_ceiling"),
+        "price_per_s": flag("price_per_s"), "models": flag("model"), "speed_factor": flag("speed_factor"),
+        "idle_only": flag("idle_only"), "idle_threshold": flag("idle_threshold"), "idle_hold_s": flag("idle_hold_s"),
+        "fault_output_noise": flag("fault_output_noise"), "link_delay_ms": flag("link_delay_ms"),
+        "arch": flag("arch"), "carbon_source": flag("carbon_source"), "offer_ttl_s": flag("offer_ttl_s"),
+        "metrics": flag("metrics"),
     }
     try:
         return load_config(Path(args.home), overrides)
@@ -63,7 +64,10 @@ def _provider_run(args) -> int:
 
 
 def _provider_calibrate(args) -> int:
-    from .calibrate import DEFAULT_BATCHES, REFERENCE_MODELS, calibrate, reference_model_path, save_profile
+    from .calibrate import (
+        DEFAULT_BATCHES, DEFAULT_MODELS, REFERENCE_MODELS, calibrate, load_profile, merge_profiles,
+        reference_model_path, save_profile,
+    )
     from .power import probe_meter
     from .executor import best_execution_providers
 
@@ -71,7 +75,8 @@ def _provider_calibrate(args) -> int:
 
     config = _provider_config(args)
     prepare_home(config.home)  # an unwritable home fails now, not after minutes of measuring
-    paths = config.models or [reference_model_path(name) for name in REFERENCE_MODELS]
+    names = REFERENCE_MODELS if args.all_reference else DEFAULT_MODELS  # run offers DEFAULT_MODELS
+    paths = config.models or [reference_model_path(name) for name in names]
     meter = probe_meter(want_gpu=best_execution_providers()[0] == "CUDAExecutionProvider") \
         if config.speed_factor == 1.0 else None
     say = (lambda line: print(line, file=sys.stderr, flush=True))
@@ -81,7 +86,8 @@ def _provider_calibrate(args) -> int:
                         declared_idle_w=config.idle_w, declared_busy_w=config.busy_w,
                         device_name=config.device_name, speed_factor=config.speed_factor,
                         seconds_per_point=args.seconds, progress=say)
-    path = save_profile(config.home, profile)
+    # Keep what an earlier calibration measured of other models: never a smaller profile.
+    path = save_profile(config.home, merge_profiles(load_profile(config.home), profile))
     if args.json:
         print(json.dumps({"profile": str(path), **profile.to_json()}, indent=2))
     else:
@@ -451,25 +457,31 @@ def _devnet_demo(args) -> int:
     return trio.run(run_demo, args.n, args.jobs, args.json)
 
 
-def _provider_flags(run: argparse.ArgumentParser) -> None:
+def _measure_flags(ap: argparse.ArgumentParser) -> None:
+    """Flags of both `provider calibrate` and `provider run`: what is measured, and how."""
     # Defaults are None: unset flags fall back to HOME/provider.toml, then built-in defaults.
-    run.add_argument("--home", default=str(DEFAULT_HOME / "provider"))
+    ap.add_argument("--home", default=str(DEFAULT_HOME / "provider"))
+    ap.add_argument("--model", action="append",
+                    help="ONNX model to offer (repeatable; default seeded squeezenet, shufflenet, resnet50)")
+    ap.add_argument("--device-name")
+    ap.add_argument("--idle-w", type=float, help="declared idle power, W (used when no meter is readable)")
+    ap.add_argument("--busy-w", type=float, help="declared busy power, W (used when no meter is readable)")
+    ap.add_argument("--speed-factor", type=float, help="devnet: simulate a device this many times faster")
+
+
+def _provider_flags(run: argparse.ArgumentParser) -> None:
+    _measure_flags(run)
     run.add_argument("--listen", help="multiaddr to listen on (default /ip4/0.0.0.0/tcp/4001)")
     run.add_argument("--bootstrap", action="append", help="bootstrap multiaddr with /p2p/ id (repeatable)")
     run.add_argument("--slots", type=int, help="jobs run at once (default 1)")
-    run.add_argument("--device-name")
     run.add_argument("--arch", choices=["cuda", "arm64", "x86_64"], help="advertised arch (default: this machine's)")
     run.add_argument("--memory-mb", type=int)
-    run.add_argument("--idle-w", type=float, help="declared idle power, W (used when no meter is readable)")
-    run.add_argument("--busy-w", type=float, help="declared busy power, W (used when no meter is readable)")
     run.add_argument("--marginal-w", type=float, help="declared marginal power per busy slot, W")
     run.add_argument("--carbon", type=float, help="grid carbon intensity, g CO2/kWh (default 300)")
     run.add_argument("--carbon-csv", help="hourly grid intensity, rows of time,g_per_kwh")
     run.add_argument("--carbon-source", help="where the static --carbon figure comes from (default: declared)")
     run.add_argument("--carbon-ceiling", type=float, help="withdraw capacity while the grid is above this g/kWh")
-    run.add_argument("--price-per-s", type=float, help="price per busy second")
-    run.add_argument("--model", action="append", help="ONNX model to offer (repeatable); throughput is measured")
-    run.add_argument("--speed-factor", type=float, help="simulate a device this many times faster")
+    run.add_argument("--price-per-s", type=float, help="price per busy second, in price units")
     run.add_argument("--idle-only", action="store_true", default=None,
                      help="advertise slots only while the owner's own load stays low")
     run.add_argument("--idle-threshold", type=float, help="owner CPU share above which to withdraw (default 0.2)")
@@ -622,7 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
     _provider_flags(run)
     run.set_defaults(func=_provider_run)
     cal = prov.add_parser("calibrate", help="measure throughput and power per model; writes HOME/profile.json")
-    _provider_flags(cal)
+    _measure_flags(cal)
+    cal.add_argument("--all-reference", action="store_true",
+                     help="measure every reference architecture (9), not only the models the provider offers")
     cal.add_argument("--batch", type=int, action="append", help="batch size to measure (repeatable; default 1,4,8)")
     cal.add_argument("--seconds", type=float, default=0.5, help="seconds per measurement")
     cal.add_argument("--json", action="store_true")

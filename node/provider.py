@@ -33,8 +33,8 @@ from protocol.topics import JOB_PROTOCOL, OFFERS_TOPIC
 
 from . import modelcheck
 from .calibrate import (
-    PowerFigures, Profile, calibrate, load_profile, power_figures, reference_model_path,
-    save_profile,
+    DEFAULT_MODELS, PowerFigures, Profile, calibrate, load_profile, merge_profiles, power_figures,
+    reference_model_path, save_profile,
 )
 from .config import ProviderConfig
 from .executor import Executor, JobFailed, ModelStore
@@ -61,7 +61,6 @@ READ_TIMEOUT_S = 30.0
 SEEN_JOBS_MAX = 100_000
 
 
-DEFAULT_MODELS = ("squeezenet", "shufflenet", "resnet50")
 POLICY_INTERVAL_S = 2.0
 JOBS_PER_PEER = (20.0, 60.0)  # job streams per second sustained, burst, per peer
 KEPT_RESULTS_BYTES = 256 << 20  # results kept until acked, for buyers that lost them
@@ -133,14 +132,24 @@ class Provider:
             wanted[sha] = path
             self.executor.trust(sha, verdict)
         profile = load_profile(c.home)
-        if profile is None or {m.sha256 for m in profile.models} != set(wanted) or \
-                profile.speed_factor != c.speed_factor:
-            profile = calibrate(paths, batches=(), meter=self.meter, declared_idle_w=c.idle_w,
-                                declared_busy_w=c.busy_w, device_name=c.device_name, speed_factor=c.speed_factor,
-                                seconds_per_point=0.3, progress=lambda line: log.info("calibrate: %s", line))
+        if profile is not None and profile.speed_factor != c.speed_factor:
+            profile = None  # measured as another (simulated) device: none of it applies
+        missing = [path for sha, path in wanted.items() if profile is None or profile.model(sha) is None]
+        if missing:
+            # Measure only what the profile lacks, and keep everything it has.
+            measured = calibrate(missing, batches=(), meter=self.meter, declared_idle_w=c.idle_w,
+                                 declared_busy_w=c.busy_w, device_name=c.device_name, speed_factor=c.speed_factor,
+                                 seconds_per_point=0.3, progress=lambda line: log.info("calibrate: %s", line))
+            if profile is not None:
+                kept_power = profile.power  # from a fuller calibration than this quick one
+                profile = merge_profiles(profile, measured)
+                profile.power = kept_power
+            else:
+                profile = measured
             save_profile(c.home, profile)
         self.profile = profile
-        self.models = [ModelCapability(m.name, m.sha256, m.items_per_s, m.throughput_source) for m in profile.models]
+        self.models = [ModelCapability(m.name, m.sha256, m.items_per_s, m.throughput_source)
+                       for m in profile.models if m.sha256 in wanted]
         if self.meter is not None and profile.power.busy_source == self.meter.source:
             power = profile.power
         else:

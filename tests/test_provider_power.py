@@ -231,3 +231,25 @@ def test_the_config_reference_is_generated_from_the_config_definition():
     keys = {f.name for f in fields(config.ProviderConfig)} - {"home"}
     assert set(config._KINDS) == keys  # the loader knows the type of every key
     assert all(f.metadata.get("help") for f in fields(config.ProviderConfig) if f.name != "home")
+
+
+def test_run_reuses_a_fuller_profile_and_never_shrinks_it(tmp_path):
+    from node.calibrate import merge_profiles, reference_model_path
+    from node.provider import Provider
+
+    home = tmp_path / "provider"
+    home.mkdir()
+    both = [reference_model_path("squeezenet"), reference_model_path("shufflenet")]
+    save_profile(home, calibrate(both, batches=(), declared_idle_w=5, declared_busy_w=25, seconds_per_point=0.05))
+    before = load_profile(home)
+    config = load_config(home, {"models": [both[0]], "idle_w": 5.0, "busy_w": 25.0})
+    provider = Provider(config)
+    provider.prepare()  # offers one of the two: nothing is measured again, nothing is dropped
+    assert [m.name for m in provider.models] == ["squeezenet"]
+    after = load_profile(home)
+    assert after.calibrated_at_ms == before.calibrated_at_ms and len(after.models) == 2
+    # A new model is measured and added; the others stay.
+    config = load_config(home, {"models": [both[0], reference_model_path("resnet50")], "idle_w": 5.0, "busy_w": 25.0})
+    Provider(config).prepare()
+    assert sorted(m.name for m in load_profile(home).models) == ["resnet50", "shufflenet", "squeezenet"]
+    assert merge_profiles(None, before) is before
