@@ -21,6 +21,7 @@ from protocol.stream import (
     Ack, ModelBlob, SubmitJob, decode_message, encode_message,
 )
 from protocol.settlement import Dispute, sign_dispute
+from protocol.signing import peer_id_from_public_key
 from protocol.tensors import Tensor, tensors_sha256
 from protocol.topics import JOB_PROTOCOL
 
@@ -93,12 +94,17 @@ def resume_spec(home: Path, bootstrap: list[str], batch: str = "latest", **overr
     journal = Journal(home)
     try:
         found = journal.latest_unfinished() if batch == "latest" else journal.batch(batch)
+        discarded = found is not None and journal.is_discarded(found.batch_id)
     finally:
         journal.close()
     if found is None:
         raise SubmitError(f"nothing to resume in {home}" if batch == "latest" else f"no batch {batch} in {home}")
+    if discarded:
+        raise SubmitError(f"batch {found.batch_id} was discarded (idlemesh batches discard); submit it anew")
     if not found.model_path.exists():
         raise SubmitError(f"batch {found.batch_id}: model {found.model_path} is gone")
+    if not found.inputs_path.exists():
+        raise SubmitError(f"batch {found.batch_id}: its stored inputs are gone ({found.inputs_path})")
     return SubmitSpec(model_path=found.model_path, inputs=found.load_inputs(), count=found.count,
                       bootstrap=bootstrap, home=home, out_dir=found.out_dir, max_price=found.max_price,
                       solver=found.solver, resume=found.batch_id, **overrides)
@@ -363,6 +369,10 @@ class Buyer:
                 # Paid for before a crash: the ledger is the truth; outputs were written first.
                 outcome.state = "settled"
                 outcome.output_path = r.output_path
+                paid = SignedReceipt.parse(self.ledger.receipt_bytes(r.job_id)[0]).receipt
+                outcome.provider = peer_id_from_public_key(paid.provider)
+                outcome.compute_ms, outcome.energy_j = paid.compute_ms, paid.energy_j
+                outcome.energy_source, outcome.price = paid.energy_source, paid.price
                 if r.state != "settled":
                     self.journal.settled(r.job_id, r.output_path, now_ms())
             outcomes[r.job_id] = outcome

@@ -292,7 +292,7 @@ def _print_outcomes(outcomes, summary, as_json: bool) -> None:
             print(f"    error: {o.error}")
     settled = [o for o in outcomes if o.state == "settled"]
     providers = {o.provider for o in settled}
-    sources = ", ".join(sorted({o.energy_source for o in settled})) or "none"
+    sources = ", ".join(sorted({o.energy_source for o in settled if o.energy_source})) or "none"
     print(f"\n{len(settled)}/{len(outcomes)} jobs settled with verified receipts from {len(providers)} providers"
           f"; energy {sum(o.energy_j for o in settled):.3f} J (how obtained: {sources})")
     if summary.get("resumed"):
@@ -340,7 +340,55 @@ def _submit(args) -> int:
     except SubmitError as exc:
         return _fail(args, f"error: {exc}")
     _print_outcomes(outcomes, summary, args.json)
-    return 0 if all(o.state == "settled" for o in outcomes) else 1
+    if all(o.state == "settled" for o in outcomes):
+        return 0
+    if not args.json and summary.get("batch"):
+        print(f"retry what failed with: idlemesh submit --resume {summary['batch']} --home {args.home} ... ; "
+              f"or drop the batch: idlemesh batches discard {summary['batch']} --home {args.home}", file=sys.stderr)
+    return 1
+
+
+def _batches(args) -> int:
+    from .gossip import now_ms
+    from .journal import Journal
+
+    home = Path(args.home)
+    if not (home / "jobs.sqlite").exists():
+        raise SystemExit(f"idlemesh: no batches in {home} (use --home to point at a buyer home)")
+    journal = Journal(home)
+    try:
+        summaries = {b["batch"]: b for b in journal.summaries()}
+        action = args.action or "list"
+        if action in ("show", "discard") and args.batch not in summaries:
+            raise SystemExit(f"idlemesh: no batch {args.batch} in {home}")
+        if action == "discard":
+            journal.discard(args.batch, now_ms())
+            result = {"discarded": args.batch}
+            text = f"discarded batch {args.batch}: it will not be resumed, and its stored inputs are gone"
+        elif action == "prune":
+            pruned = journal.prune()
+            result = {"pruned": pruned}
+            text = f"dropped the stored inputs of {len(pruned)} finished or discarded batches"
+        elif action == "show":
+            jobs = [vars(j) for j in journal.jobs(args.batch)]
+            result = {**summaries[args.batch], "job_list": jobs}
+            text = "\n".join([f"batch {args.batch}: {_batch_line(summaries[args.batch])}"] +
+                              [f"  {j['index']:4d} {j['job_id']} {j['state']:8} {j['provider'][:PEER_PREFIX]:16} "
+                               f"attempts {j['attempts']}" for j in jobs])
+        else:
+            result = list(summaries.values())
+            text = "\n".join(f"{b['batch']}  {_batch_line(b)}" for b in result) or "no batches"
+    finally:
+        journal.close()
+    print(json.dumps(result, indent=2) if args.json else text)
+    return 0
+
+
+def _batch_line(b: dict) -> str:
+    state = "discarded" if b["discarded"] else "finished" if not b["unfinished"] and not b["failed"] else \
+        "resumable"
+    return (f"{state:9} {b['settled']}/{b['jobs']} settled, {b['failed']} failed, {b['unfinished']} unfinished; "
+            f"{Path(b['model']).name}; inputs {b['inputs_bytes'] / 1e6:.1f} MB")
 
 
 def _match(args) -> int:
@@ -681,6 +729,21 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--resume", nargs="?", const="latest", metavar="BATCH",
                     help="finish the latest unfinished batch in --home (or BATCH) after a crash")
     sm.set_defaults(func=_submit)
+
+    bt = sub.add_parser("batches", help="journalled batches: list, show, discard, prune stored inputs")
+    bt.add_argument("--home", default=str(DEFAULT_HOME / "buyer"))
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(func=_batches, action=None)
+    # --home and --json also after the action; SUPPRESS keeps a value given before it.
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--home", default=argparse.SUPPRESS)
+    after.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    bta = bt.add_subparsers(dest="action")
+    bta.add_parser("list", help="every batch, newest first (the default)", parents=[after])
+    for name, text in (("show", "the jobs of one batch"), ("discard", "never resume it; drop its stored inputs")):
+        one = bta.add_parser(name, help=text, parents=[after])
+        one.add_argument("batch")
+    bta.add_parser("prune", help="drop the stored inputs of finished and discarded batches", parents=[after])
 
     lg = sub.add_parser("ledger", help="balances per counterparty, from this node's ledger")
     lg.add_argument("--home", default=str(DEFAULT_HOME / "buyer"))

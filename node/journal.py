@@ -26,6 +26,10 @@ CREATE TABLE IF NOT EXISTS batches (
     solver TEXT NOT NULL,
     out_dir TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS discarded (
+    batch_id TEXT PRIMARY KEY REFERENCES batches(batch_id),
+    at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     batch_id TEXT NOT NULL REFERENCES batches(batch_id),
@@ -102,8 +106,50 @@ class Journal:
     def latest_unfinished(self) -> Batch | None:
         row = self.db.execute(
             "SELECT b.* FROM batches b WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = b.batch_id "
-            "AND j.state != 'settled') ORDER BY b.created_at_ms DESC LIMIT 1").fetchone()
+            "AND j.state != 'settled') AND b.batch_id NOT IN (SELECT batch_id FROM discarded) "
+            "ORDER BY b.created_at_ms DESC LIMIT 1").fetchone()
         return self._batch(row) if row else None
+
+    def is_discarded(self, batch_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM discarded WHERE batch_id = ?", (batch_id,)).fetchone() is not None
+
+    def summaries(self) -> list[dict]:
+        """Every batch, newest first, with its jobs counted by state and its stored inputs."""
+        rows = self.db.execute(
+            "SELECT b.batch_id, b.created_at_ms, b.model_path, b.count, b.out_dir, b.inputs_path, "
+            "SUM(j.state = 'settled'), SUM(j.state = 'failed'), SUM(j.state IN ('pending', 'sent')), "
+            "b.batch_id IN (SELECT batch_id FROM discarded) "
+            "FROM batches b LEFT JOIN jobs j ON j.batch_id = b.batch_id GROUP BY b.batch_id "
+            "ORDER BY b.created_at_ms DESC, b.batch_id").fetchall()
+        out = []
+        for batch_id, created, model, count, out_dir, inputs, settled, failed, open_, discarded in rows:
+            inputs_path = Path(inputs)
+            out.append({"batch": batch_id, "created_at_ms": created, "model": model, "jobs": count,
+                        "settled": settled or 0, "failed": failed or 0, "unfinished": open_ or 0,
+                        "discarded": bool(discarded), "out_dir": out_dir,
+                        "inputs_bytes": inputs_path.stat().st_size if inputs_path.exists() else 0})
+        return out
+
+    def discard(self, batch_id: str, now_ms: int) -> None:
+        """Never resume this batch; its stored inputs go (jobs stay, as history)."""
+        self.db.execute("INSERT OR IGNORE INTO discarded VALUES (?, ?)", (batch_id, now_ms))
+        self._drop_inputs(batch_id)
+
+    def prune(self) -> list[str]:
+        """Drop the stored inputs of finished batches (every job settled) and discarded ones."""
+        done = [r[0] for r in self.db.execute(
+            "SELECT b.batch_id FROM batches b WHERE b.batch_id IN (SELECT batch_id FROM discarded) OR NOT EXISTS "
+            "(SELECT 1 FROM jobs j WHERE j.batch_id = b.batch_id AND j.state != 'settled')")]
+        return [batch_id for batch_id in done if self._drop_inputs(batch_id)]
+
+    def _drop_inputs(self, batch_id: str) -> bool:
+        folder = self.home / "batches" / batch_id
+        files = list(folder.glob("*")) if folder.is_dir() else []
+        for f in files:
+            f.unlink()
+        if folder.is_dir():
+            folder.rmdir()
+        return bool(files)
 
     def batch(self, batch_id: str) -> Batch | None:
         row = self.db.execute("SELECT * FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()

@@ -150,3 +150,43 @@ def test_a_ledger_peer_is_found_by_the_prefix_tables_print(tmp_path):
         ledger.resolve_peer("12D3KooW")
     with pytest.raises(LedgerError, match="no receipt with a peer"):
         ledger.resolve_peer("12D3KooWzzzz")
+
+
+def test_batches_are_listed_shown_discarded_and_pruned(tmp_path):
+    import numpy as np
+
+    from node.journal import Journal
+
+    home = tmp_path / "buyer"
+    journal = Journal(home)
+    inputs = {"data_0": np.zeros((1, 3, 8, 8), np.float32)}
+    done_batch, done_jobs = journal.new_batch(model_path=reference_model_path("squeezenet"), model_sha256="aa" * 32,
+                                              inputs=inputs, count=2, max_price=1.0, solver="optimal",
+                                              out_dir=tmp_path / "out", now_ms=1)
+    for job_id in done_jobs:
+        journal.settled(job_id, "x.npy", 2)
+    stuck, stuck_jobs = journal.new_batch(model_path=reference_model_path("squeezenet"), model_sha256="aa" * 32,
+                                          inputs=inputs, count=3, max_price=1.0, solver="optimal",
+                                          out_dir=tmp_path / "out", now_ms=3)
+    journal.failed(stuck_jobs[0], "bad-request: wrong input shape", 4)
+    journal.close()
+
+    listed = json.loads(idlemesh("batches", "--home", str(home), "--json").stdout)
+    assert [(b["batch"], b["settled"], b["failed"], b["unfinished"]) for b in listed] == [
+        (stuck.batch_id, 0, 1, 2), (done_batch.batch_id, 2, 0, 0)]
+    shown = json.loads(idlemesh("batches", "show", stuck.batch_id, "--home", str(home), "--json").stdout)
+    assert [j["state"] for j in shown["job_list"]] == ["failed", "pending", "pending"]
+    # A finished batch's inputs can go; a batch that can never succeed can be discarded,
+    # and --resume then neither picks it nor accepts it by name.
+    assert json.loads(idlemesh("batches", "prune", "--home", str(home), "--json").stdout) == {
+        "pruned": [done_batch.batch_id]}
+    done = idlemesh("batches", "discard", stuck.batch_id, "--home", str(home))
+    assert done.returncode == 0 and not stuck.inputs_path.exists()
+    addr = f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}"
+    done = idlemesh("submit", "--resume", "--bootstrap", addr, "--home", str(home))
+    assert done.returncode == 1 and first_error_line(done) == f"error: nothing to resume in {home}"
+    done = idlemesh("submit", "--resume", stuck.batch_id, "--bootstrap", addr, "--home", str(home))
+    assert first_error_line(done) == (f"error: batch {stuck.batch_id} was discarded (idlemesh batches discard); "
+                                      "submit it anew")
+    done = idlemesh("batches", "discard", "nope", "--home", str(home))
+    assert done.returncode == 1 and first_error_line(done) == f"idlemesh: no batch nope in {home}"

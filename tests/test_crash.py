@@ -98,6 +98,8 @@ async def test_kill_9_of_the_buyer_then_resume_settles_every_job_once(tmp_path):
     assert done.returncode == 0, summary
     assert summary["resumed"] and summary["already_settled"] >= len(before)
     assert [j["state"] for j in summary["jobs"]] == ["settled"] * 20
+    # Jobs paid before the crash show their receipt's figures, not empty rows.
+    assert all(j["energy_source"] == "declared" and j["energy_j"] > 0 and j["provider"] for j in summary["jobs"])
     ids = _ledger_ids(home)
     assert len(ids) == len(set(ids)) == 20 and set(before) <= set(ids)
     assert len(list(out.glob("*.npy"))) == 20
