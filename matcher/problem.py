@@ -1,4 +1,5 @@
-"""The matching problem and its JSON form (pure; no I/O here)."""
+"""The matching problem and its JSON form (pure; no I/O here). The format, with every
+field's unit and default, is written down in docs/match.md."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class Problem:
         w = self.weights
         return {
             "weights": {"energy": w.energy, "latency": w.latency, "carbon": w.carbon, "price": w.price},
-            "providers": [{"id": p.id, "arch": p.arch, "slots": p.slots, "slot_memory_mb": p.slot_memory_mb,
+            "providers": [{"id": p.id, "arch": p.arch, "slots": p.slots, "slot_memory_mb": None if p.slot_memory_mb == float("inf") else p.slot_memory_mb,
                            "marginal_w": p.marginal_w, "carbon_g_per_kwh": p.carbon_g_per_kwh,
                            "rtt_ms": p.rtt_ms, "backlog_ms": p.backlog_ms, "price_per_s": p.price_per_s,
                            "throughput": dict(p.throughput)} for p in self.providers],
@@ -77,11 +78,16 @@ def _provider(value: Any, path: str) -> Provider:
     throughput = {str(model): tf.float(model, min=1e-12) for model in throughput_raw}
     return Provider(
         id=f.str("id", max_len=256), arch=f.str("arch", choices=ARCHES), slots=f.int("slots", min=1, max=4096),
-        slot_memory_mb=f.float("slot_memory_mb", min=0.0, default=float("inf")),
+        # Absent: no memory limit (the decoder refuses an infinite number the user wrote).
+        slot_memory_mb=_or_inf(f.float("slot_memory_mb", min=0.0, default=None)),
         marginal_w=f.float("marginal_w", min=0.0), carbon_g_per_kwh=f.float("carbon_g_per_kwh", min=0.0, default=0.0),
         rtt_ms=f.float("rtt_ms", min=0.0, default=0.0), backlog_ms=f.float("backlog_ms", min=0.0, default=0.0),
         price_per_s=f.float("price_per_s", min=0.0, default=0.0), throughput=throughput,
     )
+
+
+def _or_inf(value: float | None) -> float:
+    return float("inf") if value is None else value
 
 
 def _job(value: Any, path: str) -> Job:

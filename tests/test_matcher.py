@@ -574,3 +574,12 @@ def test_deadline_search_gives_the_same_placement_every_run(n_jobs, n_prov, seed
     outputs = [{k: v for k, v in r.to_json().items() if k != "solve_ms"} for r in runs]
     assert outputs[0] == outputs[1] == outputs[2]
     assert check_result(problem, runs[0]) == []
+
+
+def test_a_problem_file_may_leave_out_every_optional_field():
+    problem = problem_from_json({"providers": [{"id": "a", "arch": "x86_64", "slots": 1, "marginal_w": 5.0,
+                                                "throughput": {"m": 10.0}}],
+                                 "jobs": [{"id": "j", "model": "m", "items": 1}]})
+    assert problem.providers[0].slot_memory_mb == float("inf")
+    assert problem_from_json(problem.to_json()) == problem  # "no limit" round-trips as null
+    assert solve(problem).assignments[0].provider == "a"
