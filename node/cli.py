@@ -820,10 +820,14 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(args, exc.code)
         raise
     except BaseException as exc:
-        if not _interrupted(exc):
+        if _interrupted(exc):
+            print("idlemesh: interrupted", file=sys.stderr)
+            return 130
+        if args.verbose or not isinstance(exc, Exception):
             raise
-        print("idlemesh: interrupted", file=sys.stderr)
-        return 130
+        # A bug of ours, not the user's: one line, and the traceback with -v.
+        return _fail(args, f"idlemesh: unexpected error: {type(exc).__name__}: {exc} "
+                           f"(run again with -v for the traceback, and report it)")
 
 
 def _fail(args, message: str, status: int = 1) -> int:

@@ -105,3 +105,33 @@ async def test_kill_9_of_the_buyer_then_resume_settles_every_job_once(tmp_path):
     assert len(list(out.glob("*.npy"))) == 20
     journal = sqlite3.connect(home / "jobs.sqlite")
     assert journal.execute("SELECT COUNT(*) FROM jobs WHERE state = 'settled'").fetchone()[0] == 20
+
+
+async def test_ctrl_c_during_submit_exits_130_with_the_resume_command(tmp_path):
+    import signal
+
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(3).random((8, 3, 224, 224), dtype=np.float32))
+    home = tmp_path / "buyer"
+    async with open_devnet(1, root=tmp_path / "net") as net:
+        cmd = [sys.executable, "-m", "node.cli", "submit", str(MODEL), "--input", str(x), "--count", "20",
+               "--bootstrap", net.bootstrap_addr, "--home", str(home), "--out", str(tmp_path / "out"), "--events"]
+        # SIGINT at its default, as in a terminal (a background shell would ignore it).
+        process = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+                                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        buffer = b""
+        with trio.fail_after(120):
+            while b'"state": "settled"' not in buffer:
+                chunk = await process.stdout.receive_some()
+                assert chunk, "the buyer exited before settling a job"
+                buffer += chunk
+            process.send_signal(signal.SIGINT)
+            status = await process.wait()
+            err = b""
+            while chunk := await process.stderr.receive_some():
+                err += chunk
+    assert status == 130
+    (line,) = [ln for ln in err.decode().splitlines() if ln.startswith("interrupted")]
+    batch = line.split("--resume ", 1)[1].split()[0]
+    assert line == ("interrupted; jobs already paid stay paid. Finish the batch with: idlemesh submit --resume "
+                    f"{batch} --home {home} --bootstrap {net.bootstrap_addr}")
