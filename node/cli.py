@@ -284,17 +284,18 @@ def _print_outcomes(outcomes, summary, as_json: bool) -> None:
         print(json.dumps({"jobs": [o.to_json() for o in outcomes], **summary}, indent=2))
         return
     print(f"{'job':10} {'provider':16} {'state':9} {'latency_ms':>10} {'compute_ms':>10} "
-          f"{'energy_j':>9} {'source':9} {'price':>9}")
+          f"{'energy_j':>9} {'source':9} {'price_units':>11}")
     for o in outcomes:
         print(f"{o.job_id[:8]:10} {o.provider[:PEER_PREFIX]:16} {o.state:9} {o.latency_ms:10.1f} {o.compute_ms:10.2f} "
-              f"{o.energy_j:9.4f} {o.energy_source:9} {o.price:9.2e}")
+              f"{o.energy_j:9.4f} {o.energy_source:9} {o.price:11.2e}")
         if o.error:
             print(f"    error: {o.error}")
     settled = [o for o in outcomes if o.state == "settled"]
     providers = {o.provider for o in settled}
     sources = ", ".join(sorted({o.energy_source for o in settled if o.energy_source})) or "none"
     print(f"\n{len(settled)}/{len(outcomes)} jobs settled with verified receipts from {len(providers)} providers"
-          f"; energy {sum(o.energy_j for o in settled):.3f} J (how obtained: {sources})")
+          f"; energy {sum(o.energy_j for o in settled):.3f} J (how obtained: {sources}); "
+          f"paid {sum(o.price for o in settled):.9g} price units")
     if summary.get("resumed"):
         print(f"resumed batch {summary['batch']}: {summary['already_settled']} jobs were already paid for")
 
@@ -568,7 +569,8 @@ def _ledger(args) -> int:
         print("  no accepted receipts yet")
     for b in balances:
         side = "owes us" if b.net_price > 0 else "we owe" if b.net_price < 0 else "even"
-        print(f"  {b.counterparty}  {b.receipts:5d} receipts  net {b.net_price:+.9g} ({side})  {b.energy_j:.3f} J")
+        print(f"  {b.counterparty}  {b.receipts:5d} receipts  net {b.net_price:+.9g} price units ({side})  "
+              f"{b.energy_j:.3f} J")
     print(f"  entries sum to {total} pico-units ({'conserved' if total == 0 else 'NOT CONSERVED'})")
     return 0
 
@@ -593,7 +595,7 @@ def _receipts(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'receipt':<34} {'role':<8} {'counterparty':<16} {'status':<9} {'price':>12} {'energy_j':>10} source")
+    print(f"{'receipt':<34} {'role':<8} {'counterparty':<16} {'status':<9} {'price_units':>12} {'energy_j':>10} source")
     for r in rows:
         print(f"{r['receipt_id']:<34} {r['role']:<8} {r['counterparty'][:PEER_PREFIX]:<16} {r['status']:<9} "
               f"{r['price']:12.4g} {r['energy_j']:10.4f} {r['energy_source']}" +

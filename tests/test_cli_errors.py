@@ -190,3 +190,11 @@ def test_batches_are_listed_shown_discarded_and_pruned(tmp_path):
                                       "submit it anew")
     done = idlemesh("batches", "discard", "nope", "--home", str(home))
     assert done.returncode == 1 and first_error_line(done) == f"idlemesh: no batch nope in {home}"
+
+
+def test_calibrate_checks_its_home_before_measuring():
+    done = idlemesh("provider", "calibrate", "--home", "/dev/null/home")
+    assert done.returncode == 1
+    assert first_error_line(done) == ("idlemesh: home /dev/null/home is not writable: Not a directory; "
+                                      "choose another with --home")
+    assert "calibrating" not in done.stderr  # nothing was measured first
