@@ -33,6 +33,12 @@ class NodeMetrics:
                                registry=r)
         self.connected_peers = Gauge("idlemesh_connected_peers", "Peers with an open connection", registry=r)
         self.offers_held = Gauge("idlemesh_offers_held", "Unexpired offers in this node's book", registry=r)
+        self.started_at = Gauge("idlemesh_start_time_seconds", "When this node started (Unix time)", registry=r)
+        self.started_at.set(time.time())
+        if role == "provider":
+            self._provider_series(r)
+
+    def _provider_series(self, r: CollectorRegistry) -> None:
         self.jobs = Counter("idlemesh_jobs", "Jobs by outcome: completed (result sent), settled, rejected, unacked",
                             ["outcome"], registry=r)
         self.compute_seconds = Counter("idlemesh_compute_seconds", "Compute time of completed jobs, s", registry=r)
@@ -47,9 +53,7 @@ class NodeMetrics:
         self.offer_age = Gauge("idlemesh_offer_age_seconds", "Age of the offer now being gossiped", registry=r)
         self.offer_visible = Gauge("idlemesh_offer_visible",
                                    "1 when every connected bootstrap held a fresh copy of our offer at its last "
-                                   "check, else 0", registry=r)
-        self.started_at = Gauge("idlemesh_start_time_seconds", "When this node started (Unix time)", registry=r)
-        self.started_at.set(time.time())
+                                   "check, 0 when one did not, NaN before the first check", registry=r)
 
     def read_when_scraped(self, gauge: Gauge, read: Callable[[], float]) -> None:
         gauge.set_function(read)

@@ -315,7 +315,7 @@ class Provider:
         m.read_when_scraped(m.connected_peers, lambda: len(p2p.host.get_network().connections))
         m.read_when_scraped(m.offers_held, lambda: self.book.count(now_ms=now_ms()))
         m.read_when_scraped(m.offer_age, lambda: (now_ms() - self.offer_log.get("issued_at_ms", now_ms())) / 1000)
-        m.read_when_scraped(m.offer_visible, lambda: float(bool(self.seen_by) and not any(
+        m.read_when_scraped(m.offer_visible, lambda: float("nan") if not self.seen_by else float(not any(
             v.get("stale") or v.get("error") for v in self.seen_by.values())))
         m.serve(self.config.metrics)
         log.info("metrics on http://%s/metrics", self.config.metrics)
