@@ -38,8 +38,8 @@ async def run_bootstrap(home: Path, listen: list[str], peers: list[str] = (), me
 
         gossip.on_bad_input = refused
         if metrics:
-            counters.read_when_scraped(counters.offers_held, lambda: book.count(now_ms=now_ms()))
-            counters.read_when_scraped(counters.connected_peers, lambda: len(p2p.host.get_network().connections))
+            counters.offers_held.set_function(lambda: book.count(now_ms=now_ms()))
+            counters.connected_peers.set_function(lambda: len(p2p.host.get_network().connections))
             counters.serve(metrics)
 
         async def exchange_books(peer_id: str) -> None:

@@ -11,7 +11,7 @@ from typing import Callable
 import trio
 
 from protocol.errors import DecodeError
-from protocol.messages import open_offer
+from protocol.messages import Offer, open_offer
 from protocol.stream import MAX_SYNC_DIGESTS, MAX_SYNC_OFFERS, OfferSync, decode_message, encode_message
 from protocol.topics import OFFER_SYNC_PROTOCOL, OFFERS_TOPIC, REPUTATION_TOPIC
 
@@ -59,7 +59,7 @@ class OfferGossip:
         self.reputation = ReputationBook()
         self.own_digest: Callable[[], bytes | None] = lambda: None
         self._relayed: set[bytes] = set()
-        self.last_sync: dict | None = None  # the peer, time and offers of our last sync_with
+        self.last_sync: dict | None = None  # the peer, time and valid offers (ours too) of our last sync_with
         self.synced_by: dict[str, int] = {}  # peers that took our book by sync -> when (ms)
         p2p.set_validator(REPUTATION_TOPIC, self._validate_digest)
         self._sync_limit = PeerRateLimit(*SYNC_PER_PEER)
@@ -91,11 +91,12 @@ class OfferGossip:
             return False
         return self.book.is_newer(offer)
 
-    def _take(self, signed: bytes, via: str) -> None:
+    def _take(self, signed: bytes, via: str) -> Offer | None:
+        """Store the offer if it is valid, someone else's and newer; return it if valid."""
         now = now_ms()
         offer = self.book.open(signed, now_ms=now)
         if offer is None or offer.peer_id == self.p2p.peer_id or not self.book.is_newer(offer):
-            return
+            return offer
         was_held = self.book.holds(offer.peer_id, now_ms=now)
         self.book.store(offer, signed)
         if TRACE_OFFERS:
@@ -104,6 +105,7 @@ class OfferGossip:
                  latency_ms=now_ms() - offer.issued_at_ms, via=via)
         if self.on_new_offer and not was_held:  # a provider (back) in our book
             self.on_new_offer(offer.peer_id)
+        return offer
 
     def _validate_digest(self, origin: str, data: bytes) -> bool:
         if not self._digest_limit.allow(origin, time.monotonic()):
@@ -190,9 +192,8 @@ class OfferGossip:
             await stream.send(encode_message(self._outgoing(push_own=push_own)))
             payload = await stream.receive(max_bytes=SYNC_FRAME_BYTES, timeout_s=SYNC_TIMEOUT_S)
         message = decode_message(payload, max_bytes=SYNC_FRAME_BYTES, expect=("offers",))
-        self.last_sync = {"peer": peer_id, "at_ms": now_ms(), "offers": message.offers}
-        for signed in message.offers:
-            self._take(signed, "sync")
+        opened = [self._take(signed, "sync") for signed in message.offers]
+        self.last_sync = {"peer": peer_id, "at_ms": now_ms(), "offers": [o for o in opened if o is not None]}
         self._take_digests(message.digests, peer_id)
         return len(message.offers)
 

@@ -10,7 +10,6 @@ copied; events (jobs, energy, refusals) are counted as they happen.
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -54,9 +53,6 @@ class NodeMetrics:
         self.offer_visible = Gauge("idlemesh_offer_visible",
                                    "1 when every connected bootstrap held a fresh copy of our offer at its last "
                                    "check, 0 when one did not, NaN before the first check", registry=r)
-
-    def read_when_scraped(self, gauge: Gauge, read: Callable[[], float]) -> None:
-        gauge.set_function(read)
 
     def serve(self, addr: str) -> None:
         from .p2p import ListenError

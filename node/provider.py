@@ -21,7 +21,7 @@ import trio
 from protocol.errors import DecodeError, ExpiredError
 from protocol.messages import (
     Device, ModelCapability, Offer, PowerProfile, Receipt, SignedReceipt, check_window, open_job_request,
-    open_offer, sign_offer, sign_receipt,
+    sign_offer, sign_receipt,
 )
 from protocol.stream import (
     MAX_CONTROL_FRAME_BYTES, MAX_MODEL_BYTES, Accepted, JobError, JobResult, NeedModel,
@@ -288,14 +288,8 @@ class Provider:
         except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
             seen.update(checked_at_ms=now_ms(), error=f"offer sync failed: {exc}")
             return
-        theirs = None
-        for signed in gossip.last_sync["offers"]:
-            try:
-                offer = open_offer(signed, now_ms=now_ms())
-            except DecodeError:
-                continue
-            if offer.peer_id == self.key.peer_id:
-                theirs = offer
+        # The sync already verified each offer; find the bootstrap's copy of ours.
+        theirs = next((o for o in gossip.last_sync["offers"] if o.peer_id == self.key.peer_id), None)
         checked = now_ms()
         age_ms = checked - theirs.issued_at_ms if theirs else None
         stale = age_ms is None or age_ms > STALE_REFRESHES * self.refresh_s * 1000
@@ -311,11 +305,11 @@ class Provider:
     def _export_metrics(self, p2p) -> None:
         m = self.metrics
         m.slots.set(self.config.slots)
-        m.read_when_scraped(m.slots_busy, lambda: len(self._running))
-        m.read_when_scraped(m.connected_peers, lambda: len(p2p.host.get_network().connections))
-        m.read_when_scraped(m.offers_held, lambda: self.book.count(now_ms=now_ms()))
-        m.read_when_scraped(m.offer_age, lambda: (now_ms() - self.offer_log.get("issued_at_ms", now_ms())) / 1000)
-        m.read_when_scraped(m.offer_visible, lambda: float("nan") if not self.seen_by else float(not any(
+        m.slots_busy.set_function(lambda: len(self._running))
+        m.connected_peers.set_function(lambda: len(p2p.host.get_network().connections))
+        m.offers_held.set_function(lambda: self.book.count(now_ms=now_ms()))
+        m.offer_age.set_function(lambda: (now_ms() - self.offer_log.get("issued_at_ms", now_ms())) / 1000)
+        m.offer_visible.set_function(lambda: float("nan") if not self.seen_by else float(not any(
             v.get("stale") or v.get("error") for v in self.seen_by.values())))
         m.serve(self.config.metrics)
         log.info("metrics on http://%s/metrics", self.config.metrics)
