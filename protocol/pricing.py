@@ -1,0 +1,32 @@
+"""The price formula, written once (pure; no I/O here).
+
+A job costs its compute time times the provider's price per busy second. The matcher
+(vectorised over numpy arrays), the provider (its quote before running, its charge
+after) and the buyer (its ceiling check on the receipt) all call these functions, so
+the formula cannot drift between them.
+"""
+
+from __future__ import annotations
+
+# Prices are floats on the wire: a ceiling is met when within this relative slack.
+PRICE_TOLERANCE = 1e-9
+
+
+def compute_s(items, items_per_s):
+    """Seconds a job of `items` takes at `items_per_s` (floats or numpy arrays)."""
+    return items / items_per_s
+
+
+def price(compute_s, price_per_s):
+    """What `compute_s` busy seconds cost (floats or numpy arrays)."""
+    return compute_s * price_per_s
+
+
+def within_ceiling(price, max_price) -> bool:
+    return price <= max_price * (1 + PRICE_TOLERANCE)
+
+
+def charge(compute_ms: float, price_per_s: float, max_price: float) -> float:
+    """What a provider charges for a job that ran `compute_ms`: never over the ceiling
+    the buyer signed (a slow run is the provider's risk, not the buyer's)."""
+    return min(price(compute_ms / 1000, price_per_s), max_price)
