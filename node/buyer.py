@@ -14,27 +14,26 @@ import numpy as np
 import trio
 
 from matcher import Job, Problem, Provider, Weights, solve
-from protocol.errors import DecodeError, SignatureError
-from protocol.lifecycle import next_state
-from protocol.messages import JobRequest, Offer, ReceiptAck, SignedReceipt, sign_job_request, sign_receipt_ack
-from protocol.stream import (
-    Ack, ModelBlob, SubmitJob, decode_message, encode_message,
-)
+from protocol.errors import DecodeError
+from protocol.job import BuyerJob, Delivered, Refused, Rejected
+from protocol.messages import JobRequest, Offer, SignedReceipt
 from protocol.settlement import Dispute, sign_dispute
 from protocol.signing import peer_id_from_public_key
-from protocol.tensors import Tensor, tensors_sha256
+from protocol.tensors import Tensor
 from protocol.topics import JOB_PROTOCOL
 
-from .gossip import OfferGossip, bootstrap_peer_id, now_ms
+from .clock import SYSTEM_CLOCK, Clock
+from .gossip import OfferGossip, bootstrap_peer_id
 from .identity import load_key
 from .journal import Journal
 from .reputation import own_digest, provider_scores
 from .ledger import Ledger, LedgerError
 from .offers import OfferBook
-from .p2p import StreamClosed, open_p2p_node
+from .net import OpenNetwork, StreamClosed
+from .p2p import open_p2p_node
 
 log = logging.getLogger("idlemesh.buyer")
-RESULT_FRAME_BYTES = 96 * 1024 * 1024
+MODEL_UPLOAD_TIMEOUT_S = 120.0
 JOB_TTL_MS = 10 * 60_000
 RETRY_PROVIDERS = 3  # the placed provider and up to two others, per job
 SYNC_ATTEMPTS = 5    # per bootstrap, 0.1 s apart and doubling: about 3 s before "cannot reach"
@@ -50,7 +49,7 @@ class JobOutcome:
     job_id: str
     index: int
     provider: str = ""
-    state: str = "requested"
+    state: str = "pending"  # protocol.lifecycle.STATES
     latency_ms: float = 0.0
     compute_ms: float = 0.0
     overhead_ms: float = 0.0
@@ -128,8 +127,14 @@ def offers_to_problem(offers: list[Offer], model_sha: str, items: int, count: in
 
 
 class Buyer:
-    def __init__(self, spec: SubmitSpec):
+    def __init__(self, spec: SubmitSpec, *, clock: Clock = SYSTEM_CLOCK, open_network: OpenNetwork = open_p2p_node):
+        """`clock` and `open_network` are what a test under MockClock replaces
+        (node.clock.TrioClock, node.memnet); the CLI uses the real ones."""
         self.spec = spec
+        self.clock = clock
+        self.open_network = open_network
+        # Where the matcher runs: a worker thread, so the trio loop keeps serving streams.
+        self.offload = trio.to_thread.run_sync
         if not spec.bootstrap:
             raise SubmitError("give at least one --bootstrap address")
         for addr in spec.bootstrap:
@@ -158,58 +163,62 @@ class Buyer:
         self._summary: dict = {}
 
     async def _run_one(self, p2p, outcome: JobOutcome, offer: Offer, *, out_dir: Path | None = None) -> None:
+        """One attempt of one job on one provider, driven by the protocol's BuyerJob
+        machine; a provider that breaks the protocol fails this attempt (DecodeError),
+        never the batch."""
         spec = self.spec
-        issued = now_ms()
+        issued = self.clock.now_ms()
         request = JobRequest(
             job_id=outcome.job_id, buyer=self.key.public_key, provider=offer.provider,
             model_sha256=self.model_sha, model_name=spec.model_path.stem[:128], inputs=self.tensors,
             items=self.items, max_price=spec.max_price, issued_at_ms=issued, expires_at_ms=issued + JOB_TTL_MS,
             timeout_ms=int(spec.job_timeout_s * 1000))
-        started = time.perf_counter()
+        job = BuyerJob.create(self.key, request, self.model_bytes)
+        started = self.clock.elapsed_s()
         outcome.provider = offer.peer_id
         outcome.attempts.append(offer.peer_id)
-        self.journal.sent(outcome.job_id, offer.peer_id, now_ms())
+        outcome.state = job.state
         with trio.fail_after(spec.job_timeout_s + 30):
             async with p2p.open_stream(offer.peer_id, offer.addrs, JOB_PROTOCOL) as stream:
-                await stream.send(encode_message(SubmitJob(sign_job_request(self.key, request))))
+                step = job.start()
+                self.journal.sent(outcome.job_id, offer.peer_id, self.clock.now_ms())
                 while True:
-                    payload = await stream.receive(max_bytes=RESULT_FRAME_BYTES, timeout_s=spec.job_timeout_s)
-                    message = decode_message(payload, max_bytes=RESULT_FRAME_BYTES,
-                                             expect=("need-model", "accepted", "result", "error"))
-                    if message.kind == "need-model":
-                        if message.sha256 != self.model_sha:
-                            raise DecodeError("provider asked for a model we did not send")
-                        await stream.send(encode_message(ModelBlob(self.model_sha, self.model_bytes)), timeout_s=120)
-                    elif message.kind == "accepted":
-                        if outcome.state != "requested":
-                            # The peer broke the protocol: a remote error that fails this
-                            # attempt only, never our own misuse that ends the batch.
-                            raise DecodeError(f"provider {offer.peer_id} sent 'accepted' twice")
-                        outcome.state = next_state(outcome.state, "accept", role="buyer")
-                        outcome.state = next_state(outcome.state, "start", role="buyer")
-                    elif message.kind == "error":
-                        raise SubmitError(f"provider {offer.peer_id[-8:]} refused: {message.code}: {message.message}")
-                    else:
-                        if outcome.state == "requested":  # a result kept from before our restart
-                            outcome.state = next_state(next_state(outcome.state, "accept"), "start")
+                    for payload in step.send:
+                        await stream.send(payload, timeout_s=MODEL_UPLOAD_TIMEOUT_S)
+                    outcome.state = job.state
+                    event = step.events[0] if step.events else None
+                    if isinstance(event, (Delivered, Rejected, Refused)):
                         break
-                try:
-                    signed = self._verify(message, request, offer)
-                except DecodeError as exc:
-                    await self._reject(stream, message, request, str(exc))
-                    raise
-                outcome.state = next_state(outcome.state, "deliver", role="buyer")
-                ack = ReceiptAck(request.job_id, signed.body_sha256, True, "", now_ms())
-                ack_bytes = sign_receipt_ack(self.key, ack)
-                await stream.send(encode_message(Ack(ack_bytes)))
-        latency_ms = (time.perf_counter() - started) * 1000
-        receipt = signed.receipt
-        # Outputs first, then the ledger, then the journal: after a crash at any point the
-        # ledger says whether the job was paid for, and a paid job's outputs exist.
-        out_path = self._write_outputs(outcome, message.outputs, out_dir or spec.out_dir)
-        self.ledger.apply(signed.envelope_bytes, ack_bytes, now_ms=now_ms())
-        self.journal.settled(outcome.job_id, str(out_path), now_ms())
-        outcome.state = next_state(outcome.state, "settle", role="buyer")
+                    try:
+                        payload = await stream.receive(max_bytes=job.max_frame_bytes, timeout_s=spec.job_timeout_s)
+                    except trio.TooSlowError:
+                        job.expire()
+                        outcome.state = job.state
+                        raise
+                    step = job.receive(payload, now_ms=self.clock.now_ms())
+                if isinstance(event, Refused):
+                    raise SubmitError(f"provider {offer.peer_id[-8:]} refused: {event.code}: {event.message}")
+                if isinstance(event, Rejected):
+                    try:
+                        self.ledger.apply(event.receipt.envelope_bytes, event.ack, now_ms=self.clock.now_ms())
+                    except LedgerError as exc:
+                        log.warning("rejected receipt not recorded: %s", exc)
+                    for payload in step.send:
+                        with trio.move_on_after(10):
+                            await stream.send(payload)
+                    raise DecodeError(event.reason)
+                # Outputs first, then the ledger, then the ack, then the journal: after a
+                # crash at any point the ledger says whether the job was paid for, a paid
+                # job's outputs exist, and our decision is durable before it is sent.
+                out_path = self._write_outputs(outcome, event.outputs, out_dir or spec.out_dir)
+                self.ledger.apply(event.receipt.envelope_bytes, event.ack, now_ms=self.clock.now_ms())
+                for payload in step.send:
+                    await stream.send(payload)
+        latency_ms = (self.clock.elapsed_s() - started) * 1000
+        job.settle()
+        self.journal.settled(outcome.job_id, str(out_path), self.clock.now_ms())
+        outcome.state = job.state
+        receipt = event.receipt.receipt
         outcome.output_path = str(out_path)
         outcome.latency_ms = latency_ms
         outcome.compute_ms = receipt.compute_ms
@@ -235,52 +244,14 @@ class Buyer:
         os.replace(tmp, out_path)
         return out_path
 
-    async def _reject(self, stream, message, request: JobRequest, reason: str) -> None:
-        """Sign a rejection with the reason; keep it if the receipt itself verifies."""
-        try:
-            signed = SignedReceipt.parse(message.receipt)
-        except (DecodeError, SignatureError):
-            return  # not a receipt of this provider at all: nothing to countersign
-        ack = sign_receipt_ack(self.key, ReceiptAck(request.job_id, signed.body_sha256, False, reason[:512], now_ms()))
-        try:
-            self.ledger.apply(signed.envelope_bytes, ack, now_ms=now_ms())
-        except LedgerError as exc:
-            log.warning("rejected receipt not recorded: %s", exc)
-        try:
-            await stream.send(encode_message(Ack(ack)))
-        except (StreamClosed, trio.TooSlowError):
-            pass
-
-    def _verify(self, message, request: JobRequest, offer: Offer) -> SignedReceipt:
-        signed = SignedReceipt.parse(message.receipt)
-        r = signed.receipt
-        problems = []
-        if r.provider != offer.provider:
-            problems.append("signed by another key than the provider's")
-        if r.job_id != request.job_id or r.buyer != request.buyer:
-            problems.append("names another job or buyer")
-        if r.model_sha256 != request.model_sha256:
-            problems.append("names another model")
-        if r.input_sha256 != tensors_sha256(request.inputs):
-            problems.append("commits to other inputs")
-        if r.output_sha256 != tensors_sha256(message.outputs):
-            problems.append("output hash does not match the outputs received")
-        if r.price > request.max_price * (1 + 1e-9):
-            problems.append(f"price {r.price} exceeds the ceiling {request.max_price}")
-        if message.job_id != request.job_id:
-            problems.append("result is for another job")
-        if problems:
-            raise DecodeError("receipt rejected: " + "; ".join(problems))
-        return signed
-
     async def run(self, *, on_progress=None) -> tuple[list[JobOutcome], dict]:
         spec = self.spec
         spec.out_dir.mkdir(parents=True, exist_ok=True)
         book = OfferBook()
-        async with open_p2p_node(self.seed, ["/ip4/127.0.0.1/tcp/0"]) as p2p:
-            gossip = OfferGossip(p2p, book)
+        async with self.open_network(self.seed, ["/ip4/127.0.0.1/tcp/0"]) as p2p:
+            gossip = OfferGossip(p2p, book, clock=self.clock)
             gossip.own_digest = lambda: own_digest(self.key, self.ledger.reputation(), self.ledger.provider_keys(),
-                                                   now_ms=now_ms())
+                                                   now_ms=self.clock.now_ms())
             unreachable = {}
             for addr in spec.bootstrap:
                 error = await self._sync(gossip, p2p, addr)
@@ -289,13 +260,13 @@ class Buyer:
             # A bootstrap that has just restarted holds no offers until providers
             # reconnect (a second or two): ask again briefly before saying there are none.
             for delay_s in EMPTY_BOOK_RETRIES_S:
-                if book.current(now_ms=now_ms()) or len(unreachable) == len(spec.bootstrap):
+                if book.current(now_ms=self.clock.now_ms()) or len(unreachable) == len(spec.bootstrap):
                     break
                 await trio.sleep(delay_s)
                 for addr in spec.bootstrap:
                     if addr not in unreachable:
                         await self._sync(gossip, p2p, addr)
-            current = [e.offer for e in book.current(now_ms=now_ms())]
+            current = [e.offer for e in book.current(now_ms=self.clock.now_ms())]
             scores = provider_scores(self.ledger.reputation(), gossip.reputation, self.key.public_key)
             trusted = [o for o in current if scores.get(o.peer_id, 0.5) >= spec.min_reputation]
             self.excluded = {o.peer_id: round(scores[o.peer_id], 3) for o in current if o not in trusted}
@@ -359,7 +330,7 @@ class Buyer:
         else:
             batch, job_ids = self.journal.new_batch(
                 model_path=spec.model_path, model_sha256=self.model_sha, inputs=spec.inputs, count=spec.count,
-                max_price=spec.max_price, solver=spec.solver, out_dir=spec.out_dir, now_ms=now_ms())
+                max_price=spec.max_price, solver=spec.solver, out_dir=spec.out_dir, now_ms=self.clock.now_ms())
             self.batch_id = batch.batch_id
             rows = self.journal.jobs(batch.batch_id)
         outcomes = {}
@@ -374,7 +345,7 @@ class Buyer:
                 outcome.compute_ms, outcome.energy_j = paid.compute_ms, paid.energy_j
                 outcome.energy_source, outcome.price = paid.energy_source, paid.price
                 if r.state != "settled":
-                    self.journal.settled(r.job_id, r.output_path, now_ms())
+                    self.journal.settled(r.job_id, r.output_path, self.clock.now_ms())
             outcomes[r.job_id] = outcome
         return job_ids, outcomes
 
@@ -385,12 +356,12 @@ class Buyer:
         todo = [j for j in job_ids if outcomes[j].state != "settled"]
         problem = offers_to_problem(offers, self.model_sha, self.items, len(todo), spec.max_price,
                                     spec.weights, todo, spec.deadline_ms)
-        result = await trio.to_thread.run_sync(
+        result = await self.offload(
             lambda: solve(problem, solver=spec.solver, clock=time.perf_counter))
         for u in result.unassigned:
             outcomes[u.job].state = "failed"
             outcomes[u.job].error = u.explain
-            self.journal.failed(u.job, u.explain, now_ms())
+            self.journal.failed(u.job, u.explain, self.clock.now_ms())
         lanes: dict[tuple[str, int], list] = {}
         for a in sorted(result.assignments, key=lambda a: (a.provider, a.slot, a.position)):
             lanes.setdefault((a.provider, a.slot), []).append(a.job)
@@ -412,16 +383,15 @@ class Buyer:
                         await self._run_one(p2p, outcome, self.offers[pid])
                         outcome.error = ""
                         break
-                    except (SubmitError, DecodeError, StreamClosed, trio.TooSlowError, OSError,
+                    except (SubmitError, DecodeError, LedgerError, StreamClosed, trio.TooSlowError, OSError,
                             ConnectionError) as exc:
                         outcome.error = f"{type(exc).__name__}: {exc}"
-                        outcome.state = "requested"
-                        if not isinstance(exc, (SubmitError, DecodeError)):
+                        if not isinstance(exc, (SubmitError, DecodeError, LedgerError)):
                             vanished.add(pid)
                         log.warning("job %s on %s: %s", jid[:8], pid[-8:], outcome.error)
                 if outcome.error:
                     outcome.state = "failed"
-                    self.journal.failed(jid, outcome.error, now_ms())
+                    self.journal.failed(jid, outcome.error, self.clock.now_ms())
                 if on_progress:
                     on_progress(outcome)
 
@@ -491,8 +461,8 @@ class Buyer:
         bad = SignedReceipt.parse(self.ledger.receipt_bytes(outlier.job_id)[0])
         good = SignedReceipt.parse(self.ledger.receipt_bytes(witness.job_id)[0])
         dispute = Dispute(outlier.job_id, bad.receipt.provider, bad.body_sha256, good.receipt.provider,
-                          good.body_sha256, diff, self.spec.atol, now_ms())
-        self.ledger.record_dispute(sign_dispute(self.key, dispute), dispute, now_ms=now_ms())
+                          good.body_sha256, diff, self.spec.atol, self.clock.now_ms())
+        self.ledger.record_dispute(sign_dispute(self.key, dispute), dispute, now_ms=self.clock.now_ms())
 
 
 def _load_outputs(path: Path) -> list[np.ndarray]:

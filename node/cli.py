@@ -350,7 +350,7 @@ def _submit(args) -> int:
 
 
 def _batches(args) -> int:
-    from .gossip import now_ms
+    from .clock import SYSTEM_CLOCK
     from .journal import Journal
 
     home = Path(args.home)
@@ -363,7 +363,7 @@ def _batches(args) -> int:
         if action in ("show", "discard") and args.batch not in summaries:
             raise SystemExit(f"idlemesh: no batch {args.batch} in {home}")
         if action == "discard":
-            journal.discard(args.batch, now_ms())
+            journal.discard(args.batch, SYSTEM_CLOCK.now_ms())
             result = {"discarded": args.batch}
             text = f"discarded batch {args.batch}: it will not be resumed, and its stored inputs are gone"
         elif action == "prune":
@@ -606,13 +606,13 @@ def _receipts(args) -> int:
 
 
 def _settle(args) -> int:
-    from .gossip import now_ms
+    from .clock import SYSTEM_CLOCK
     from .ledger import LedgerError
 
     ledger, key = _open_ledger(args.home)
     try:
         args.peer = ledger.resolve_peer(args.peer)  # a prefix as printed in the tables is enough
-        signed, statement = ledger.statement(key, args.peer, now_ms=now_ms())
+        signed, statement = ledger.statement(key, args.peer, now_ms=SYSTEM_CLOCK.now_ms())
     except LedgerError as exc:
         raise SystemExit(f"idlemesh: {exc}") from None
     out = Path(args.out or f"statement-{args.peer[:PEER_PREFIX]}.idm")
@@ -633,14 +633,14 @@ def _verify(args) -> int:
     from protocol.settlement import open_any
     from protocol.signing import peer_id_from_public_key
 
-    from .gossip import now_ms
+    from .clock import SYSTEM_CLOCK
 
     try:
         data = Path(args.file).read_bytes()
     except OSError as exc:
         raise SystemExit(f"idlemesh: {exc}") from None
     try:
-        kind, env, message = open_any(data, now_ms=now_ms())
+        kind, env, message = open_any(data, now_ms=SYSTEM_CLOCK.now_ms())
     except DecodeError as exc:
         if args.json:
             print(json.dumps({"valid": False, "error": str(exc)}))

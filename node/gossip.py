@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from typing import Callable
 
 import trio
@@ -15,8 +14,9 @@ from protocol.messages import Offer, open_offer
 from protocol.stream import MAX_SYNC_DIGESTS, MAX_SYNC_OFFERS, OfferSync, decode_message, encode_message
 from protocol.topics import OFFER_SYNC_PROTOCOL, OFFERS_TOPIC, REPUTATION_TOPIC
 
+from .clock import SYSTEM_CLOCK, Clock
+from .net import Network, Stream, StreamClosed
 from .offers import OfferBook
-from .p2p import FramedStream, P2PNode, StreamClosed
 from .ratelimit import PeerRateLimit
 from .reputation import ReputationBook
 
@@ -34,10 +34,6 @@ SYNCED_BY_KEPT = 16               # the latest peers that synced with us, for st
 TRACE_OFFERS = os.environ.get("IDLEMESH_TRACE_OFFERS") == "1"
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def emit(event: str, **fields) -> None:
     """One JSON line on stdout: how parent processes (devnet) learn what a node did."""
     print(json.dumps({"event": event, **fields}), flush=True)
@@ -46,9 +42,10 @@ def emit(event: str, **fields) -> None:
 class OfferGossip:
     """Keeps `book` current from gossip and sync; answers sync requests with it."""
 
-    def __init__(self, p2p: P2PNode, book: OfferBook, *, own_offer: Callable[[], bytes | None] = lambda: None,
-                 on_new_offer: Callable[[str], None] | None = None):
+    def __init__(self, p2p: Network, book: OfferBook, *, own_offer: Callable[[], bytes | None] = lambda: None,
+                 on_new_offer: Callable[[str], None] | None = None, clock: Clock = SYSTEM_CLOCK):
         self.p2p = p2p
+        self.clock = clock
         self.book = book
         self.own_offer = own_offer
         self.on_new_offer = on_new_offer
@@ -79,10 +76,10 @@ class OfferGossip:
             # The library validates our own publishes too, and our own offer never sits
             # in our book: refusing it here once stopped every offer from being gossiped.
             return data == self.own_offer()
-        if not self._gossip_limit.allow(origin, time.monotonic()):
+        if not self._gossip_limit.allow(origin, self.clock.elapsed_s()):
             self._bad("rate-limited", origin, "offer gossip over the per-origin rate")
             return False
-        offer = self.book.open(data, now_ms=now_ms())
+        offer = self.book.open(data, now_ms=self.clock.now_ms())
         if offer is None:
             return False
         if offer.peer_id != origin:
@@ -93,7 +90,7 @@ class OfferGossip:
 
     def _take(self, signed: bytes, via: str) -> Offer | None:
         """Store the offer if it is valid, someone else's and newer; return it if valid."""
-        now = now_ms()
+        now = self.clock.now_ms()
         offer = self.book.open(signed, now_ms=now)
         if offer is None or offer.peer_id == self.p2p.peer_id or not self.book.is_newer(offer):
             return offer
@@ -102,16 +99,16 @@ class OfferGossip:
         if TRACE_OFFERS:
             # Devnet and bench only: when each offer arrived, to measure gossip delivery.
             emit("offer-heard", provider=offer.peer_id, issued_at_ms=offer.issued_at_ms,
-                 latency_ms=now_ms() - offer.issued_at_ms, via=via)
+                 latency_ms=self.clock.now_ms() - offer.issued_at_ms, via=via)
         if self.on_new_offer and not was_held:  # a provider (back) in our book
             self.on_new_offer(offer.peer_id)
         return offer
 
     def _validate_digest(self, origin: str, data: bytes) -> bool:
-        if not self._digest_limit.allow(origin, time.monotonic()):
+        if not self._digest_limit.allow(origin, self.clock.elapsed_s()):
             self._bad("rate-limited", origin, "reputation gossip over the per-origin rate")
             return False
-        return self.reputation.add(data, now_ms=now_ms())
+        return self.reputation.add(data, now_ms=self.clock.now_ms())
 
     async def run(self, *, relay_digests: bool = False, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -134,7 +131,7 @@ class OfferGossip:
         at most every DIGEST_RELAY_S: gossip stays within its budget."""
         while True:
             await trio.sleep(DIGEST_RELAY_S)
-            current = self.reputation.current(now_ms=now_ms())
+            current = self.reputation.current(now_ms=self.clock.now_ms())
             self._relayed &= set(current)  # forget expired digests: a bootstrap runs for months
             fresh = [d for d in current if d not in self._relayed]
             if fresh:
@@ -146,21 +143,21 @@ class OfferGossip:
 
     def _outgoing(self, *, push_own: bool = True) -> OfferSync:
         own = self.own_offer() if push_own else None
-        others = [e.signed for e in self.book.current(now_ms=now_ms()) if e.offer.peer_id != self.p2p.peer_id]
+        others = [e.signed for e in self.book.current(now_ms=self.clock.now_ms()) if e.offer.peer_id != self.p2p.peer_id]
         digest = self.own_digest()
-        digests = ([digest] if digest else []) + self.reputation.current(now_ms=now_ms())
+        digests = ([digest] if digest else []) + self.reputation.current(now_ms=self.clock.now_ms())
         return OfferSync(tuple(([own] if own else []) + others)[:MAX_SYNC_OFFERS],
                          tuple(dict.fromkeys(digests))[:MAX_SYNC_DIGESTS])
 
     def _take_digests(self, digests: tuple[bytes, ...], peer: str) -> None:
         for signed in digests:
             before = self.reputation.rejected
-            self.reputation.add(signed, now_ms=now_ms())  # an older digest is no fault ...
+            self.reputation.add(signed, now_ms=self.clock.now_ms())  # an older digest is no fault ...
             if self.reputation.rejected > before:          # ... a forged or expired one is
                 self._bad("bad-digest", peer, "reputation digest in sync does not verify or has expired")
 
-    async def _serve_sync(self, stream: FramedStream) -> None:
-        if not self._sync_limit.allow(stream.remote_peer_id, time.monotonic()):
+    async def _serve_sync(self, stream: Stream) -> None:
+        if not self._sync_limit.allow(stream.remote_peer_id, self.clock.elapsed_s()):
             self._bad("rate-limited", stream.remote_peer_id, "offer sync over the per-peer rate")
             return
         try:
@@ -171,7 +168,7 @@ class OfferGossip:
             return
         for signed in message.offers:
             try:
-                open_offer(signed, now_ms=now_ms())  # a stale but genuine offer is no fault
+                open_offer(signed, now_ms=self.clock.now_ms())  # a stale but genuine offer is no fault
             except DecodeError as exc:
                 self._bad("bad-offer", stream.remote_peer_id, f"offer in sync: {exc}")
                 continue
@@ -179,7 +176,7 @@ class OfferGossip:
         self._take_digests(message.digests, stream.remote_peer_id)
         try:
             await stream.send(encode_message(self._outgoing()))
-            self.synced_by[stream.remote_peer_id] = now_ms()
+            self.synced_by[stream.remote_peer_id] = self.clock.now_ms()
             while len(self.synced_by) > SYNCED_BY_KEPT:
                 del self.synced_by[next(iter(self.synced_by))]
         except (StreamClosed, trio.TooSlowError):
@@ -193,7 +190,7 @@ class OfferGossip:
             payload = await stream.receive(max_bytes=SYNC_FRAME_BYTES, timeout_s=SYNC_TIMEOUT_S)
         message = decode_message(payload, max_bytes=SYNC_FRAME_BYTES, expect=("offers",))
         opened = [self._take(signed, "sync") for signed in message.offers]
-        self.last_sync = {"peer": peer_id, "at_ms": now_ms(), "offers": [o for o in opened if o is not None]}
+        self.last_sync = {"peer": peer_id, "at_ms": self.clock.now_ms(), "offers": [o for o in opened if o is not None]}
         self._take_digests(message.digests, peer_id)
         return len(message.offers)
 

@@ -14,6 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from protocol.lifecycle import STATES
+
+# Job states are the protocol's one vocabulary (protocol.lifecycle.STATES). Journals
+# written before version 2 said 'sent' for 'requested'; they are migrated on open.
+JOURNAL_VERSION = 2
+STATE_CHECK = "state IN (" + ", ".join(f"'{s}'" for s in STATES) + ")"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
     batch_id TEXT PRIMARY KEY,
@@ -30,18 +37,20 @@ CREATE TABLE IF NOT EXISTS discarded (
     batch_id TEXT PRIMARY KEY REFERENCES batches(batch_id),
     at_ms INTEGER NOT NULL
 );
+"""
+JOBS_TABLE = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     batch_id TEXT NOT NULL REFERENCES batches(batch_id),
     idx INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'settled', 'failed')),
+    state TEXT NOT NULL CHECK (STATE_CHECK),
     provider TEXT NOT NULL DEFAULT '',
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT NOT NULL DEFAULT '',
     output_path TEXT NOT NULL DEFAULT '',
     updated_at_ms INTEGER NOT NULL
 );
-"""
+""".replace("STATE_CHECK", STATE_CHECK)
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,26 @@ class Journal:
         self.db = sqlite3.connect(home / "jobs.sqlite", isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
+        self._migrate()
         self.db.executescript(SCHEMA)
+        self.db.execute(JOBS_TABLE)
+        self.db.execute(f"PRAGMA user_version = {JOURNAL_VERSION}")
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        has_jobs = self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'").fetchone()
+        if version >= JOURNAL_VERSION or not has_jobs:
+            return
+        # Version 1 named the lifecycle its own way, and SQLite cannot alter a CHECK:
+        # rebuild the table in one transaction, renaming 'sent' to 'requested'.
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("ALTER TABLE jobs RENAME TO jobs_v1")
+        self.db.execute(JOBS_TABLE)
+        self.db.execute("INSERT INTO jobs SELECT job_id, batch_id, idx, CASE state WHEN 'sent' THEN 'requested' "
+                        "ELSE state END, provider, attempts, error, output_path, updated_at_ms FROM jobs_v1")
+        self.db.execute("DROP TABLE jobs_v1")
+        self.db.execute(f"PRAGMA user_version = {JOURNAL_VERSION}")
+        self.db.execute("COMMIT")
 
     def new_batch(self, *, model_path: Path, model_sha256: str, inputs: dict[str, np.ndarray], count: int,
                   max_price: float, solver: str, out_dir: Path, now_ms: int) -> tuple[Batch, list[str]]:
@@ -117,7 +145,7 @@ class Journal:
         """Every batch, newest first, with its jobs counted by state and its stored inputs."""
         rows = self.db.execute(
             "SELECT b.batch_id, b.created_at_ms, b.model_path, b.count, b.out_dir, b.inputs_path, "
-            "SUM(j.state = 'settled'), SUM(j.state = 'failed'), SUM(j.state IN ('pending', 'sent')), "
+            "SUM(j.state = 'settled'), SUM(j.state = 'failed'), SUM(j.state NOT IN ('settled', 'failed')), "
             "b.batch_id IN (SELECT batch_id FROM discarded) "
             "FROM batches b LEFT JOIN jobs j ON j.batch_id = b.batch_id GROUP BY b.batch_id "
             "ORDER BY b.created_at_ms DESC, b.batch_id").fetchall()
@@ -166,7 +194,7 @@ class Journal:
         return [JournalJob(*row) for row in rows]
 
     def sent(self, job_id: str, provider: str, now_ms: int) -> None:
-        self.db.execute("UPDATE jobs SET state = 'sent', provider = ?, attempts = attempts + 1, updated_at_ms = ? "
+        self.db.execute("UPDATE jobs SET state = 'requested', provider = ?, attempts = attempts + 1, updated_at_ms = ? "
                         "WHERE job_id = ? AND state != 'settled'", (provider, now_ms, job_id))
 
     def settled(self, job_id: str, output_path: str, now_ms: int) -> None:

@@ -18,17 +18,10 @@ from pathlib import Path
 import numpy as np
 import trio
 
-from protocol.errors import DecodeError, ExpiredError
-from protocol.messages import (
-    Device, ModelCapability, Offer, PowerProfile, Receipt, SignedReceipt, check_window, open_job_request,
-    sign_offer, sign_receipt,
-)
-from protocol.stream import (
-    MAX_CONTROL_FRAME_BYTES, MAX_MODEL_BYTES, Accepted, JobError, JobResult, NeedModel,
-    decode_message, encode_message,
-)
-from protocol.messages import MAX_REQUEST_BYTES
-from protocol.tensors import Tensor, tensors_sha256
+from protocol.errors import DecodeError
+from protocol.job import ProviderJob, Step
+from protocol.messages import Device, ModelCapability, Offer, PowerProfile, sign_offer
+from protocol.tensors import Tensor
 from protocol.topics import JOB_PROTOCOL, OFFERS_TOPIC
 
 from . import modelcheck
@@ -38,12 +31,14 @@ from .calibrate import (
 )
 from .config import ProviderConfig
 from .executor import Executor, JobFailed, ModelStore
-from .gossip import SYNC_TIMEOUT_S, TRACE_OFFERS, OfferGossip, emit, now_ms
+from .clock import SYSTEM_CLOCK, Clock
+from .gossip import SYNC_TIMEOUT_S, TRACE_OFFERS, OfferGossip, emit
 from .identity import load_key
 from .ledger import Ledger, LedgerError
 from .metrics import NodeMetrics
 from .offers import OfferBook
-from .p2p import FramedStream, StreamClosed, check_listen_addrs, open_p2p_node
+from .net import OpenNetwork, Stream, StreamClosed
+from .p2p import check_listen_addrs, open_p2p_node
 from .policy import Availability, CarbonSchedule, IdleGate, OwnerLoad, decide
 from .power import probe_meter
 from .ratelimit import PeerRateLimit
@@ -58,6 +53,7 @@ REFRESHES_PER_TTL = 3
 # not reaching it (status warns, and we push the offer by sync).
 STALE_REFRESHES = 2
 READ_TIMEOUT_S = 30.0
+MODEL_UPLOAD_TIMEOUT_S = 120.0
 SEEN_JOBS_MAX = 100_000
 
 
@@ -68,12 +64,17 @@ STATUS_NAME = "status.json"
 
 
 class Provider:
-    def __init__(self, config: ProviderConfig):
+    def __init__(self, config: ProviderConfig, *, clock: Clock = SYSTEM_CLOCK,
+                 open_network: OpenNetwork = open_p2p_node, executor=None):
+        """`clock`, `open_network` and `executor` are what a test under MockClock replaces
+        (node.clock.TrioClock, node.memnet, a fake executor); the daemon uses the real ones."""
         self.config = config
+        self.clock = clock
+        self.open_network = open_network
         self.seed, self.key = load_key(config.home)
         self.simulated = config.speed_factor != 1.0
         self.store = ModelStore(config.home / "models", budget_bytes=int(config.model_budget_mb * (1 << 20)))
-        self.executor = Executor(self.store, slots=config.slots, job_memory_mb=config.job_memory_mb)
+        self.executor = executor or Executor(self.store, slots=config.slots, job_memory_mb=config.job_memory_mb)
         # A simulated device's energy follows its profile; metering this machine would mislabel it.
         self.meter = None if self.simulated else probe_meter(
             want_gpu=self.executor.execution_provider == "CUDAExecutionProvider")
@@ -94,7 +95,7 @@ class Provider:
         self.seen_by: dict[str, dict] = {}  # bootstrap peer id -> what its book holds of ours
         self.gossip: OfferGossip | None = None
         self.metrics = NodeMetrics("provider")
-        self.started_at_ms = now_ms()
+        self.started_at_ms = self.clock.now_ms()
         self.carbon = CarbonSchedule(config.carbon_g_per_kwh, config.carbon_csv, config.carbon_source)
         self.idle_gate = IdleGate(config.idle_threshold, config.idle_hold_s)
         self.owner_load = 0.0
@@ -167,7 +168,7 @@ class Provider:
 
     def build_offer(self) -> Offer:
         c, power = self.config, self.power
-        issued = now_ms()
+        issued = self.clock.now_ms()
         backlog_ms = 1000.0 * len(self._running) / max(1, c.slots)  # crude: a second per queued job
         open_rate = min((m.items_per_s for m in self.models), default=None) if c.open_models else None
         return Offer(
@@ -204,7 +205,7 @@ class Provider:
         while True:
             await trio.sleep(POLICY_INTERVAL_S)
             self.owner_load = sensor.read()
-            now = self._decide(self.owner_load, trio.current_time())
+            now = self._decide(self.owner_load, self.clock.elapsed_s())
             if now.selling != self.availability.selling:
                 # Jobs in flight finish; the offer changes at once so buyers stop placing.
                 log.info("capacity %s: %s", "offered again" if now.selling else "withdrawn", now.reason)
@@ -219,7 +220,7 @@ class Provider:
         offer = self.offer_log
         try:
             await self.p2p.publish(OFFERS_TOPIC, signed)
-            offer.update(published=offer.get("published", 0) + 1, last_publish_ms=now_ms(), last_publish_error=None)
+            offer.update(published=offer.get("published", 0) + 1, last_publish_ms=self.clock.now_ms(), last_publish_error=None)
         except (StreamClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             offer["last_publish_error"] = f"{type(exc).__name__}: {exc}"
             log.info("publish failed: %s", exc)
@@ -228,7 +229,7 @@ class Provider:
 
     def status(self) -> dict:
         return {
-            "pid": os.getpid(), "peer_id": self.key.peer_id, "updated_at_ms": now_ms(),
+            "pid": os.getpid(), "peer_id": self.key.peer_id, "updated_at_ms": self.clock.now_ms(),
             "selling": self.availability.selling, "reason": self.availability.reason,
             "owner_load": round(self.owner_load, 3), "jobs_running": len(self._running), "jobs_done": self.jobs_done,
             "counters": self.counters, "slots": self.config.slots,
@@ -286,11 +287,11 @@ class Provider:
             with trio.fail_after(SYNC_TIMEOUT_S):
                 await gossip.sync_with(peer_id, push_own=False)
         except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
-            seen.update(checked_at_ms=now_ms(), error=f"offer sync failed: {exc}")
+            seen.update(checked_at_ms=self.clock.now_ms(), error=f"offer sync failed: {exc}")
             return
         # The sync already verified each offer; find the bootstrap's copy of ours.
         theirs = next((o for o in gossip.last_sync["offers"] if o.peer_id == self.key.peer_id), None)
-        checked = now_ms()
+        checked = self.clock.now_ms()
         age_ms = checked - theirs.issued_at_ms if theirs else None
         stale = age_ms is None or age_ms > STALE_REFRESHES * self.refresh_s * 1000
         seen.update(checked_at_ms=checked, error=None, offer_age_ms=age_ms, stale=stale)
@@ -306,9 +307,9 @@ class Provider:
         m = self.metrics
         m.slots.set(self.config.slots)
         m.slots_busy.set_function(lambda: len(self._running))
-        m.connected_peers.set_function(lambda: len(p2p.host.get_network().connections))
-        m.offers_held.set_function(lambda: self.book.count(now_ms=now_ms()))
-        m.offer_age.set_function(lambda: (now_ms() - self.offer_log.get("issued_at_ms", now_ms())) / 1000)
+        m.connected_peers.set_function(lambda: len(p2p.connected_peers()))
+        m.offers_held.set_function(lambda: self.book.count(now_ms=self.clock.now_ms()))
+        m.offer_age.set_function(lambda: (self.clock.now_ms() - self.offer_log.get("issued_at_ms", self.clock.now_ms())) / 1000)
         m.offer_visible.set_function(lambda: float("nan") if not self.seen_by else float(not any(
             v.get("stale") or v.get("error") for v in self.seen_by.values())))
         m.serve(self.config.metrics)
@@ -316,7 +317,7 @@ class Provider:
 
     def network_view(self) -> dict:
         """What the network sees of our offer, for `provider status`."""
-        now = now_ms()
+        now = self.clock.now_ms()
         offer = dict(self.offer_log)
         bootstraps = []
         for peer_id, link in self.p2p.links.items() if self.p2p else ():
@@ -347,95 +348,107 @@ class Provider:
 
     # --- jobs -------------------------------------------------------------------------
 
-    async def _fail(self, stream: FramedStream, code: str, message: str) -> None:
+    async def _send(self, stream: Stream, step: Step, *, timeout_s: float = 30.0) -> None:
+        for payload in step.send:
+            await stream.send(payload, timeout_s=timeout_s)
+
+    async def _refuse(self, stream: Stream, job: ProviderJob, peer: str, code: str, message: str) -> None:
+        """Count the refusal and tell the buyer why, if the stream still works."""
+        self.count(code, peer, message)
         try:
-            await stream.send(encode_message(JobError(code, message[:2048])))
+            await self._send(stream, job.refuse(code, message))
         except (StreamClosed, trio.TooSlowError):
             pass
 
-    async def _serve_job(self, stream: FramedStream) -> None:
+    async def _receive(self, stream: Stream, job: ProviderJob, *, timeout_s: float = READ_TIMEOUT_S) -> Step:
+        payload = await stream.receive(max_bytes=job.max_frame_bytes, timeout_s=timeout_s)
+        return job.receive(payload, now_ms=self.clock.now_ms())
+
+    async def _serve_job(self, stream: Stream) -> None:
+        """One job stream, driven by the protocol's ProviderJob machine: it decides which
+        frames are legal, checks the request and the price, and signs the receipt; here
+        we decide whether to sell, move the bytes, run the model and persist."""
         peer = stream.remote_peer_id
-        if not self._job_limit.allow(peer, trio.current_time()):
-            self.count("rate-limited", peer, "job streams over the per-peer rate")
-            await self._fail(stream, "rate-limited", "too many job streams from this peer; slow down")
+        job = ProviderJob.create(self.key)
+        if not self._job_limit.allow(peer, self.clock.elapsed_s()):
+            with trio.move_on_after(READ_TIMEOUT_S):
+                await self._refuse(stream, job, peer, "rate-limited", "too many job streams from this peer; slow down")
             return
         try:
-            payload = await stream.receive(max_bytes=MAX_REQUEST_BYTES + 1024, timeout_s=READ_TIMEOUT_S)
-            submit = decode_message(payload, max_bytes=MAX_REQUEST_BYTES + 1024, expect=("submit",))
-            envelope, request = open_job_request(submit.request)
-        except (DecodeError, trio.TooSlowError) as exc:
-            self.count("bad-request", peer, exc)
-            await self._fail(stream, "bad-request", str(exc))
-            return
-        except StreamClosed as exc:
-            self.count("stream-closed", peer, exc)
-            return
-        try:
-            if request.provider != self.key.public_key:
-                raise JobFailed("wrong-provider", "job is addressed to another provider")
-            try:
-                check_window("job", request.issued_at_ms, request.expires_at_ms, now_ms=now_ms(),
-                             max_ttl_ms=3_600_000, max_skew_ms=30_000)
-            except ExpiredError as exc:
-                raise JobFailed("expired", str(exc)) from None
+            step = await self._receive(stream, job)
+            if job.state == "failed":  # refused by the machine: wrong provider, expired
+                refused = step.events[0]
+                self.count(refused.code, peer, refused.message)
+                await self._send(stream, step)
+                return
+            request = job.request
             if request.job_id in self._seen_jobs or self.ledger.has(request.job_id):
                 kept = self._results.get(request.job_id)
                 if kept is not None and kept[0] == request.buyer:
                     # The buyer lost our answer (it crashed or the stream broke): same bytes again.
-                    await stream.send(kept[1])
-                    await self._settle(stream, peer, request.job_id)
+                    await self._send(stream, job.redeliver(kept[1]))
+                    await self._settle(stream, job, peer)
                     return
                 if request.job_id in self._running:
-                    raise JobFailed("busy", f"job {request.job_id} is still running; ask again later")
-                raise JobFailed("replay", f"job {request.job_id} was already received")
+                    return await self._refuse(stream, job, peer, "busy", f"job {request.job_id} is still running; ask again later")
+                return await self._refuse(stream, job, peer, "replay", f"job {request.job_id} was already received")
             self._seen_jobs[request.job_id] = None
             if len(self._seen_jobs) > SEEN_JOBS_MAX:
                 self._seen_jobs.popitem(last=False)
             if not self.availability.selling:
-                raise JobFailed("withdrawn", f"not selling now: {self.availability.reason}")
+                return await self._refuse(stream, job, peer, "withdrawn", f"not selling now: {self.availability.reason}")
             capability = next((m for m in self.models if m.sha256 == request.model_sha256), None)
             if capability is None and self.config.open_models and self.models:
                 # A model we do not list: priced at the open-model estimate we advertise.
                 capability = ModelCapability(request.model_name or "open", request.model_sha256,
                                              min(m.items_per_s for m in self.models), "declared")
             if capability is None:
-                raise JobFailed("unknown-model", f"model {request.model_sha256} is not offered here")
-            expected_price = request.items / capability.items_per_s * self.config.price_per_s
-            if expected_price > request.max_price * (1 + 1e-9):
-                raise JobFailed("price", f"expected price {expected_price:.6g} exceeds ceiling {request.max_price:.6g}")
+                return await self._refuse(stream, job, peer, "unknown-model",
+                                          f"model {request.model_sha256} is not offered here")
+            step = job.quote(capability.items_per_s, self.config.price_per_s)
+            if job.state == "failed":
+                self.count("price", peer, step.events[0].message)
+                await self._send(stream, step)
+                return
             if not self.store.has(request.model_sha256):
-                await stream.send(encode_message(NeedModel(request.model_sha256)))
-                payload = await stream.receive(max_bytes=MAX_MODEL_BYTES + 1024, timeout_s=120.0)
-                blob = decode_message(payload, max_bytes=MAX_MODEL_BYTES + 1024, expect=("model",))
-                if blob.sha256 != request.model_sha256:
-                    raise JobFailed("model-invalid", "sent a different model than requested")
-                self.store.put(blob.sha256, blob.data)
-            await self._run_job(stream, peer, request, capability)
+                await self._send(stream, job.need_model())
+                step = await self._receive(stream, job, timeout_s=MODEL_UPLOAD_TIMEOUT_S)
+                if job.state == "failed":
+                    self.count("model-invalid", peer, step.events[0].message)
+                    await self._send(stream, step)
+                    return
+                self.store.put(step.events[0].sha256, step.events[0].data)
+            await self._run_job(stream, job, peer)
         except JobFailed as exc:
-            self.count(exc.code, peer, exc)
-            await self._fail(stream, exc.code, str(exc))
+            await self._refuse(stream, job, peer, exc.code, str(exc))
         except DecodeError as exc:
-            self.count("bad-request", peer, exc)
-            await self._fail(stream, "bad-request", str(exc))
+            if job.state == "delivered":  # a bad ack: our receipt stays, unacked
+                self.count("bad-ack", peer, exc)
+                return
+            await self._refuse(stream, job, peer, "bad-request", str(exc))
         except (StreamClosed, trio.TooSlowError) as exc:
-            self.count("stream-closed", peer, exc)
+            self.count("stream-closed" if job.state != "delivered" else "no-ack", peer, exc)
+            if job.state == "delivered":
+                self.metrics.jobs.labels("unacked").inc()
 
-    async def _run_job(self, stream: FramedStream, peer: str, request, capability: ModelCapability) -> None:
-        received_ms = now_ms()
+    async def _run_job(self, stream: Stream, job: ProviderJob, peer: str) -> None:
+        request = job.request
+        received_ms = self.clock.now_ms()
         self._running.add(request.job_id)
         try:
-            await stream.send(encode_message(Accepted(request.job_id, len(self._running) - 1)))
+            await self._send(stream, job.accept(len(self._running) - 1))
             emit("accepted", job_id=request.job_id, buyer=peer)
-            started_ms = now_ms()
+            started_ms = self.clock.now_ms()
             result = await self.executor.run(request.model_sha256, request.inputs,
                                              timeout_s=request.timeout_ms / 1000)
         finally:
             self._running.discard(request.job_id)
+        outputs = tuple(result.outputs)
         if self.config.fault_output_noise:
             # Devnet fault injection: a provider that returns wrong numbers under a
             # self-consistent receipt, which only a spot check can catch.
-            result.outputs = [Tensor.from_array(t.name, t.to_array() + np.float32(self.config.fault_output_noise))
-                              for t in result.outputs]
+            outputs = tuple(Tensor.from_array(t.name, t.to_array() + np.float32(self.config.fault_output_noise))
+                            for t in outputs)
         c = self.config
         # A simulated device reports the time its profile implies; the outputs stay real.
         compute_ms = result.compute_ms / c.speed_factor
@@ -444,43 +457,32 @@ class Provider:
         else:
             energy_j = compute_ms / 1000 * self.power.marginal_w_per_slot
             energy_source = self.power.marginal_source
-        price = min(compute_ms / 1000 * c.price_per_s, request.max_price)
-        receipt = Receipt(
-            job_id=request.job_id, buyer=request.buyer, provider=self.key.public_key,
-            model_sha256=request.model_sha256, input_sha256=tensors_sha256(request.inputs),
+        step = job.deliver(
+            outputs, compute_ms=compute_ms,
             # A simulated device's queue is the host's queue at the device's speed: the jobs
             # ahead ran on the host too, so the same factor converts their time.
-            output_sha256=tensors_sha256(result.outputs),
             queue_ms=float(max(0, started_ms - received_ms)) / c.speed_factor,
-            compute_ms=compute_ms, energy_j=energy_j, energy_source=energy_source, price=price,
-            issued_at_ms=now_ms(), execution_provider=self.executor.execution_provider,
-        )
-        signed = sign_receipt(self.key, receipt)
+            energy_j=energy_j, energy_source=energy_source, price_per_s=c.price_per_s,
+            execution_provider=self.executor.execution_provider, now_ms=self.clock.now_ms())
         # Durable before the buyer can see it: a crash from here on never loses the
         # receipt, and a resubmission of the job gets these same bytes back.
-        self.ledger.apply(signed, None, now_ms=now_ms())
-        frame = encode_message(JobResult(request.job_id, tuple(result.outputs), signed))
-        self._keep_result(request.job_id, request.buyer, frame)
+        self.ledger.apply(job.receipt.envelope_bytes, None, now_ms=self.clock.now_ms())
+        self._keep_result(request.job_id, request.buyer, step.send[0])
         self.jobs_done += 1
         self.metrics.jobs.labels("completed").inc()
         self.metrics.compute_seconds.inc(compute_ms / 1000)
         self.metrics.energy_joules.labels(energy_source).inc(energy_j)
         emit("job", job_id=request.job_id, buyer=peer, compute_ms=round(compute_ms, 3),
              energy_j=round(energy_j, 6), energy_source=energy_source)
-        await stream.send(frame)
-        await self._settle(stream, peer, request.job_id)
+        await self._send(stream, step)
+        await self._settle(stream, job, peer)
 
-    async def _settle(self, stream: FramedStream, peer: str, job_id: str) -> None:
+    async def _settle(self, stream: Stream, job: ProviderJob, peer: str) -> None:
         """Wait for the buyer's countersignature and apply it, once."""
+        job_id = job.request.job_id
+        (acknowledged,) = (await self._receive(stream, job)).events
         try:
-            payload = await stream.receive(max_bytes=MAX_CONTROL_FRAME_BYTES, timeout_s=READ_TIMEOUT_S)
-            ack_bytes = decode_message(payload, max_bytes=MAX_CONTROL_FRAME_BYTES, expect=("ack",)).ack
-        except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
-            self.count("no-ack", peer, exc)
-            self.metrics.jobs.labels("unacked").inc()
-            return
-        try:
-            applied = self.ledger.apply_ack(ack_bytes, now_ms=now_ms())
+            applied = self.ledger.apply_ack(acknowledged.ack, now_ms=self.clock.now_ms())
         except LedgerError as exc:
             self.count("bad-ack", peer, exc)  # our receipt stays, unacked
             return
@@ -488,7 +490,7 @@ class Provider:
             self._results.pop(job_id, None)
             self.metrics.jobs.labels("settled" if applied.status == "accepted" else applied.status).inc()
             if applied.status == "accepted":
-                self.metrics.earnings.inc(SignedReceipt.parse(self.ledger.receipt_bytes(job_id)[0]).receipt.price)
+                self.metrics.earnings.inc(job.receipt.receipt.price)
         emit("settled", job_id=job_id, status=applied.status)
 
     def _keep_result(self, job_id: str, buyer: bytes, frame: bytes) -> None:
@@ -504,13 +506,27 @@ class Provider:
         """Serve until SIGINT or SIGTERM; returns the signal's number."""
         check_listen_addrs(self.config.listen)  # before minutes of calibration, not after
         self.prepare()
-        async with open_p2p_node(self.seed, self.config.listen) as p2p:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                await nursery.start(self.serve)
+                async for signum in signals:
+                    break
+            nursery.cancel_scope.cancel()
+        self.ledger.close()
+        (self.config.home / STATUS_NAME).unlink(missing_ok=True)
+        emit("stopped", role="provider", counters=self.counters)
+        return signum
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Sell capacity until cancelled (a prepared provider); started once the first
+        dial of each bootstrap has answered or failed."""
+        async with self.open_network(self.seed, self.config.listen) as p2p:
             self.p2p = p2p
             p2p.send_delay_s = 2 * self.config.link_delay_ms / 1000
             self.refresh_offer()
             if self.config.metrics:
                 self._export_metrics(p2p)
-            gossip = self.gossip = OfferGossip(p2p, self.book, own_offer=lambda: self._signed_offer)
+            gossip = self.gossip = OfferGossip(p2p, self.book, own_offer=lambda: self._signed_offer, clock=self.clock)
             gossip.on_bad_input = self.count
             p2p.set_stream_handler(JOB_PROTOCOL, self._serve_job)
             async with trio.open_nursery() as nursery:
@@ -520,17 +536,11 @@ class Provider:
                 nursery.start_soon(self._advertise)
                 nursery.start_soon(self._check_visibility, gossip)
                 nursery.start_soon(self._watch_policy)
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    for addr, why in (await p2p.first_dials(self.config.bootstrap)).items():
-                        log.warning("cannot reach bootstrap %s (%s); retrying: buyers cannot find this provider "
-                                    "until one answers", addr, why)
-                    self.write_status()
-                    emit("ready", role="provider", peer_id=p2p.peer_id, addrs=p2p.listen_addrs,
-                         models=[m.name for m in self.models])
-                    async for signum in signals:
-                        break
-                nursery.cancel_scope.cancel()
-        self.ledger.close()
-        (self.config.home / STATUS_NAME).unlink(missing_ok=True)
-        emit("stopped", role="provider", counters=self.counters)
-        return signum
+                for addr, why in (await p2p.first_dials(self.config.bootstrap)).items():
+                    log.warning("cannot reach bootstrap %s (%s); retrying: buyers cannot find this provider "
+                                "until one answers", addr, why)
+                self.write_status()
+                emit("ready", role="provider", peer_id=p2p.peer_id, addrs=p2p.listen_addrs,
+                     models=[m.name for m in self.models])
+                task_status.started(p2p)
+                await trio.sleep_forever()

@@ -21,7 +21,7 @@ The conversation on one stream, buyer (B) and provider (P):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 from . import pricing

@@ -24,7 +24,6 @@ import errno
 import logging
 import math
 import socket
-import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
@@ -53,6 +52,9 @@ from libp2p.tools.anyio_service import background_trio_service
 from protocol.errors import DecodeError
 from protocol.stream import FRAME_HEADER, frame, frame_length
 
+from ..clock import SYSTEM_CLOCK
+from ..net import StreamClosed, StreamHandler, Validator
+
 log = logging.getLogger("idlemesh.p2p")
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 2.0   # a restarted bootstrap is found again within this
@@ -61,10 +63,6 @@ RECONNECT_POLL_S = 0.5  # how often a link is checked while it is up
 # Errors a stream can raise when the peer goes away; each becomes StreamClosed.
 _STREAM_GONE = (LibStreamClosed, StreamEOF, StreamReset, StreamError, SwarmException, StreamFailure,trio.BrokenResourceError,
                 trio.ClosedResourceError, ConnectionError, OSError)
-
-
-class StreamClosed(Exception):
-    """The peer closed or reset the stream, or the connection dropped."""
 
 
 class FramedStream:
@@ -127,13 +125,11 @@ class FramedStream:
             pass
 
 
-StreamHandler = Callable[[FramedStream], Awaitable[None]]
-Validator = Callable[[str, bytes], bool]
 
 
 @dataclass
 class P2PNode:
-    """What the rest of idlemesh sees of the network."""
+    """The libp2p implementation of `node.net.Network`."""
 
     host: object
     pubsub: Pubsub
@@ -289,23 +285,19 @@ class P2PNode:
                     reason = "timed out" if isinstance(exc, trio.TooSlowError) else _dial_error(exc)
                     # One line per outage (or change of cause), not one per retry.
                     say = log.info if reason != self.links[peer_id].get("last_error") else log.debug
-                    self.links[peer_id].update(last_error=reason, last_error_ms=_now_ms())
+                    self.links[peer_id].update(last_error=reason, last_error_ms=SYSTEM_CLOCK.now_ms())
                     first.set()
                     say("cannot reach bootstrap %s (%s); retrying every %.1f s at most", addr, reason, RECONNECT_MAX_S)
                     await trio.sleep(delay_s)
                     delay_s = min(delay_s * 2, RECONNECT_MAX_S)
                     continue
                 delay_s = RECONNECT_MIN_S
-                self.links[peer_id].update(connected=True, connected_at_ms=_now_ms(), last_error=None)
+                self.links[peer_id].update(connected=True, connected_at_ms=SYSTEM_CLOCK.now_ms(), last_error=None)
                 first.set()
                 log.info("connected to bootstrap %s", addr)
                 if on_connect is not None:
                     self._nursery.start_soon(on_connect, peer_id)
             await trio.sleep(RECONNECT_POLL_S)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _forget_failed_dial(host, peer_id: ID) -> None:
