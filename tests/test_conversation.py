@@ -1,0 +1,290 @@
+"""The job conversation end to end in one process: a bootstrap, providers and a buyer on
+the in-memory network (node/memnet.py) under trio's MockClock, with the real buyer,
+provider, gossip, ledger and journal code. Only the executor is a fake (a seeded matrix
+product that takes virtual time), so timeouts, retries, providers that vanish, frames
+out of order and duplicates are tested without wall-clock time or real processes.
+Claims about the real network stay in the real-process tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+from node.buyer import Buyer, SubmitSpec
+from node.calibrate import PowerFigures
+from node.clock import TrioClock
+from node.bootstrap import serve_bootstrap
+from node.config import ProviderConfig
+from node.executor import JobFailed, RunOutput
+from node.identity import load_or_create_seed
+from node.ledger import Ledger
+from node.memnet import MemoryNetwork
+from node.provider import Provider
+from protocol import codec
+from protocol.messages import ModelCapability
+from protocol.stream import Accepted, JobResult, decode_message, encode_message
+from protocol.tensors import Tensor
+from protocol.topics import JOB_PROTOCOL
+
+MODEL_BYTES = b"fake model: a seeded 3x4 matrix"
+MODEL_SHA = codec.sha256_hex(MODEL_BYTES)
+WEIGHTS = np.random.default_rng(7).standard_normal((3, 4)).astype(np.float32)
+INPUT = np.random.default_rng(11).standard_normal((2, 3)).astype(np.float32)
+
+
+class FakeExecutor:
+    """The model is a seeded matrix product, so outputs depend on inputs; each run takes
+    `compute_s` of (virtual) time. `hold` keeps runs from finishing until it is set."""
+
+    execution_provider = "CPUExecutionProvider"
+
+    def __init__(self, compute_s: float = 0.5):
+        self.compute_s = compute_s
+        self.idle_w = 0.0
+        self.started = trio.Event()
+        self.hold: trio.Event | None = None
+        self.runs = 0
+
+    def trust(self, sha256: str, verdict: dict) -> None:
+        pass
+
+    async def run(self, sha256: str, inputs, *, timeout_s: float = 60.0) -> RunOutput:
+        if sha256 != MODEL_SHA:
+            raise JobFailed("model-invalid", "not the fake model")
+        self.runs += 1
+        self.started.set()
+        if self.hold is not None:
+            await self.hold.wait()
+        await trio.sleep(self.compute_s)
+        y = inputs[0].to_array() @ WEIGHTS
+        return RunOutput([Tensor.from_array("y", y)], self.compute_s * 1000)
+
+
+def make_provider(tmp_path, name: str, network: MemoryNetwork, clock, bootstrap: str, *,
+                  marginal_w: float, items_per_s: float = 100.0) -> Provider:
+    config = ProviderConfig(home=tmp_path / name, listen=["/memory"], bootstrap=[bootstrap], device_name=name,
+                            arch="x86_64", speed_factor=2.0, price_per_s=0.01, offer_ttl_s=60.0)
+    provider = Provider(config, clock=clock, open_network=network.open_node, executor=FakeExecutor())
+    provider.models = [ModelCapability("fake", MODEL_SHA, items_per_s, "simulated")]
+    provider.power = PowerFigures(5.0, "simulated", 5.0 + marginal_w, "simulated", marginal_w, "simulated")
+    return provider
+
+
+async def _inline(fn):
+    return fn()
+
+
+def make_buyer(tmp_path, network: MemoryNetwork, clock, bootstrap: str, *, count: int = 6,
+               job_timeout_s: float = 60.0) -> Buyer:
+    model = tmp_path / "fake.onnx"
+    model.write_bytes(MODEL_BYTES)
+    spec = SubmitSpec(model_path=model, inputs={"x": INPUT}, count=count, bootstrap=[bootstrap],
+                      home=tmp_path / "buyer", out_dir=tmp_path / "out", job_timeout_s=job_timeout_s)
+    buyer = Buyer(spec, clock=clock, open_network=network.open_node)
+    buyer.offload = _inline  # no worker thread: MockClock would jump while it runs
+    return buyer
+
+
+class Market:
+    def __init__(self, tmp_path, nursery: trio.Nursery):
+        self.tmp_path = tmp_path
+        self.nursery = nursery
+        self.network = MemoryNetwork()
+        self.clock = TrioClock()
+        self.scopes: dict[str, trio.CancelScope] = {}
+
+    async def start(self, name: str, serve) -> object:
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            with trio.CancelScope() as scope:
+                self.scopes[name] = scope
+                await serve(task_status=task_status)
+
+        return await self.nursery.start(run)
+
+    async def start_bootstrap(self) -> str:
+        seed = load_or_create_seed(self.tmp_path / "bootstrap")
+        node = await self.start("bootstrap", lambda task_status: serve_bootstrap(
+            seed, ["/memory"], open_network=self.network.open_node, clock=self.clock, task_status=task_status))
+        return node.listen_addrs[0]
+
+    async def start_provider(self, name: str, bootstrap: str, **kwargs) -> Provider:
+        provider = make_provider(self.tmp_path, name, self.network, self.clock, bootstrap, **kwargs)
+        await self.start(name, provider.serve)
+        return provider
+
+    def stop(self, name: str) -> None:
+        self.scopes.pop(name).cancel()
+
+
+def outputs_of(outcome) -> np.ndarray:
+    return np.load(outcome.output_path)
+
+
+def ledger_rows(ledger) -> dict[str, tuple]:
+    """receipt id -> (status, receipt bytes, ack bytes), as this ledger holds it."""
+    return {row[0]: row[1:] for row in ledger.db.execute("SELECT receipt_id, status, receipt, ack FROM receipts")}
+
+
+def assert_all_settled_and_correct(outcomes, summary) -> None:
+    assert [o.state for o in outcomes] == ["settled"] * len(outcomes), [o.error for o in outcomes]
+    for outcome in outcomes:
+        np.testing.assert_allclose(outputs_of(outcome), INPUT @ WEIGHTS, rtol=1e-6)
+
+
+async def test_a_buyer_and_two_providers_settle_every_job(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        a = await market.start_provider("a", boot, marginal_w=10.0)
+        b = await market.start_provider("b", boot, marginal_w=40.0)
+        buyer = make_buyer(tmp_path, market.network, market.clock, boot)
+        outcomes, summary = await buyer.run()
+        assert_all_settled_and_correct(outcomes, summary)
+        assert summary["offers"] == 2
+        # Both sides agree on every job: the same receipt and ack bytes, accepted, once.
+        buyer_ledger = Ledger(tmp_path / "buyer" / "ledger.sqlite", buyer.key.public_key)
+        theirs = {**ledger_rows(a.ledger), **ledger_rows(b.ledger)}
+        assert ledger_rows(buyer_ledger) == theirs
+        assert set(theirs) == {o.job_id for o in outcomes}
+        assert {status for status, _, _ in theirs.values()} == {"accepted"}
+        assert a.jobs_done + b.jobs_done == 6
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_provider_that_vanishes_mid_job_costs_a_retry_not_the_job(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        a = await market.start_provider("a", boot, marginal_w=10.0)  # the cheapest: placed first
+        await market.start_provider("b", boot, marginal_w=40.0)
+        a.executor.hold = trio.Event()  # a's first job never finishes: a dies holding it
+        buyer = make_buyer(tmp_path, market.network, market.clock, boot, count=3)
+        results = {}
+
+        async def submit():
+            results["run"] = await buyer.run()
+
+        nursery.start_soon(submit)
+        await a.executor.started.wait()
+        market.stop("a")
+        with trio.fail_after(600):
+            while "run" not in results:
+                await trio.sleep(1)
+        outcomes, summary = results["run"]
+        assert_all_settled_and_correct(outcomes, summary)
+        assert any(o.attempts[0] == a.key.peer_id and o.provider != a.key.peer_id for o in outcomes)
+        assert a.jobs_done == 0
+        nursery.cancel_scope.cancel()
+
+
+async def _hostile_offer(market: Market, name: str, boot: str, handler) -> Provider:
+    """A provider whose offer is real but whose job handler is `handler`."""
+    provider = await market.start_provider(name, boot, marginal_w=1.0)  # the cheapest: placed first
+    provider.p2p.set_stream_handler(JOB_PROTOCOL, handler)
+    return provider
+
+
+async def test_a_silent_provider_costs_its_timeout_in_virtual_time_then_a_retry(tmp_path, autojump_clock):
+    async def silent(stream):
+        await stream.receive(max_bytes=1 << 24, timeout_s=3600)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        mute = await _hostile_offer(market, "mute", boot, silent)
+        await market.start_provider("b", boot, marginal_w=40.0)
+        started = trio.current_time()
+        outcomes, summary = await make_buyer(tmp_path, market.network, market.clock, boot, count=2,
+                                             job_timeout_s=45.0).run()
+        assert_all_settled_and_correct(outcomes, summary)
+        tried_mute = [o for o in outcomes if mute.key.peer_id in o.attempts]
+        assert tried_mute and all(o.provider != mute.key.peer_id for o in tried_mute)
+        # The buyer waited out its read timeout (virtual seconds) before the retry.
+        assert trio.current_time() - started >= 45.0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("misbehaviour", ["accepted-twice", "result-with-garbage-receipt", "unknown-kind",
+                                          "result-for-another-job"])
+async def test_a_provider_that_breaks_the_protocol_fails_its_attempt_not_the_batch(tmp_path, autojump_clock,
+                                                                                    misbehaviour):
+    async def hostile(stream):
+        submit = decode_message(await stream.receive(max_bytes=1 << 24, timeout_s=60), max_bytes=1 << 24,
+                                expect=("submit",))
+        from protocol.messages import open_job_request
+        _, request = open_job_request(submit.request)
+        if misbehaviour == "accepted-twice":
+            await stream.send(encode_message(Accepted(request.job_id, 0)))
+            await stream.send(encode_message(Accepted(request.job_id, 0)))
+        elif misbehaviour == "result-with-garbage-receipt":
+            await stream.send(encode_message(JobResult(request.job_id, (), b"\x00garbage")))
+        elif misbehaviour == "unknown-kind":
+            await stream.send(codec.encode({"kind": "surprise"}))
+        else:
+            await stream.send(encode_message(Accepted("00" * 16, 0)))
+        try:
+            await stream.receive(max_bytes=1 << 16, timeout_s=60)
+        except Exception:  # noqa: BLE001 - whatever the buyer does next, this peer is done
+            pass
+
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        bad = await _hostile_offer(market, "bad", boot, hostile)
+        await market.start_provider("b", boot, marginal_w=40.0)
+        outcomes, summary = await make_buyer(tmp_path, market.network, market.clock, boot, count=3).run()
+        assert_all_settled_and_correct(outcomes, summary)
+        assert any(bad.key.peer_id in o.attempts for o in outcomes)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_hostile_buyer_changes_nothing_and_honest_jobs_still_settle(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        a = await market.start_provider("a", boot, marginal_w=10.0)
+        honest = make_buyer(tmp_path, market.network, market.clock, boot, count=1)
+        await honest.run()
+        error_codes = []
+
+        # A hostile peer on the same network: garbage, frames out of order, a replayed submit.
+        seed = bytes(range(40, 72))
+        async with market.network.open_node(seed, []) as evil:
+            for frames in ([b"\xc1garbage"], [encode_message(Accepted("00" * 16, 0))],
+                           [codec.encode({"kind": "ack", "ack": b"x" * 10})]):
+                async with evil.open_stream(a.key.peer_id, a.p2p.listen_addrs, JOB_PROTOCOL) as stream:
+                    for frame in frames:
+                        await stream.send(frame)
+                    reply = decode_message(await stream.receive(max_bytes=1 << 16, timeout_s=60),
+                                           max_bytes=1 << 16, expect=("error",))
+                    error_codes.append(reply.code)
+        assert error_codes == ["bad-request"] * 3
+        receipts_before = a.ledger.db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0]
+        # A second honest batch still settles, and the hostile peer left no trace in the ledger.
+        (tmp_path / "second").mkdir()
+        again = make_buyer(tmp_path / "second", market.network, market.clock, boot, count=2)
+        outcomes, summary = await again.run()
+        assert_all_settled_and_correct(outcomes, summary)
+        assert a.ledger.db.execute("SELECT COUNT(*) FROM receipts").fetchone()[0] == receipts_before + 2
+        assert a.counters["bad-request"] == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_market_outlives_many_offer_lifetimes_and_a_bootstrap_restart(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        await market.start_provider("a", boot, marginal_w=10.0)
+        await market.start_provider("b", boot, marginal_w=40.0)
+        await trio.sleep(20 * 60)  # twenty offer lifetimes of virtual time
+        market.stop("bootstrap")
+        await trio.sleep(5)
+        assert await market.start_bootstrap() == boot  # back at its address, with an empty book
+        # A buyer at once: the providers' reconnect loops find the bootstrap and push their
+        # offers while the buyer asks again for a book that is still empty.
+        outcomes, summary = await make_buyer(tmp_path, market.network, market.clock, boot, count=4).run()
+        assert_all_settled_and_correct(outcomes, summary)
+        assert summary["offers"] == 2
+        nursery.cancel_scope.cancel()
