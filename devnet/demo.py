@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from node.buyer import Buyer, SubmitSpec
-from node.cli import _print_outcomes
+from node.output import print_outcomes
 
 from node.calibrate import reference_model_path
 
@@ -28,7 +28,7 @@ async def run_demo(n_providers: int, n_jobs: int, as_json: bool) -> int:
         spec = SubmitSpec(model_path=reference_model_path("squeezenet"), inputs={"data_0": x}, count=n_jobs,
                           bootstrap=[net.bootstrap_addr], home=root / "buyer", out_dir=root / "out")
         outcomes, summary = await Buyer(spec).run()
-    _print_outcomes(outcomes, summary, as_json)
+    print_outcomes(outcomes, summary, as_json)
     say(f"devnet stopped; outputs and ledgers under {root}")
     settled = [o for o in outcomes if o.state == "settled"]
     return 0 if len(settled) == len(outcomes) and len({o.provider for o in settled}) >= min(2, n_providers) else 1

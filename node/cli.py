@@ -1,4 +1,4 @@
-"""`idlemesh` command line: provider, bootstrap, submit, match, devnet."""
+"""`idlemesh` command line: provider, bootstrap, submit, match (and `devnet`, added by the devnet package)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ import trio
 
 DEFAULT_HOME = Path.home() / ".idlemesh"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# Tables print peer ids by this many leading characters ("12D3KooW" + 8 that differ):
-# enough to tell peers apart, and what `settle` and `receipts --peer` accept back.
-PEER_PREFIX = 16
+from .output import PEER_PREFIX, print_outcomes
 
 
 def _provider_config(args):
@@ -41,7 +39,7 @@ def _provider_config(args):
         raise SystemExit(f"idlemesh: bad provider config: {exc}") from None
 
 
-def _setup_logging(args, default: str = "info") -> None:
+def setup_logging_from_args(args, default: str = "info") -> None:
     from .logs import setup_logging
 
     try:
@@ -50,7 +48,7 @@ def _setup_logging(args, default: str = "info") -> None:
         raise SystemExit(f"idlemesh: cannot write the log file {args.log_file}: {exc.strerror or exc}") from None
 
 
-def _exit_status(signum: int) -> int:
+def exit_status(signum: int) -> int:
     """130 after Ctrl-C (SIGINT), as shells expect; 0 after SIGTERM (systemd's stop)."""
     return 130 if signum == signal.SIGINT else 0
 
@@ -58,9 +56,9 @@ def _exit_status(signum: int) -> int:
 def _provider_run(args) -> int:
     from .provider import Provider
 
-    _setup_logging(args)
+    setup_logging_from_args(args)
     config = _provider_config(args)
-    return _exit_status(trio.run(Provider(config).run))
+    return exit_status(trio.run(Provider(config).run))
 
 
 def _provider_calibrate(args) -> int:
@@ -236,7 +234,7 @@ def _bootstrap_run(args) -> int:
     from .bootstrap import run_bootstrap
     from .p2p import check_peer_addr
 
-    _setup_logging(args)
+    setup_logging_from_args(args)
     for addr in args.bootstrap or []:
         try:
             check_peer_addr(addr)
@@ -248,7 +246,7 @@ def _bootstrap_run(args) -> int:
             parse_listen(args.metrics)
         except ValueError as exc:
             raise SystemExit(f"idlemesh: {exc}") from None
-    return _exit_status(trio.run(run_bootstrap, Path(args.home), [args.listen], args.bootstrap or [], args.metrics))
+    return exit_status(trio.run(run_bootstrap, Path(args.home), [args.listen], args.bootstrap or [], args.metrics))
 
 
 def _model_input_names(model_path: str) -> list[str]:
@@ -279,31 +277,10 @@ def _parse_inputs(values: list[str], model_path: str) -> dict[str, np.ndarray]:
     return inputs
 
 
-def _print_outcomes(outcomes, summary, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"jobs": [o.to_json() for o in outcomes], **summary}, indent=2))
-        return
-    print(f"{'job':10} {'provider':16} {'state':9} {'latency_ms':>10} {'compute_ms':>10} "
-          f"{'energy_j':>9} {'source':9} {'price_units':>11}")
-    for o in outcomes:
-        print(f"{o.job_id[:8]:10} {o.provider[:PEER_PREFIX]:16} {o.state:9} {o.latency_ms:10.1f} {o.compute_ms:10.2f} "
-              f"{o.energy_j:9.4f} {o.energy_source:9} {o.price:11.2e}")
-        if o.error:
-            print(f"    error: {o.error}")
-    settled = [o for o in outcomes if o.state == "settled"]
-    providers = {o.provider for o in settled}
-    sources = ", ".join(sorted({o.energy_source for o in settled if o.energy_source})) or "none"
-    print(f"\n{len(settled)}/{len(outcomes)} jobs settled with verified receipts from {len(providers)} providers"
-          f"; energy {sum(o.energy_j for o in settled):.3f} J (how obtained: {sources}); "
-          f"paid {sum(o.price for o in settled):.9g} price units")
-    if summary.get("resumed"):
-        print(f"resumed batch {summary['batch']}: {summary['already_settled']} jobs were already paid for")
-
-
 def _submit(args) -> int:
     from .buyer import Buyer, SubmitError, SubmitSpec, resume_spec
 
-    _setup_logging(args, default="warning")  # the table and the error line say the rest
+    setup_logging_from_args(args, default="warning")  # the table and the error line say the rest
     try:
         if args.resume:
             spec = resume_spec(Path(args.home), args.bootstrap, args.resume, spot_check=args.spot_check,
@@ -340,7 +317,7 @@ def _submit(args) -> int:
             return 130
     except SubmitError as exc:
         return _fail(args, f"error: {exc}")
-    _print_outcomes(outcomes, summary, args.json)
+    print_outcomes(outcomes, summary, args.json)
     if all(o.state == "settled" for o in outcomes):
         return 0
     if not args.json and summary.get("batch"):
@@ -411,80 +388,6 @@ def _match(args) -> int:
     return 0
 
 
-def _devnet_up(args) -> int:
-    from devnet.launcher import open_devnet
-
-    fleet = None
-    if args.fleet:
-        from devnet.fleet import FleetError, load_fleet
-        try:
-            fleet = load_fleet(Path(args.fleet))
-        except FleetError as exc:
-            raise SystemExit(f"idlemesh: bad fleet file: {exc}") from None
-
-    async def main() -> int:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            stopped_by = {}
-            async with trio.open_nursery() as nursery:
-                async def stop_on_signal() -> None:
-                    async for signum in signals:
-                        stopped_by["signal"] = signum
-                        nursery.cancel_scope.cancel()  # open_devnet stops every child on the way out
-
-                nursery.start_soon(stop_on_signal)
-                async with open_devnet(args.n, root=Path(args.root) if args.root else None, fleet=fleet,
-                                       progress=lambda t: print(t, file=sys.stderr, flush=True)) as net:
-                    print(json.dumps({"bootstrap": net.bootstrap_addr, "root": str(net.root),
-                                      "providers": [c.ready["peer_id"] for c in net.providers]}), flush=True)
-                    boot = net.bootstrap
-                    listen = boot.args[boot.args.index("--listen") + 1]
-                    print(f"devnet up: idlemesh submit MODEL.onnx --input X.npy --bootstrap {net.bootstrap_addr}"
-                          f"\nthe bootstrap (pid {boot.process.pid}) comes back with: idlemesh bootstrap run "
-                          f"--home {boot.home} --listen {listen}\nCtrl-C stops every node.", file=sys.stderr, flush=True)
-                    await trio.sleep_forever()
-        return stopped_by["signal"]
-
-    signum = trio.run(main)
-    print("devnet stopped: every node was shut down", file=sys.stderr)
-    return _exit_status(signum)
-
-
-def _devnet_run(args) -> int:
-    from devnet.fleet import FleetError, load_fleet
-    from devnet.report import write_report
-    from devnet.run import run_scenario
-    from devnet.scenario import ScenarioError, load_scenario
-
-    _setup_logging(args)
-    try:
-        scenario = load_scenario(Path(args.scenario))
-        if args.providers:
-            scenario.providers = args.providers
-        if args.solver:
-            scenario.solvers = args.solver
-        fleet_path = Path(args.fleet) if args.fleet else None
-        from devnet.fleet import DEFAULT_FLEET
-        fleet_name = load_fleet(fleet_path or scenario.fleet or DEFAULT_FLEET).name
-    except (ScenarioError, FleetError) as exc:
-        raise SystemExit(f"idlemesh: {exc}") from None
-    out = Path(args.out or f"devnet-report-{scenario.name}")
-    say = (lambda line: print(line, file=sys.stderr, flush=True))
-    runs = trio.run(lambda: run_scenario(scenario, out / "runs", fleet_path=fleet_path, say=say))
-    report = write_report(scenario, fleet_name, runs, out)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for name, s in report["solvers"].items():
-            print(f"{name:14} settled {s['settled']}/{s['jobs']}  {s['energy_j_per_job']:.4f} J/job  "
-                  f"p50 {s['latency_ms_p50'] or 0:.0f} ms  misses {s['deadline_misses']}  lost {s['jobs_lost']}  "
-                  f"applied twice {s['receipts_applied_twice']}")
-        for name, c in report["ours_vs"].items():
-            print(f"ours vs {name}: {100 * (c['energy_saving'] or 0):.0f}% less energy per job (simulated)")
-        print(f"report: {out / 'index.html'} and {out / 'report.json'}")
-    lost = sum(report["jobs_lost"].values()) + sum(report["receipts_applied_twice"].values())
-    return 0 if lost == 0 else 1
-
-
 def _models_make(args) -> int:
     import shutil
 
@@ -498,12 +401,6 @@ def _models_make(args) -> int:
         path = Path(args.out)
     print(json.dumps({"model": args.name, "seed": args.seed, "path": str(path)}) if args.json else path)
     return 0
-
-
-def _devnet_demo(args) -> int:
-    from devnet.demo import run_demo
-
-    return trio.run(run_demo, args.n, args.jobs, args.json)
 
 
 def _measure_flags(ap: argparse.ArgumentParser) -> None:
@@ -785,27 +682,18 @@ def build_parser() -> argparse.ArgumentParser:
     mdm.add_argument("--out", help="also copy it to this file")
     mdm.add_argument("--json", action="store_true")
     mdm.set_defaults(func=_models_make)
+    _add_plugin_commands(sub)
 
-    dn = sub.add_parser("devnet", help="local multi-process network").add_subparsers(dest="action", required=True)
-    up = dn.add_parser("up", help="start a bootstrap node and N providers")
-    up.add_argument("-n", type=int, default=3)
-    up.add_argument("--root", help="directory for node homes (default: a new temp dir)")
-    up.add_argument("--fleet", help="fleet file (TOML) of simulated devices; e.g. devnet/fleets/default.toml")
-    up.set_defaults(func=_devnet_up)
-    drun = dn.add_parser("run", help="replay a scenario trace with our matcher and each baseline; write a report")
-    drun.add_argument("scenario", help="scenario file (TOML), e.g. devnet/scenarios/default.toml")
-    drun.add_argument("--fleet", help="fleet file (overrides the scenario's)")
-    drun.add_argument("--providers", type=int, help="number of providers (overrides the scenario's)")
-    drun.add_argument("--solver", action="append", help="run only these solvers (repeatable)")
-    drun.add_argument("--out", help="report directory (default devnet-report-<scenario>)")
-    drun.add_argument("--json", action="store_true")
-    drun.set_defaults(func=_devnet_run)
-    demo = dn.add_parser("demo", help="start a devnet, submit jobs, print receipts, stop")
-    demo.add_argument("-n", type=int, default=3)
-    demo.add_argument("--jobs", type=int, default=12)
-    demo.add_argument("--json", action="store_true")
-    demo.set_defaults(func=_devnet_demo)
     return ap
+
+
+def _add_plugin_commands(sub) -> None:
+    """Commands other packages add (`devnet`): found by entry point, so node/ never
+    imports the packages built on it."""
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group="idlemesh.commands"), key=lambda e: e.name):
+        entry.load()(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

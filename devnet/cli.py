@@ -1,0 +1,116 @@
+"""`idlemesh devnet up | run | demo`: added to the idlemesh CLI through the
+`idlemesh.commands` entry point (pyproject.toml), so node/ never imports devnet/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from node.cli import exit_status, setup_logging_from_args
+
+
+def _devnet_up(args) -> int:
+    from .launcher import open_devnet
+
+    fleet = None
+    if args.fleet:
+        from .fleet import FleetError, load_fleet
+        try:
+            fleet = load_fleet(Path(args.fleet))
+        except FleetError as exc:
+            raise SystemExit(f"idlemesh: bad fleet file: {exc}") from None
+
+    async def main() -> int:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            stopped_by = {}
+            async with trio.open_nursery() as nursery:
+                async def stop_on_signal() -> None:
+                    async for signum in signals:
+                        stopped_by["signal"] = signum
+                        nursery.cancel_scope.cancel()  # open_devnet stops every child on the way out
+
+                nursery.start_soon(stop_on_signal)
+                async with open_devnet(args.n, root=Path(args.root) if args.root else None, fleet=fleet,
+                                       progress=lambda t: print(t, file=sys.stderr, flush=True)) as net:
+                    print(json.dumps({"bootstrap": net.bootstrap_addr, "root": str(net.root),
+                                      "providers": [c.ready["peer_id"] for c in net.providers]}), flush=True)
+                    boot = net.bootstrap
+                    listen = boot.args[boot.args.index("--listen") + 1]
+                    print(f"devnet up: idlemesh submit MODEL.onnx --input X.npy --bootstrap {net.bootstrap_addr}"
+                          f"\nthe bootstrap (pid {boot.process.pid}) comes back with: idlemesh bootstrap run "
+                          f"--home {boot.home} --listen {listen}\nCtrl-C stops every node.", file=sys.stderr, flush=True)
+                    await trio.sleep_forever()
+        return stopped_by["signal"]
+
+    signum = trio.run(main)
+    print("devnet stopped: every node was shut down", file=sys.stderr)
+    return exit_status(signum)
+
+
+def _devnet_run(args) -> int:
+    from .fleet import FleetError, load_fleet
+    from .report import write_report
+    from .run import run_scenario
+    from .scenario import ScenarioError, load_scenario
+
+    setup_logging_from_args(args)
+    try:
+        scenario = load_scenario(Path(args.scenario))
+        if args.providers:
+            scenario.providers = args.providers
+        if args.solver:
+            scenario.solvers = args.solver
+        fleet_path = Path(args.fleet) if args.fleet else None
+        from .fleet import DEFAULT_FLEET
+        fleet_name = load_fleet(fleet_path or scenario.fleet or DEFAULT_FLEET).name
+    except (ScenarioError, FleetError) as exc:
+        raise SystemExit(f"idlemesh: {exc}") from None
+    out = Path(args.out or f"devnet-report-{scenario.name}")
+    say = (lambda line: print(line, file=sys.stderr, flush=True))
+    runs = trio.run(lambda: run_scenario(scenario, out / "runs", fleet_path=fleet_path, say=say))
+    report = write_report(scenario, fleet_name, runs, out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, s in report["solvers"].items():
+            print(f"{name:14} settled {s['settled']}/{s['jobs']}  {s['energy_j_per_job']:.4f} J/job  "
+                  f"p50 {s['latency_ms_p50'] or 0:.0f} ms  misses {s['deadline_misses']}  lost {s['jobs_lost']}  "
+                  f"applied twice {s['receipts_applied_twice']}")
+        for name, c in report["ours_vs"].items():
+            print(f"ours vs {name}: {100 * (c['energy_saving'] or 0):.0f}% less energy per job (simulated)")
+        print(f"report: {out / 'index.html'} and {out / 'report.json'}")
+    lost = sum(report["jobs_lost"].values()) + sum(report["receipts_applied_twice"].values())
+    return 0 if lost == 0 else 1
+
+
+def _devnet_demo(args) -> int:
+    from .demo import run_demo
+
+    return trio.run(run_demo, args.n, args.jobs, args.json)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    dn = sub.add_parser("devnet", help="local multi-process network").add_subparsers(dest="action", required=True)
+    up = dn.add_parser("up", help="start a bootstrap node and N providers")
+    up.add_argument("-n", type=int, default=3)
+    up.add_argument("--root", help="directory for node homes (default: a new temp dir)")
+    up.add_argument("--fleet", help="fleet file (TOML) of simulated devices; e.g. devnet/fleets/default.toml")
+    up.set_defaults(func=_devnet_up)
+    drun = dn.add_parser("run", help="replay a scenario trace with our matcher and each baseline; write a report")
+    drun.add_argument("scenario", help="scenario file (TOML), e.g. devnet/scenarios/default.toml")
+    drun.add_argument("--fleet", help="fleet file (overrides the scenario's)")
+    drun.add_argument("--providers", type=int, help="number of providers (overrides the scenario's)")
+    drun.add_argument("--solver", action="append", help="run only these solvers (repeatable)")
+    drun.add_argument("--out", help="report directory (default devnet-report-<scenario>)")
+    drun.add_argument("--json", action="store_true")
+    drun.set_defaults(func=_devnet_run)
+    demo = dn.add_parser("demo", help="start a devnet, submit jobs, print receipts, stop")
+    demo.add_argument("-n", type=int, default=3)
+    demo.add_argument("--jobs", type=int, default=12)
+    demo.add_argument("--json", action="store_true")
+    demo.set_defaults(func=_devnet_demo)
