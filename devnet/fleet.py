@@ -16,7 +16,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-ARCHES = ("cuda", "arm64", "x86_64")
+from protocol.messages import ARCHES
 DEFAULT_FLEET = Path(__file__).parent / "fleets" / "default.toml"
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from protocol import pricing
+
 from .problem import Problem
 from .result import Result
 
@@ -57,13 +59,13 @@ def check_result(problem: Problem, result: Result) -> list[str]:
                 errors.append(f"{a.job}: arch {p.arch} not in {j.arch}")
             if j.memory_mb > p.slot_memory_mb:
                 errors.append(f"{a.job}: needs {j.memory_mb} MB, slot has {p.slot_memory_mb}")
-            compute_s = j.items / p.throughput[j.model]
+            compute_s = pricing.compute_s(j.items, p.throughput[j.model])
             energy = compute_s * p.marginal_w
             carbon = energy / 3.6e6 * p.carbon_g_per_kwh
-            price = compute_s * p.price_per_s
+            price = pricing.price(compute_s, p.price_per_s)
             latency = p.rtt_ms + p.backlog_ms + wait_ms + 1000 * compute_s
             wait_ms += 1000 * compute_s
-            if j.max_price is not None and price > j.max_price * (1 + 1e-9) + 1e-9:
+            if j.max_price is not None and pricing.over_ceiling(price, j.max_price):
                 errors.append(f"{a.job}: price {price} over ceiling {j.max_price}")
             if j.deadline_ms is not None and latency > j.deadline_ms + 1e-6:
                 errors.append(f"{a.job}: latency {latency:.3f} ms misses deadline {j.deadline_ms}")

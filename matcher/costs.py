@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protocol import pricing
+
 from .problem import ARCHES, Problem
 
 # Compatibility checks, in the order they are applied; a pair's stage is the first
 # check it fails, or STAGE_OK.
 STAGES = ("model", "arch", "memory", "price", "deadline")
 STAGE_OK = len(STAGES)
-PRICE_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Costs:
                 np.isfinite(c),
                 self._arch_ok[j][self._prov_arch],
                 self._memory_mb[j] <= self._slot_memory_mb,
-                ~(c * self._price_per_s > self._max_price[j] * (1 + PRICE_TOLERANCE) + PRICE_TOLERANCE),
+                ~pricing.over_ceiling(pricing.price(c, self._price_per_s), self._max_price[j]),
                 ~(self.rtt_backlog_ms + 1000.0 * c > self.deadline_ms[j]),
             )
         stage = np.full(len(c), STAGE_OK, dtype=np.int8)
@@ -116,8 +117,8 @@ def build_costs(problem: Problem) -> Costs:
     with np.errstate(invalid="ignore"):
         rows = np.flatnonzero(np.isfinite(max_price))
         if len(rows):
-            price = compute_s[rows] * price_per_s[None, :]
-            feasible[rows] &= ~(price > max_price[rows, None] * (1 + PRICE_TOLERANCE) + PRICE_TOLERANCE)
+            price = pricing.price(compute_s[rows], price_per_s[None, :])
+            feasible[rows] &= ~pricing.over_ceiling(price, max_price[rows, None])
         rows = np.flatnonzero(np.isfinite(deadline))
         before_deadline = feasible
         if len(rows):

@@ -21,17 +21,19 @@ LATENCY_UNIT = 1
 
 
 def solve_subproblem(costs: Costs, providers: list[int], jobs: list[int], allowed: np.ndarray,
-                     latency_weight: float, hint: Placement, *, time_limit_s: float, seed: int,
+                     latency_weight: float, hint: Placement, *, time_limit_s: float | None, seed: int,
                      must_place: int, work_limit_s: float | None = None
                      ) -> tuple[Placement, int, bool, bool] | None:
     """Best placement of `jobs` on `providers`. Returns (placement, placed, whether the
     wall clock stopped the search, optimal). With `work_limit_s` the search stops on
     CP-SAT's deterministic time (a measure of work; on the bench machine it runs about
     three times as long on the clock) on one worker, so the same input gives the same placement unless
-    `time_limit_s` (wall clock) cuts it first. (Two interleaved workers are deterministic
-    too, but their clock time grew five-fold from 0.2 to 0.4 units.)"""
+    `time_limit_s` (wall clock) cuts it first; with `time_limit_s=None` no clock is read
+    at all. (Two interleaved workers are deterministic too, but their clock time grew
+    five-fold from 0.2 to 0.4 units.)"""
+    if time_limit_s is None and work_limit_s is None:
+        raise ValueError("solve_subproblem: give a wall-clock limit, a work limit, or both")
     model = cp_model.CpModel()
-    horizon_us = {}
     presence: dict[tuple[int, int, int], cp_model.IntVar] = {}
     ends: dict[tuple[int, int, int], cp_model.IntVar] = {}
     per_lane: dict[tuple[int, int], list] = {}
@@ -107,8 +109,9 @@ def solve_subproblem(costs: Costs, providers: list[int], jobs: list[int], allowe
                     model.AddHint(presence[(j, p, s)], 1)
                     model.AddHint(ends[(j, p, s)], t)
     solver = cp_model.CpSolver()
-    wall_limit_s = max(0.05, time_limit_s)
-    solver.parameters.max_time_in_seconds = wall_limit_s
+    wall_limit_s = max(0.05, time_limit_s) if time_limit_s is not None else None
+    if wall_limit_s is not None:
+        solver.parameters.max_time_in_seconds = wall_limit_s
     solver.parameters.num_workers = 2
     solver.parameters.random_seed = seed
     if work_limit_s is not None:
@@ -126,5 +129,5 @@ def solve_subproblem(costs: Costs, providers: list[int], jobs: list[int], allowe
     placement = {p: [[j for _, j in sorted(lane)] for _, lane in sorted(lanes.items())]
                  for p, lanes in out.items()}
     # Within 1% of the wall limit: the clock, not the work limit, ended the search.
-    clocked = status != cp_model.OPTIMAL and solver.wall_time >= 0.99 * wall_limit_s
+    clocked = wall_limit_s is not None and status != cp_model.OPTIMAL and solver.wall_time >= 0.99 * wall_limit_s
     return placement, count, clocked, status == cp_model.OPTIMAL

@@ -26,6 +26,7 @@ its loops). On the 2,000-job bench that is about twice as fast as one pass over
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import Callable
 
 import numpy as np
@@ -49,9 +50,6 @@ GAIN_TOLERANCE = 1e-9     # relative to the mean job cost: smaller gains are flo
 TIME_TOLERANCE_MS = 1e-9
 
 
-_pool: ThreadPoolExecutor | None = None
-
-
 def _row_chunks(n_rows: int, n_cols: int) -> list[slice]:
     """Row ranges of at most CHUNK_CELLS cells, at least one per scoring thread."""
     count = max(SCORING_THREADS, -(-n_rows * n_cols // CHUNK_CELLS))
@@ -59,14 +57,12 @@ def _row_chunks(n_rows: int, n_cols: int) -> list[slice]:
     return [slice(lo, lo + size) for lo in range(0, n_rows, size)]
 
 
-def _map_chunks(fn, chunks: list[slice]) -> list:
-    """fn over the chunks, on SCORING_THREADS threads; results in chunk order."""
-    global _pool
-    if SCORING_THREADS <= 1 or len(chunks) <= 1:
+def _map_chunks(pool: ThreadPoolExecutor | None, fn, chunks: list[slice]) -> list:
+    """fn over the chunks, on the call's scoring threads; results in chunk order (so the
+    outcome does not depend on which thread finished first)."""
+    if pool is None or len(chunks) <= 1:
         return [fn(c) for c in chunks]
-    if _pool is None:
-        _pool = ThreadPoolExecutor(SCORING_THREADS, thread_name_prefix="matcher-scoring")
-    return list(_pool.map(fn, chunks))
+    return list(pool.map(fn, chunks))
 
 
 def _entry_cost(q_ms, start_ms, slack_ms, weight, deadline_ms, latency_weight: float):
@@ -101,8 +97,9 @@ class _Lane:
 
 class _Search:
     def __init__(self, costs: Costs, placement: Placement, unplaced: list[int], allowed: np.ndarray,
-                 latency_weight: float):
+                 latency_weight: float, pool: ThreadPoolExecutor | None = None):
         self.costs, self.allowed, self.lw = costs, allowed, latency_weight
+        self.pool = pool
         # Moves are scored in single precision (half the memory traffic); each is checked
         # again in double precision before it is applied.
         self.compute32 = np.where(allowed, costs.compute_s, np.inf).astype(np.float32)
@@ -185,7 +182,7 @@ class _Search:
             best_delta[a] = delta[np.arange(len(delta)), at]
             best_gap[a] = gaps[at]
 
-        _map_chunks(score, _row_chunks(len(jobs), len(gaps)))
+        _map_chunks(self.pool, score, _row_chunks(len(jobs), len(gaps)))
         return best_delta, best_gap
 
     # --- placing the unplaced, one at a time -----------------------------------------------
@@ -211,7 +208,7 @@ class _Search:
                 def score(a: slice) -> None:
                     deltas[a] = self._gap_deltas(rest[a], np.full(len(rest[a]), -1), np.arange(len(self.gap_lane)))
 
-                _map_chunks(score, _row_chunks(len(rest), len(self.gap_lane)))
+                _map_chunks(self.pool, score, _row_chunks(len(rest), len(self.gap_lane)))
                 row_of = {job: r for r, job in enumerate(rest.tolist())}
                 stale = np.zeros(len(self.gap_lane), dtype=bool)
                 changed = []
@@ -365,7 +362,7 @@ class _Search:
             return sub[at, np.arange(len(cols))], rows[a][flagged[at]]
 
         # Each chunk's best row for every column, merged in chunk order (first best wins).
-        for part in _map_chunks(score, _row_chunks(len(rows), len(cols))):
+        for part in _map_chunks(self.pool, score, _row_chunks(len(rows), len(cols))):
             if part is not None:
                 better = part[0] > col_gain
                 col_gain[better] = part[0][better]
@@ -521,21 +518,24 @@ def improve(costs: Costs, placement: Placement, unplaced: list[int], allowed: np
     It stops when no move gains, after `work_budget` scored pairs (see CELLS_PER_SECOND),
     after `max_passes`, or when `out_of_time()`. Returns (placement, jobs still unplaced,
     passes, why it stopped: "converged", "work", "passes" or "time")."""
-    search = _Search(costs, placement, unplaced, allowed, latency_weight)
-    if insertion_order is not None:
-        search.insert_pending(insertion_order, out_of_time)
-    passes = 0
-    while True:
-        if passes >= max_passes:
-            stopped = "passes"
-        elif search.cells >= work_budget:
-            stopped = "work"
-        elif out_of_time():
-            stopped = "time"
-        else:
-            passes += 1
-            if search.step():
-                continue
-            stopped = "converged"
-        break
+    # The scoring threads live for this call only: no state outlives a solve.
+    with ThreadPoolExecutor(SCORING_THREADS, thread_name_prefix="matcher-scoring") if SCORING_THREADS > 1 \
+            else nullcontext() as pool:
+        search = _Search(costs, placement, unplaced, allowed, latency_weight, pool)
+        if insertion_order is not None:
+            search.insert_pending(insertion_order, out_of_time)
+        passes = 0
+        while True:
+            if passes >= max_passes:
+                stopped = "passes"
+            elif search.cells >= work_budget:
+                stopped = "work"
+            elif out_of_time():
+                stopped = "time"
+            else:
+                passes += 1
+                if search.step():
+                    continue
+                stopped = "converged"
+            break
     return search.placement(), list(search.unplaced), passes, stopped

@@ -8,8 +8,7 @@ from typing import Any
 
 from protocol.errors import DecodeError
 from protocol.fields import Fields, str_item
-
-ARCHES = ("cuda", "arm64", "x86_64")
+from protocol.messages import ARCHES  # the one list of architectures, with the wire's
 
 
 class ProblemError(ValueError):

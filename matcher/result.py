@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from protocol import pricing
+
 from .costs import STAGES, Costs
 from .problem import Problem
 
@@ -100,7 +102,7 @@ def build_result(problem: Problem, costs: Costs, placement: Placement, unassigne
     price_per_s = np.array([p.price_per_s for p in problem.providers], dtype=float)
     energy = compute_ms / 1000.0 * marginal_w[prov]
     carbon = energy / 3.6e6 * carbon_g_per_kwh[prov]
-    price = compute_ms / 1000.0 * price_per_s[prov]
+    price = pricing.price(compute_ms / 1000.0, price_per_s[prov])
     objective = float(np.sum(w.energy * energy + w.latency * latency + w.carbon * carbon + w.price * price))
     totals = {"energy_j": float(np.sum(energy)), "latency_ms": float(np.sum(latency)),
               "carbon_g": float(np.sum(carbon)), "price": float(np.sum(price))}

@@ -40,9 +40,9 @@ NEIGHBOURHOOD_JOBS = 60  # placed jobs in one neighbourhood, at most (plus up to
 # result may then differ between runs).
 LOCAL_SEARCH_WORK_SHARE = 0.4  # of the time limit: the local search's work budget
 LOCAL_SEARCH_SHARE = 0.85      # of the time limit: the clock's cap on the local search
-# Without a clock only work budgets stop the search; CP-SAT still wants a wall limit,
-# so give it one it never reaches on its deterministic budget, even on a loaded machine.
-UNCLOCKED_CPSAT_WALL_S = 10.0
+# Without a clock only work budgets stop the search (CP-SAT's deterministic time, the
+# local search's scored pairs): no clock is read, and the same input gives the same
+# placement on any machine under any load.
 NEIGHBOURHOOD_WORK_S = 0.05    # CP-SAT deterministic time per neighbourhood (one worker: about 3x on the clock)
 NEIGHBOURHOOD_SHARE = 0.1      # of the time limit, for neighbourhoods: how many (at least one)
 FULL_CPSAT_WORK_SHARE = 0.15   # of the time limit: CP-SAT's deterministic time on a small problem (one
@@ -155,7 +155,7 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
     rng = np.random.default_rng(seed)
     n_prov = len(ordered.providers)
     if len(placeable) * n_prov <= FULL_CPSAT_PAIRS:
-        wall_s = deadline - clock() - RESULT_RESERVE_S if clock else UNCLOCKED_CPSAT_WALL_S
+        wall_s = deadline - clock() - RESULT_RESERVE_S if clock else None
         out = solve_subproblem(costs, list(range(n_prov)), file_order, allowed, w.latency, best,
                                time_limit_s=wall_s, seed=seed, must_place=_placed_count(best),
                                work_limit_s=FULL_CPSAT_WORK_SHARE * time_limit_s)
@@ -205,7 +205,7 @@ def solve(problem: Problem, *, solver: str = "optimal", time_limit_s: float = 2.
             hood_jobs = [j for p in hood for lane in best.get(p, []) for j in lane]
             hood_jobs += [j for j in left if allowed[j, hood].any()][:20]
             current = {p: best[p] for p in hood if p in best}
-            wall_s = deadline - clock() - RESULT_RESERVE_S - NEIGHBOURHOOD_BUILD_S if clock else UNCLOCKED_CPSAT_WALL_S
+            wall_s = deadline - clock() - RESULT_RESERVE_S - NEIGHBOURHOOD_BUILD_S if clock else None
             out = solve_subproblem(costs, hood, hood_jobs, allowed, w.latency, current,
                                    time_limit_s=wall_s, seed=seed + rounds, must_place=_placed_count(current),
                                    work_limit_s=NEIGHBOURHOOD_WORK_S)

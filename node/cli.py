@@ -19,22 +19,10 @@ from .output import PEER_PREFIX, print_outcomes
 
 
 def _provider_config(args):
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, overrides_from_flags
 
-    flag = lambda name: getattr(args, name, None)  # noqa: E731 - calibrate has only some of run's flags
-    overrides = {
-        "listen": [flag("listen")] if flag("listen") else None, "bootstrap": flag("bootstrap"),
-        "slots": flag("slots"), "device_name": flag("device_name"), "memory_mb": flag("memory_mb"),
-        "idle_w": flag("idle_w"), "busy_w": flag("busy_w"), "marginal_w": flag("marginal_w"),
-        "carbon_g_per_kwh": flag("carbon"), "carbon_csv": flag("carbon_csv"), "carbon_ceiling": flag("carbon_ceiling"),
-        "price_per_s": flag("price_per_s"), "models": flag("model"), "speed_factor": flag("speed_factor"),
-        "idle_only": flag("idle_only"), "idle_threshold": flag("idle_threshold"), "idle_hold_s": flag("idle_hold_s"),
-        "fault_output_noise": flag("fault_output_noise"), "link_delay_ms": flag("link_delay_ms"),
-        "arch": flag("arch"), "carbon_source": flag("carbon_source"), "offer_ttl_s": flag("offer_ttl_s"),
-        "metrics": flag("metrics"),
-    }
     try:
-        return load_config(Path(args.home), overrides)
+        return load_config(Path(args.home), overrides_from_flags(args))
     except ConfigError as exc:
         raise SystemExit(f"idlemesh: bad provider config: {exc}") from None
 
@@ -405,37 +393,18 @@ def _models_make(args) -> int:
 
 def _measure_flags(ap: argparse.ArgumentParser) -> None:
     """Flags of both `provider calibrate` and `provider run`: what is measured, and how."""
-    # Defaults are None: unset flags fall back to HOME/provider.toml, then built-in defaults.
+    from .config import add_flags
+
     ap.add_argument("--home", default=str(DEFAULT_HOME / "provider"))
-    ap.add_argument("--model", action="append",
-                    help="ONNX model to offer (repeatable; default seeded squeezenet, shufflenet, resnet50)")
-    ap.add_argument("--device-name")
-    ap.add_argument("--idle-w", type=float, help="declared idle power, W (used when no meter is readable)")
-    ap.add_argument("--busy-w", type=float, help="declared busy power, W (used when no meter is readable)")
-    ap.add_argument("--speed-factor", type=float, help="devnet: simulate a device this many times faster")
+    add_flags(ap, measure_only=True)
 
 
 def _provider_flags(run: argparse.ArgumentParser) -> None:
-    _measure_flags(run)
-    run.add_argument("--listen", help="multiaddr to listen on (default /ip4/0.0.0.0/tcp/4001)")
-    run.add_argument("--bootstrap", action="append", help="bootstrap multiaddr with /p2p/ id (repeatable)")
-    run.add_argument("--slots", type=int, help="jobs run at once (default 1)")
-    run.add_argument("--arch", choices=["cuda", "arm64", "x86_64"], help="advertised arch (default: this machine's)")
-    run.add_argument("--memory-mb", type=int)
-    run.add_argument("--marginal-w", type=float, help="declared marginal power per busy slot, W")
-    run.add_argument("--carbon", type=float, help="grid carbon intensity, g CO2/kWh (default 300)")
-    run.add_argument("--carbon-csv", help="hourly grid intensity, rows of time,g_per_kwh")
-    run.add_argument("--carbon-source", help="where the static --carbon figure comes from (default: declared)")
-    run.add_argument("--carbon-ceiling", type=float, help="withdraw capacity while the grid is above this g/kWh")
-    run.add_argument("--price-per-s", type=float, help="price per busy second, in price units")
-    run.add_argument("--idle-only", action="store_true", default=None,
-                     help="advertise slots only while the owner's own load stays low")
-    run.add_argument("--idle-threshold", type=float, help="owner CPU share above which to withdraw (default 0.2)")
-    run.add_argument("--idle-hold-s", type=float, help="seconds under the threshold before selling (default 60)")
-    run.add_argument("--fault-output-noise", type=float, help=argparse.SUPPRESS)  # devnet: a lying provider
-    run.add_argument("--link-delay-ms", type=float, help="devnet: simulated one-way link delay added on the wire")
-    run.add_argument("--offer-ttl-s", type=float, help="offer lifetime in s, refreshed every third of it (default 60)")
-    run.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there (default off)")
+    """Every provider.toml key that has a flag (node/config.py defines both)."""
+    from .config import add_flags
+
+    run.add_argument("--home", default=str(DEFAULT_HOME / "provider"))
+    add_flags(run)
 
 
 def _open_ledger(home: str):

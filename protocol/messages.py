@@ -17,6 +17,8 @@ from .fields import Fields, str_item
 from .signing import Envelope, SigningKey, open_envelope, peer_id_from_public_key, seal
 from .tensors import Tensor
 
+# The architectures an offer may name and a job may ask for: the one list (matcher,
+# config flags and devnet fleets import it).
 ARCHES = ("cuda", "arm64", "x86_64")
 # How a power or energy figure was obtained. `estimated` means taken from a table of
 # published device figures, not from this machine.

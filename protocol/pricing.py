@@ -8,7 +8,8 @@ the formula cannot drift between them.
 
 from __future__ import annotations
 
-# Prices are floats on the wire: a ceiling is met when within this relative slack.
+# Prices are floats on the wire: a ceiling is met when within this slack (relative,
+# plus the same absolute amount for ceilings near zero).
 PRICE_TOLERANCE = 1e-9
 
 
@@ -22,8 +23,13 @@ def price(compute_s, price_per_s):
     return compute_s * price_per_s
 
 
+def over_ceiling(price, max_price):
+    """Whether `price` breaks the ceiling `max_price` (floats or numpy arrays; NaN is not over)."""
+    return price > max_price * (1 + PRICE_TOLERANCE) + PRICE_TOLERANCE
+
+
 def within_ceiling(price, max_price) -> bool:
-    return price <= max_price * (1 + PRICE_TOLERANCE)
+    return not over_ceiling(price, max_price)
 
 
 def charge(compute_ms: float, price_per_s: float, max_price: float) -> float:
