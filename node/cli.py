@@ -15,6 +15,7 @@ import trio
 
 DEFAULT_HOME = Path.home() / ".idlemesh"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+from .clock import SYSTEM_CLOCK
 from .output import PEER_PREFIX, print_outcomes
 
 
@@ -107,7 +108,7 @@ def _provider_status(args) -> int:
         alive = True
     except (OSError, KeyError):
         alive = False
-    age_s = (time.time() * 1000 - status.get("updated_at_ms", 0)) / 1000
+    age_s = (SYSTEM_CLOCK.now_ms() - status.get("updated_at_ms", 0)) / 1000
     status["running"] = alive
     status["status_age_s"] = round(age_s, 1)
     status.update(_ledger_activity(Path(args.home)))
@@ -118,7 +119,7 @@ def _provider_status(args) -> int:
         print(f"provider in {args.home} is not running (stale status from {age_s:.0f} s ago)")
         return 1
     state = "SELLING" if status["selling"] else f"WITHDRAWN ({status['reason']})"
-    uptime_s = (time.time() * 1000 - status.get("started_at_ms", time.time() * 1000)) / 1000
+    uptime_s = (SYSTEM_CLOCK.now_ms() - status.get("started_at_ms", SYSTEM_CLOCK.now_ms())) / 1000
     print(f"provider {status['peer_id']} (pid {status['pid']}): {state}, up {_duration(uptime_s)}")
     print(f"  price {status.get('price_per_s', 0):g} {status.get('price_unit', '')}; listening on "
           f"{', '.join(status.get('listen', []))}; reachable at {', '.join(status['addrs'])}")
@@ -141,7 +142,7 @@ def _provider_status(args) -> int:
         print(f"  model {m['name']}: {m['items_per_s']:.1f} items/s [{m['source']}]")
     if status.get("counters"):
         print(f"  refused inputs: {status['counters']}")
-    _print_offer_view(status.get("offer") or {}, now_ms=time.time() * 1000)
+    _print_offer_view(status.get("offer") or {}, now_ms=SYSTEM_CLOCK.now_ms())
     return 0
 
 
@@ -315,7 +316,6 @@ def _submit(args) -> int:
 
 
 def _batches(args) -> int:
-    from .clock import SYSTEM_CLOCK
     from .journal import Journal
 
     home = Path(args.home)
@@ -472,7 +472,6 @@ def _receipts(args) -> int:
 
 
 def _settle(args) -> int:
-    from .clock import SYSTEM_CLOCK
     from .ledger import LedgerError
 
     ledger, key = _open_ledger(args.home)
@@ -499,7 +498,6 @@ def _verify(args) -> int:
     from protocol.settlement import open_any
     from protocol.signing import peer_id_from_public_key
 
-    from .clock import SYSTEM_CLOCK
 
     try:
         data = Path(args.file).read_bytes()

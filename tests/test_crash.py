@@ -135,3 +135,34 @@ async def test_ctrl_c_during_submit_exits_130_with_the_resume_command(tmp_path):
     batch = line.split("--resume ", 1)[1].split()[0]
     assert line == ("interrupted; jobs already paid stay paid. Finish the batch with: idlemesh submit --resume "
                     f"{batch} --home {home} --bootstrap {net.bootstrap_addr}")
+
+
+def test_a_version_1_journal_is_migrated_to_the_lifecycle_vocabulary(tmp_path):
+    """Journals written before the one vocabulary said 'sent'; opening one renames it
+    'requested' and keeps every row."""
+    import sqlite3
+
+    from node.journal import JOURNAL_VERSION, Journal
+
+    db = sqlite3.connect(tmp_path / "jobs.sqlite")
+    db.executescript("""
+        CREATE TABLE batches (batch_id TEXT PRIMARY KEY, created_at_ms INTEGER NOT NULL, model_path TEXT NOT NULL,
+            model_sha256 TEXT NOT NULL, inputs_path TEXT NOT NULL, count INTEGER NOT NULL, max_price REAL NOT NULL,
+            solver TEXT NOT NULL, out_dir TEXT NOT NULL);
+        CREATE TABLE jobs (job_id TEXT PRIMARY KEY, batch_id TEXT NOT NULL REFERENCES batches(batch_id),
+            idx INTEGER NOT NULL, state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'settled', 'failed')),
+            provider TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL DEFAULT 0, error TEXT NOT NULL DEFAULT '',
+            output_path TEXT NOT NULL DEFAULT '', updated_at_ms INTEGER NOT NULL);
+        INSERT INTO batches VALUES ('b1', 1, 'm.onnx', 'aa', 'in.npz', 3, 1.0, 'optimal', 'out');
+        INSERT INTO jobs (job_id, batch_id, idx, state, provider, attempts, updated_at_ms) VALUES
+            ('j0', 'b1', 0, 'settled', 'p', 1, 1), ('j1', 'b1', 1, 'sent', 'p', 2, 1), ('j2', 'b1', 2, 'pending', '', 0, 1);
+    """)
+    db.close()
+    journal = Journal(tmp_path)
+    assert [(j.job_id, j.state, j.attempts) for j in journal.jobs("b1")] == [
+        ("j0", "settled", 1), ("j1", "requested", 2), ("j2", "pending", 0)]
+    assert journal.db.execute("PRAGMA user_version").fetchone()[0] == JOURNAL_VERSION
+    journal.failed("j2", "no provider", 2)  # the new table takes the lifecycle's states
+    assert journal.jobs("b1")[2].state == "failed"
+    journal.close()
+    assert [j.state for j in Journal(tmp_path).jobs("b1")] == ["settled", "requested", "failed"]
