@@ -163,8 +163,13 @@ class OfferGossip:
         try:
             payload = await stream.receive(max_bytes=SYNC_FRAME_BYTES, timeout_s=SYNC_TIMEOUT_S)
             message = decode_message(payload, max_bytes=SYNC_FRAME_BYTES, expect=("offers",))
-        except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
+        except DecodeError as exc:
             self._bad("bad-sync", stream.remote_peer_id, exc)
+            return
+        except (StreamClosed, trio.TooSlowError) as exc:
+            # A peer that left mid-sync (it stopped, its link dropped) sent nothing bad:
+            # logged, not counted as refused input.
+            log.info("offer sync from %s ended early: %s", stream.remote_peer_id, exc)
             return
         for signed in message.offers:
             try:

@@ -154,7 +154,8 @@ async def test_offers_live_as_long_as_their_providers_across_restarts(tmp_path):
             await relayer.connect(boot_id, [net.bootstrap_addr])
             await relayer.wait_for_subscription(boot_id, OFFERS_TOPIC, timeout_s=GUARD_S)
             await relayer.publish(OFFERS_TOPIC, genuine)
-            refused = await _wait_for(boot, lambda e: e.get("event") == "refused", "the relayed offer's refusal")
+            refused = await _wait_for(boot, lambda e: e.get("event") == "refused" and e.get("peer") == relayer.peer_id,
+                                      "the relayed offer's refusal")
         assert refused == {"event": "refused", "code": "relayed-offer", "peer": relayer.peer_id}
 
 
