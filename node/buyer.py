@@ -178,42 +178,56 @@ class Buyer:
         outcome.provider = offer.peer_id
         outcome.attempts.append(offer.peer_id)
         outcome.state = job.state
-        with trio.fail_after(spec.job_timeout_s + 30):
-            async with p2p.open_stream(offer.peer_id, offer.addrs, JOB_PROTOCOL) as stream:
-                step = job.start()
-                self.journal.sent(outcome.job_id, offer.peer_id, self.clock.now_ms())
-                while True:
-                    for payload in step.send:
-                        await stream.send(payload, timeout_s=MODEL_UPLOAD_TIMEOUT_S)
-                    outcome.state = job.state
-                    event = step.events[0] if step.events else None
-                    if isinstance(event, (Delivered, Rejected, Refused)):
-                        break
-                    try:
-                        payload = await stream.receive(max_bytes=job.max_frame_bytes, timeout_s=spec.job_timeout_s)
-                    except trio.TooSlowError:
-                        job.expire()
+        paid = False
+        try:
+            with trio.fail_after(spec.job_timeout_s + 30):
+                async with p2p.open_stream(offer.peer_id, offer.addrs, JOB_PROTOCOL) as stream:
+                    step = job.start()
+                    self.journal.sent(outcome.job_id, offer.peer_id, self.clock.now_ms())
+                    while True:
                         outcome.state = job.state
-                        raise
-                    step = job.receive(payload, now_ms=self.clock.now_ms())
-                if isinstance(event, Refused):
-                    raise SubmitError(f"provider {offer.peer_id[-8:]} refused: {event.code}: {event.message}")
-                if isinstance(event, Rejected):
-                    try:
-                        self.ledger.apply(event.receipt.envelope_bytes, event.ack, now_ms=self.clock.now_ms())
-                    except LedgerError as exc:
-                        log.warning("rejected receipt not recorded: %s", exc)
+                        event = step.events[0] if step.events else None
+                        if isinstance(event, (Delivered, Rejected, Refused)):
+                            break  # its ack goes only once our decision is durable, below
+                        for payload in step.send:
+                            await stream.send(payload, timeout_s=MODEL_UPLOAD_TIMEOUT_S)
+                        try:
+                            payload = await stream.receive(max_bytes=job.max_frame_bytes, timeout_s=spec.job_timeout_s)
+                        except trio.TooSlowError:
+                            job.expire()
+                            outcome.state = job.state
+                            raise
+                        step = job.receive(payload, now_ms=self.clock.now_ms())
+                    if isinstance(event, Refused):
+                        raise SubmitError(f"provider {offer.peer_id[-8:]} refused: {event.code}: {event.message}")
+                    if isinstance(event, Rejected):
+                        try:
+                            self.ledger.apply(event.receipt.envelope_bytes, event.ack, now_ms=self.clock.now_ms())
+                        except LedgerError as exc:
+                            log.warning("rejected receipt not recorded: %s", exc)
+                        for payload in step.send:
+                            with trio.move_on_after(10):
+                                await stream.send(payload)
+                        raise DecodeError(event.reason)
+                    # Outputs first, then the ledger, then the ack, then the journal: after a
+                    # crash at any point the ledger says whether the job was paid for, a paid
+                    # job's outputs exist, and our decision is durable before it is sent.
+                    out_path = self._write_outputs(outcome, event.outputs, out_dir or spec.out_dir)
+                    applied = self.ledger.apply(event.receipt.envelope_bytes, event.ack, now_ms=self.clock.now_ms())
+                    if not applied.applied and applied.status != "accepted":
+                        # The ledger holds another receipt for this job (a rejected earlier
+                        # attempt): accepting this one would have the provider count money
+                        # our ledger never moves. No ack; the attempt fails, both sides agree.
+                        raise LedgerError(f"job {outcome.job_id[:8]} already has a {applied.status} receipt")
+                    paid = True
                     for payload in step.send:
-                        with trio.move_on_after(10):
-                            await stream.send(payload)
-                    raise DecodeError(event.reason)
-                # Outputs first, then the ledger, then the ack, then the journal: after a
-                # crash at any point the ledger says whether the job was paid for, a paid
-                # job's outputs exist, and our decision is durable before it is sent.
-                out_path = self._write_outputs(outcome, event.outputs, out_dir or spec.out_dir)
-                self.ledger.apply(event.receipt.envelope_bytes, event.ack, now_ms=self.clock.now_ms())
-                for payload in step.send:
-                    await stream.send(payload)
+                        await stream.send(payload)
+        except (StreamClosed, trio.TooSlowError, OSError) as exc:
+            if not paid:
+                raise
+            # Paid and durable on our side: the job is settled here whatever became of
+            # the ack (the provider keeps its receipt unacked until it hears again).
+            log.info("job %s: settled; the ack did not reach %s: %s", outcome.job_id[:8], offer.peer_id[-8:], exc)
         latency_ms = (self.clock.elapsed_s() - started) * 1000
         job.settle()
         self.journal.settled(outcome.job_id, str(out_path), self.clock.now_ms())

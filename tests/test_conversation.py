@@ -288,3 +288,43 @@ async def test_the_market_outlives_many_offer_lifetimes_and_a_bootstrap_restart(
         assert_all_settled_and_correct(outcomes, summary)
         assert summary["offers"] == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_after_a_rejected_receipt_no_side_counts_money_the_other_does_not(tmp_path, autojump_clock):
+    """A provider whose result does not match its receipt is rejected (signed, with the
+    reason); the job's retry on an honest provider must not leave that provider counting
+    an accepted receipt the buyer's ledger never moved money for."""
+    from protocol.job import ProviderJob
+
+    async def tampering(stream):
+        job = ProviderJob.create(liar.key)
+        job.receive(await stream.receive(max_bytes=job.max_frame_bytes, timeout_s=60), now_ms=market.clock.now_ms())
+        await stream.send(job.accept(0).send[0])
+        y = job.request.inputs[0].to_array() @ WEIGHTS
+        (frame,) = job.deliver((Tensor.from_array("y", y),), compute_ms=1.0, queue_ms=0.0, energy_j=0.1,
+                               energy_source="simulated", price_per_s=0.01, execution_provider="CPUExecutionProvider",
+                               now_ms=market.clock.now_ms()).send
+        tampered = codec.decode(frame, max_bytes=1 << 24, what="frame")
+        tampered["outputs"][0]["data"] = bytes(len(tampered["outputs"][0]["data"]))
+        await stream.send(codec.encode(tampered))
+        ack = job.receive(await stream.receive(max_bytes=job.max_frame_bytes, timeout_s=60),
+                          now_ms=market.clock.now_ms())
+        rejections.append(ack.events[0])
+
+    rejections = []
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        liar = await _hostile_offer(market, "liar", boot, tampering)
+        honest = await market.start_provider("b", boot, marginal_w=40.0)
+        buyer = make_buyer(tmp_path, market.network, market.clock, boot, count=1)
+        (outcome,), _ = await buyer.run()
+        (rejection,) = rejections
+        assert not rejection.accepted and "output hash" in rejection.reason
+        buyer_ledger = ledger_rows(Ledger(tmp_path / "buyer" / "ledger.sqlite", buyer.key.public_key))
+        assert buyer_ledger[outcome.job_id][0] == "rejected"
+        # The honest provider ran it, but the buyer never accepted its receipt: unacked
+        # there, and the job failed here; neither side moved money.
+        assert outcome.state == "failed" and honest.key.peer_id in outcome.attempts
+        assert ledger_rows(honest.ledger)[outcome.job_id][0] == "unacked"
+        nursery.cancel_scope.cancel()
