@@ -15,7 +15,7 @@ import trio
 
 from matcher import Job, Problem, Provider, Weights, solve
 from protocol.errors import DecodeError
-from protocol.job import BuyerJob, Delivered, Refused, Rejected
+from protocol.job import BuyerJob, Delivered, ModelSent, Refused, Rejected
 from protocol.messages import JobRequest, Offer, SignedReceipt
 from protocol.settlement import Dispute, sign_dispute
 from protocol.signing import peer_id_from_public_key
@@ -23,10 +23,12 @@ from protocol.tensors import Tensor
 from protocol.topics import JOB_PROTOCOL
 
 from .clock import SYSTEM_CLOCK, Clock
+from .faults import fault_point
 from .gossip import OfferGossip, bootstrap_peer_id
 from .identity import load_key
 from .journal import Journal
 from .reputation import own_digest, provider_scores
+from .settle import settle_with
 from .ledger import Ledger, LedgerError
 from .offers import OfferBook
 from .net import OpenNetwork, StreamClosed
@@ -34,6 +36,7 @@ from .p2p import open_p2p_node
 
 log = logging.getLogger("idlemesh.buyer")
 MODEL_UPLOAD_TIMEOUT_S = 120.0
+ACK_CONFIRM_TIMEOUT_S = 10.0  # for the provider's `settled`; without it the ack stays pending
 JOB_TTL_MS = 10 * 60_000
 RETRY_PROVIDERS = 3  # the placed provider and up to two others, per job
 SYNC_ATTEMPTS = 5    # per bootstrap, 0.1 s apart and doubling: about 3 s before "cannot reach"
@@ -189,6 +192,8 @@ class Buyer:
                         event = step.events[0] if step.events else None
                         if isinstance(event, (Delivered, Rejected, Refused)):
                             break  # its ack goes only once our decision is durable, below
+                        if isinstance(event, ModelSent):
+                            fault_point("buyer-model-upload")
                         for payload in step.send:
                             await stream.send(payload, timeout_s=MODEL_UPLOAD_TIMEOUT_S)
                         try:
@@ -206,22 +211,31 @@ class Buyer:
                         except LedgerError as exc:
                             log.warning("rejected receipt not recorded: %s", exc)
                         for payload in step.send:
-                            with trio.move_on_after(10):
+                            with trio.move_on_after(ACK_CONFIRM_TIMEOUT_S):
                                 await stream.send(payload)
+                                await self._confirmation(stream, job)
                         raise DecodeError(event.reason)
                     # Outputs first, then the ledger, then the ack, then the journal: after a
                     # crash at any point the ledger says whether the job was paid for, a paid
                     # job's outputs exist, and our decision is durable before it is sent.
+                    fault_point("buyer-after-result")
                     out_path = self._write_outputs(outcome, event.outputs, out_dir or spec.out_dir)
                     applied = self.ledger.apply(event.receipt.envelope_bytes, event.ack, now_ms=self.clock.now_ms())
-                    if not applied.applied and applied.status != "accepted":
-                        # The ledger holds another receipt for this job (a rejected earlier
-                        # attempt): accepting this one would have the provider count money
-                        # our ledger never moves. No ack; the attempt fails, both sides agree.
-                        raise LedgerError(f"job {outcome.job_id[:8]} already has a {applied.status} receipt")
+                    if not applied.applied and (applied.status != "accepted" or self.ledger.receipt_bytes(
+                            outcome.job_id)[0] != event.receipt.envelope_bytes):
+                        # The ledger holds another receipt for this job (a rejected attempt,
+                        # or one paid to another provider): accepting this one would have
+                        # the provider count money our ledger never moves. No ack; the
+                        # attempt fails, and both sides agree that nothing was paid for it.
+                        raise LedgerError(f"job {outcome.job_id[:8]} already has a {applied.status} receipt "
+                                          "from another attempt")
                     paid = True
                     for payload in step.send:
                         await stream.send(payload)
+                    fault_point("buyer-after-ack")
+                    job.settle()
+                    with trio.move_on_after(ACK_CONFIRM_TIMEOUT_S):
+                        await self._confirmation(stream, job)
         except (StreamClosed, trio.TooSlowError, OSError) as exc:
             if not paid:
                 raise
@@ -229,7 +243,8 @@ class Buyer:
             # the ack (the provider keeps its receipt unacked until it hears again).
             log.info("job %s: settled; the ack did not reach %s: %s", outcome.job_id[:8], offer.peer_id[-8:], exc)
         latency_ms = (self.clock.elapsed_s() - started) * 1000
-        job.settle()
+        if job.state == "delivered":
+            job.settle()
         self.journal.settled(outcome.job_id, str(out_path), self.clock.now_ms())
         outcome.state = job.state
         receipt = event.receipt.receipt
@@ -243,6 +258,24 @@ class Buyer:
             (offer.link_rtt_ms or 0.0) + receipt.queue_ms + receipt.compute_ms
         outcome.energy_source = receipt.energy_source
         outcome.price = receipt.price
+
+    async def _confirmation(self, stream, job: BuyerJob) -> None:
+        """The provider's `settled` frame: it holds our ack durably, so we stop carrying
+        it. Without one (timeout, closed stream) the ack stays pending and is delivered
+        by the settle protocol when we next meet the provider."""
+        try:
+            payload = await stream.receive(max_bytes=job.max_frame_bytes, timeout_s=ACK_CONFIRM_TIMEOUT_S)
+            step = job.receive(payload, now_ms=self.clock.now_ms())
+        except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
+            log.info("job %s: no confirmation of our ack yet (%s); it stays pending", job.request.job_id[:8], exc)
+            return
+        (confirmed,) = step.events
+        held = self.ledger.status(job.request.job_id)
+        if held is not None and held[0] == confirmed.status:
+            self.ledger.ack_delivered(job.request.job_id, confirmed.status, now_ms=self.clock.now_ms())
+        else:
+            log.warning("job %s: the provider holds %s, we hold %s; `idlemesh settle` reconciles",
+                        job.request.job_id[:8], confirmed.status, held[0] if held else "nothing")
 
     def _write_outputs(self, outcome: JobOutcome, outputs, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -281,6 +314,9 @@ class Buyer:
                     if addr not in unreachable:
                         await self._sync(gossip, p2p, addr)
             current = [e.offer for e in book.current(now_ms=self.clock.now_ms())]
+            # Acks a provider never confirmed (we crashed, it did, a stream broke) go first:
+            # settling old jobs never waits for new ones.
+            await self._deliver_pending_acks(p2p, current)
             scores = provider_scores(self.ledger.reputation(), gossip.reputation, self.key.public_key)
             trusted = [o for o in current if scores.get(o.peer_id, 0.5) >= spec.min_reputation]
             self.excluded = {o.peer_id: round(scores[o.peer_id], 3) for o in current if o not in trusted}
@@ -302,6 +338,7 @@ class Buyer:
                 await self._run_jobs(p2p, offers, on_progress)
                 if spec.spot_check > 0:
                     await self._spot_check(p2p, offers)
+                await self._deliver_pending_acks(p2p, current)
                 # Share what we learned: our signed digest rides on a last sync.
                 for addr in spec.bootstrap:
                     with trio.move_on_after(5):
@@ -315,6 +352,20 @@ class Buyer:
         if failure:
             raise SubmitError(failure)
         return self._outcomes, self._summary
+
+    async def _deliver_pending_acks(self, p2p, offers: list[Offer]) -> None:
+        """Deliver every ack a provider in `offers` has not confirmed; one round trip each."""
+        pending = self.ledger.pending_acks()
+        reports = self._summary.setdefault("late_acks", {"delivered": 0, "pending": 0, "disagreements": []})
+        for offer in offers:
+            if offer.peer_id not in pending:
+                continue
+            report = await settle_with(p2p, self.ledger, offer.peer_id, offer.addrs, clock=self.clock)
+            reports["delivered"] += report.agreed
+            reports["disagreements"] += report.disagreements
+            if report.error:
+                log.info("pending acks for %s stay pending: %s", offer.peer_id[-8:], report.error)
+        reports["pending"] = sum(len(v) for v in self.ledger.pending_acks().values())
 
     async def _sync(self, gossip: OfferGossip, p2p, addr: str) -> str | None:
         """Take the bootstrap's offer book; None, or why it could not be reached."""
@@ -414,9 +465,9 @@ class Buyer:
                 nursery.start_soon(run_lane, pid, jobs)
         placement = result.to_json()
         placement["assignments"] = len(result.assignments)
-        self._summary = {"offers": len(offers), "placement": placement, "batch": self.batch_id,
-                         "resumed": bool(spec.resume), "already_settled": len(job_ids) - len(todo),
-                         "excluded_by_reputation": self.excluded}
+        self._summary.update({"offers": len(offers), "placement": placement, "batch": self.batch_id,
+                              "resumed": bool(spec.resume), "already_settled": len(job_ids) - len(todo),
+                              "excluded_by_reputation": self.excluded})
         self._outcomes = [outcomes[j] for j in job_ids]
 
     async def _spot_check(self, p2p, offers: list[Offer]) -> None:

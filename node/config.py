@@ -72,6 +72,8 @@ class ProviderConfig:
     fault_output_noise: float = _key(0.0, help="devnet fault injection only: perturb outputs", hidden=True)
     link_delay_ms: float = _key(0.0, unit="ms", help="devnet: one-way delay of this provider's simulated link")
     offer_ttl_s: float = _key(60.0, unit="s", help="offer lifetime (6-600); refreshed every third of it")
+    ack_timeout_s: float = _key(30.0, unit="s", help="how long a finished job waits for the buyer's ack on its "
+                                "stream; a later ack still settles it (settle protocol)")
     metrics: str | None = _key(help="HOST:PORT of a Prometheus endpoint (off when unset); keep it private")
 
     def check(self) -> None:
@@ -82,6 +84,8 @@ class ProviderConfig:
             problems.append(f"idle_threshold must be in (0, 1], got {self.idle_threshold}")
         if not MIN_OFFER_TTL_S <= self.offer_ttl_s <= MAX_OFFER_TTL_S:
             problems.append(f"offer_ttl_s must be in [{MIN_OFFER_TTL_S:g}, {MAX_OFFER_TTL_S:g}] s, got {self.offer_ttl_s}")
+        if not 0 < self.ack_timeout_s <= 3600:
+            problems.append(f"ack_timeout_s must be in (0, 3600] s, got {self.ack_timeout_s}")
         if self.speed_factor <= 0:
             problems.append(f"speed_factor must be > 0, got {self.speed_factor}")
         for name in ("idle_w", "busy_w", "marginal_w", "carbon_ceiling"):

@@ -60,6 +60,22 @@ CREATE TABLE IF NOT EXISTS disputes (
     dispute BLOB NOT NULL,
     at_ms INTEGER NOT NULL
 );
+-- Provider: each result frame, kept with its receipt until the request expires, so a
+-- buyer that lost our answer (it crashed, the stream broke, we restarted) gets the same
+-- bytes again instead of a refusal.
+CREATE TABLE IF NOT EXISTS results (
+    job_id TEXT PRIMARY KEY,
+    buyer BLOB NOT NULL,
+    frame BLOB NOT NULL,
+    expires_at_ms INTEGER NOT NULL
+);
+-- Buyer: acks the provider confirmed it holds (its `settled` frame or a settle
+-- exchange). An ack not in here is delivered again when we next meet the provider.
+CREATE TABLE IF NOT EXISTS acks_delivered (
+    receipt_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
     BEGIN SELECT RAISE(ABORT, 'ledger entries are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
@@ -122,8 +138,11 @@ class Ledger:
             raise LedgerError("ack is for another receipt")
         return ("accepted" if ack.accepted else "rejected"), ack.reason
 
-    def apply(self, receipt: bytes, ack: bytes | None, *, now_ms: int) -> Applied:
-        """Apply a provider-signed receipt (and the buyer's ack, if any) exactly once."""
+    def apply(self, receipt: bytes, ack: bytes | None, *, now_ms: int,
+              keep: tuple[bytes, bytes, int] | None = None) -> Applied:
+        """Apply a provider-signed receipt (and the buyer's ack, if any) exactly once.
+        `keep` = (buyer key, result frame, expires_at_ms): the provider's result, stored in
+        the same transaction, so a receipt is never durable without the outputs it names."""
         try:
             signed = SignedReceipt.parse(receipt)
         except (DecodeError, SignatureError) as exc:
@@ -149,6 +168,8 @@ class Ledger:
             applied = cur.rowcount == 1
             if applied and status == "accepted":
                 self._post(r.job_id, buyer, provider, price_pico, now_ms)
+            if applied and keep is not None:
+                self.db.execute("INSERT OR REPLACE INTO results VALUES (?,?,?,?)", (r.job_id, *keep))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -193,6 +214,57 @@ class Ledger:
         cur = self.db.execute("INSERT OR IGNORE INTO disputes VALUES (?,?,?,?)",
                               (dispute.job_id, peer_id_from_public_key(dispute.provider), signed_dispute, now_ms))
         return cur.rowcount == 1
+
+    # --- results kept for buyers, acks delivered to providers --------------------------
+
+    def kept_result(self, job_id: str, *, now_ms: int) -> tuple[bytes, bytes] | None:
+        """(buyer key, result frame) of a job we ran, while its request is unexpired."""
+        row = self.db.execute("SELECT buyer, frame FROM results WHERE job_id = ? AND expires_at_ms > ?",
+                              (job_id, now_ms)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def prune_results(self, *, now_ms: int, max_bytes: int) -> int:
+        """Drop results whose request expired, then the oldest acked ones over `max_bytes`;
+        returns how many went. An unacked result stays until its request expires."""
+        dropped = self.db.execute("DELETE FROM results WHERE expires_at_ms <= ?", (now_ms,)).rowcount
+        total = self.db.execute("SELECT COALESCE(SUM(LENGTH(frame)), 0) FROM results").fetchone()[0]
+        if total > max_bytes:
+            for job_id, size in self.db.execute(
+                    "SELECT r.job_id, LENGTH(r.frame) FROM results r JOIN receipts c ON c.receipt_id = r.job_id "
+                    "WHERE c.status != 'unacked' ORDER BY r.expires_at_ms").fetchall():
+                self.db.execute("DELETE FROM results WHERE job_id = ?", (job_id,))
+                dropped += 1
+                total -= size
+                if total <= max_bytes:
+                    break
+        return dropped
+
+    def status(self, receipt_id: str) -> tuple[str, str] | None:
+        """(status, receipt sha256) of a receipt we hold, or None."""
+        row = self.db.execute("SELECT status, receipt_sha256 FROM receipts WHERE receipt_id = ?",
+                              (receipt_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def ack_delivered(self, receipt_id: str, status: str, *, now_ms: int) -> None:
+        self.db.execute("INSERT OR IGNORE INTO acks_delivered VALUES (?,?,?)", (receipt_id, status, now_ms))
+
+    def pending_acks(self, counterparty: str | None = None) -> dict[str, list[tuple[str, bytes]]]:
+        """Provider peer id -> [(job id, our ack)] for acks it has not confirmed holding."""
+        query = ("SELECT counterparty, receipt_id, ack FROM receipts WHERE role = 'buyer' AND ack IS NOT NULL "
+                 "AND receipt_id NOT IN (SELECT receipt_id FROM acks_delivered)")
+        args: tuple = ()
+        if counterparty:
+            query += " AND counterparty = ?"
+            args = (counterparty,)
+        out: dict[str, list[tuple[str, bytes]]] = {}
+        for peer, job_id, ack in self.db.execute(query + " ORDER BY applied_at_ms, receipt_id", args):
+            out.setdefault(peer, []).append((job_id, ack))
+        return out
+
+    def held_with(self, counterparty: str, *, limit: int = 4096) -> list[tuple[str, str, str]]:
+        """(job id, receipt sha256, status) of every receipt with `counterparty`, oldest first."""
+        return self.db.execute("SELECT receipt_id, receipt_sha256, status FROM receipts WHERE counterparty = ? "
+                               "ORDER BY applied_at_ms, receipt_id LIMIT ?", (counterparty, limit)).fetchall()
 
     # --- reading ------------------------------------------------------------------------
 

@@ -232,6 +232,7 @@ class MemoryNetwork:
         self.sequence = itertools.count()
         self._hosts = itertools.count(1)
         self._addrs: dict[str, str] = {}  # a node that restarts comes back at its address
+        self.send_delay_s: dict[str, float] = {}  # peer id -> delay on each frame it sends (a slow or paused peer)
 
     def address(self, peer_id: str) -> str:
         return self.nodes[peer_id].listen_addrs[0]
@@ -243,7 +244,7 @@ class MemoryNetwork:
             raise StreamClosed(f"peer {peer_id} is already on this network")
         addr = self._addrs.setdefault(peer_id, f"/ip4/10.0.0.{next(self._hosts)}/tcp/4001/p2p/{peer_id}")
         async with trio.open_nursery() as nursery:
-            node = MemoryNode(self, peer_id, [addr], nursery)
+            node = MemoryNode(self, peer_id, [addr], nursery, send_delay_s=self.send_delay_s.get(peer_id, 0.0))
             self.nodes[peer_id] = node
             try:
                 yield node

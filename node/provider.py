@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from protocol.errors import DecodeError
 from protocol.job import ProviderJob, Step
 from protocol.messages import Device, ModelCapability, Offer, PowerProfile, sign_offer
 from protocol.tensors import Tensor
-from protocol.topics import JOB_PROTOCOL, OFFERS_TOPIC
+from protocol.stream import MAX_SETTLE_ENTRIES, HeldReceipt, SettleHeld, decode_message, encode_message
+from protocol.topics import JOB_PROTOCOL, OFFERS_TOPIC, SETTLE_PROTOCOL
 
 from . import modelcheck
 from .calibrate import (
@@ -31,6 +31,7 @@ from .calibrate import (
 )
 from .config import ProviderConfig
 from .executor import Executor, JobFailed, ModelStore
+from .faults import fault_point
 from .clock import SYSTEM_CLOCK, Clock
 from .gossip import SYNC_TIMEOUT_S, TRACE_OFFERS, OfferGossip, emit
 from .identity import load_key
@@ -54,12 +55,13 @@ REFRESHES_PER_TTL = 3
 STALE_REFRESHES = 2
 READ_TIMEOUT_S = 30.0
 MODEL_UPLOAD_TIMEOUT_S = 120.0
-SEEN_JOBS_MAX = 100_000
 
 
 POLICY_INTERVAL_S = 2.0
 JOBS_PER_PEER = (20.0, 60.0)  # job streams per second sustained, burst, per peer
-KEPT_RESULTS_BYTES = 256 << 20  # results kept until acked, for buyers that lost them
+KEPT_RESULTS_BYTES = 256 << 20  # acked results beyond this go first; unacked ones stay until their request expires
+MIN_KEEP_RESULT_MS = 10 * 60_000  # a result is kept at least this long, whatever its request's expiry
+MAX_SETTLE_FRAME_BYTES = 4 << 20
 STATUS_NAME = "status.json"
 
 
@@ -85,10 +87,8 @@ class Provider:
         self.book = OfferBook()
         self.counters: dict[str, int] = {}
         self.jobs_done = 0
-        self._seen_jobs: OrderedDict[str, None] = OrderedDict()
         self._job_limit = PeerRateLimit(*JOBS_PER_PEER)
-        self._results: OrderedDict[str, tuple[bytes, bytes]] = OrderedDict()  # job -> (buyer, result frame)
-        self._results_bytes = 0
+        self._claimed: set[str] = set()  # jobs being uploaded or run: a second stream for one is `busy`
         self._running: set[str] = set()  # jobs accepted and not yet finished
         self._signed_offer: bytes | None = None
         self.offer_log: dict = {}  # our current offer: issued/expires, publishes, last error
@@ -382,19 +382,18 @@ class Provider:
                 await self._send(stream, step)
                 return
             request = job.request
-            if request.job_id in self._seen_jobs or self.ledger.has(request.job_id):
-                kept = self._results.get(request.job_id)
+            if request.job_id in self._claimed:
+                return await self._refuse(stream, job, peer, "busy", f"job {request.job_id} is still running; ask again later")
+            if self.ledger.has(request.job_id):
+                kept = self.ledger.kept_result(request.job_id, now_ms=self.clock.now_ms())
                 if kept is not None and kept[0] == request.buyer:
-                    # The buyer lost our answer (it crashed or the stream broke): same bytes again.
+                    # The buyer lost our answer (it crashed, the stream broke, or we
+                    # restarted): the same stored bytes again, then its ack as before.
                     await self._send(stream, job.redeliver(kept[1]))
                     await self._settle(stream, job, peer)
                     return
-                if request.job_id in self._running:
-                    return await self._refuse(stream, job, peer, "busy", f"job {request.job_id} is still running; ask again later")
-                return await self._refuse(stream, job, peer, "replay", f"job {request.job_id} was already received")
-            self._seen_jobs[request.job_id] = None
-            if len(self._seen_jobs) > SEEN_JOBS_MAX:
-                self._seen_jobs.popitem(last=False)
+                return await self._refuse(stream, job, peer, "replay", f"job {request.job_id} was already run "
+                                          "and its result is no longer kept")
             if not self.availability.selling:
                 return await self._refuse(stream, job, peer, "withdrawn", f"not selling now: {self.availability.reason}")
             capability = next((m for m in self.models if m.sha256 == request.model_sha256), None)
@@ -410,15 +409,21 @@ class Provider:
                 self.count("price", peer, step.events[0].message)
                 await self._send(stream, step)
                 return
-            if not self.store.has(request.model_sha256):
-                await self._send(stream, job.need_model())
-                step = await self._receive(stream, job, timeout_s=MODEL_UPLOAD_TIMEOUT_S)
-                if job.state == "failed":
-                    self.count("model-invalid", peer, step.events[0].message)
-                    await self._send(stream, step)
-                    return
-                self.store.put(step.events[0].sha256, step.events[0].data)
-            await self._run_job(stream, job, peer)
+            # Claimed from here until it is run or refused: a second stream for the same
+            # job is `busy`, and a buyer that dies mid-upload can submit again at once.
+            self._claimed.add(request.job_id)
+            try:
+                if not self.store.has(request.model_sha256):
+                    await self._send(stream, job.need_model())
+                    step = await self._receive(stream, job, timeout_s=MODEL_UPLOAD_TIMEOUT_S)
+                    if job.state == "failed":
+                        self.count("model-invalid", peer, step.events[0].message)
+                        await self._send(stream, step)
+                        return
+                    self.store.put(step.events[0].sha256, step.events[0].data)
+                await self._run_job(stream, job, peer)
+            finally:
+                self._claimed.discard(request.job_id)
         except JobFailed as exc:
             await self._refuse(stream, job, peer, exc.code, str(exc))
         except DecodeError as exc:
@@ -464,10 +469,13 @@ class Provider:
             queue_ms=float(max(0, started_ms - received_ms)) / c.speed_factor,
             energy_j=energy_j, energy_source=energy_source, price_per_s=c.price_per_s,
             execution_provider=self.executor.execution_provider, now_ms=self.clock.now_ms())
-        # Durable before the buyer can see it: a crash from here on never loses the
-        # receipt, and a resubmission of the job gets these same bytes back.
-        self.ledger.apply(job.receipt.envelope_bytes, None, now_ms=self.clock.now_ms())
-        self._keep_result(request.job_id, request.buyer, step.send[0])
+        # Durable before the buyer can see it, receipt and result in one transaction: a
+        # crash from here on loses neither, and a resubmission of the job, before or after
+        # a restart, gets these same bytes back until the request expires.
+        now = self.clock.now_ms()
+        self.ledger.apply(job.receipt.envelope_bytes, None, now_ms=now,
+                          keep=(request.buyer, step.send[0], max(request.expires_at_ms, now + MIN_KEEP_RESULT_MS)))
+        self.ledger.prune_results(now_ms=now, max_bytes=KEPT_RESULTS_BYTES)
         self.jobs_done += 1
         self.metrics.jobs.labels("completed").inc()
         self.metrics.compute_seconds.inc(compute_ms / 1000)
@@ -478,27 +486,61 @@ class Provider:
         await self._settle(stream, job, peer)
 
     async def _settle(self, stream: Stream, job: ProviderJob, peer: str) -> None:
-        """Wait for the buyer's countersignature and apply it, once."""
+        """Wait for the buyer's countersignature, apply it once, then tell the buyer the
+        status we now durably hold (it delivers the ack again later if it never hears)."""
         job_id = job.request.job_id
-        (acknowledged,) = (await self._receive(stream, job)).events
+        fault_point("provider-before-ack")
+        (acknowledged,) = (await self._receive(stream, job, timeout_s=self.config.ack_timeout_s)).events
         try:
             applied = self.ledger.apply_ack(acknowledged.ack, now_ms=self.clock.now_ms())
         except LedgerError as exc:
             self.count("bad-ack", peer, exc)  # our receipt stays, unacked
             return
+        fault_point("provider-after-ack")
         if applied.applied:
-            self._results.pop(job_id, None)
             self.metrics.jobs.labels("settled" if applied.status == "accepted" else applied.status).inc()
             if applied.status == "accepted":
                 self.metrics.earnings.inc(job.receipt.receipt.price)
         emit("settled", job_id=job_id, status=applied.status)
+        with trio.move_on_after(READ_TIMEOUT_S):
+            try:
+                await self._send(stream, job.confirm(applied.status))
+            except StreamClosed:
+                pass  # the buyer asks again by the settle protocol
 
-    def _keep_result(self, job_id: str, buyer: bytes, frame: bytes) -> None:
-        self._results[job_id] = (buyer, frame)
-        self._results_bytes += len(frame)
-        while self._results_bytes > KEPT_RESULTS_BYTES and self._results:
-            _, (_, old) = self._results.popitem(last=False)
-            self._results_bytes -= len(old)
+    async def _serve_settle(self, stream: Stream) -> None:
+        """A buyer delivers acks we never received and asks what we hold for its jobs."""
+        peer = stream.remote_peer_id
+        if not self._job_limit.allow(peer, self.clock.elapsed_s()):
+            self.count("rate-limited", peer, "settle streams over the per-peer rate")
+            return
+        try:
+            payload = await stream.receive(max_bytes=MAX_SETTLE_FRAME_BYTES, timeout_s=READ_TIMEOUT_S)
+            request = decode_message(payload, max_bytes=MAX_SETTLE_FRAME_BYTES, expect=("settle-acks",))
+        except DecodeError as exc:
+            self.count("bad-settle", peer, exc)
+            return
+        except (StreamClosed, trio.TooSlowError) as exc:
+            log.info("settle from %s ended early: %s", peer, exc)
+            return
+        entries, named = [], set()
+        for ack in request.acks:
+            try:
+                applied = self.ledger.apply_ack(ack, now_ms=self.clock.now_ms())
+            except LedgerError as exc:
+                self.count("bad-ack", peer, exc)
+                continue
+            if applied.applied:
+                emit("settled", job_id=applied.receipt_id, status=applied.status, late=True)
+            named.add(applied.receipt_id)
+            status, sha = self.ledger.status(applied.receipt_id)
+            entries.append(HeldReceipt(applied.receipt_id, sha, status))
+        unnamed = [HeldReceipt(job_id, sha, status) for job_id, sha, status in self.ledger.held_with(peer)
+                   if job_id not in named and status == "unacked"][:MAX_SETTLE_ENTRIES]
+        try:
+            await stream.send(encode_message(SettleHeld(tuple(entries), tuple(unnamed))))
+        except (StreamClosed, trio.TooSlowError):
+            pass
 
     # --- lifetime ---------------------------------------------------------------------
 
@@ -529,6 +571,7 @@ class Provider:
             gossip = self.gossip = OfferGossip(p2p, self.book, own_offer=lambda: self._signed_offer, clock=self.clock)
             gossip.on_bad_input = self.count
             p2p.set_stream_handler(JOB_PROTOCOL, self._serve_job)
+            p2p.set_stream_handler(SETTLE_PROTOCOL, self._serve_settle)
             async with trio.open_nursery() as nursery:
                 await nursery.start(gossip.run)
                 p2p.keep_connected(self.config.bootstrap,

@@ -16,7 +16,13 @@ The conversation on one stream, buyer (B) and provider (P):
 
     B: submit                 P: need-model? -> B: model -> P: accepted
     P: result (signed receipt)   B: ack (signed acceptance or rejection)
+    P: settled (the status it durably holds once it applied the ack)
     P: error at any point before the result ends it.
+
+Each side makes its decision durable before it sends it: the provider its receipt and
+result before `result`, the buyer its outputs and ledger row before `ack`, the
+provider the ack before `settled`. A buyer that never hears `settled` delivers the ack
+later (node/settle.py).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from .messages import (
 )
 from .signing import SigningKey
 from .stream import (
-    MAX_CONTROL_FRAME_BYTES, MAX_MODEL_BYTES, Accepted, Ack, JobError, JobResult, ModelBlob, NeedModel,
+    MAX_CONTROL_FRAME_BYTES, MAX_MODEL_BYTES, Accepted, Ack, JobError, JobResult, ModelBlob, NeedModel, Settled,
     StreamMessage, SubmitJob, decode_message, encode_message,
 )
 from .tensors import Tensor, tensors_sha256
@@ -101,6 +107,12 @@ class Rejected:
 
 
 @dataclass(frozen=True, slots=True)
+class Confirmed:
+    """Buyer: the provider durably holds our ack; `status` is what its ledger says."""
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
 class Refused:
     """Either side: the job ended with an error frame (sent by the provider, or received
     by the buyer) carrying one of protocol.stream.ERROR_CODES."""
@@ -108,7 +120,8 @@ class Refused:
     message: str
 
 
-Event = Union[JobRequested, ModelArrived, Acknowledged, ModelSent, JobAccepted, Delivered, Rejected, Refused]
+Event = Union[JobRequested, ModelArrived, Acknowledged, ModelSent, JobAccepted, Delivered, Rejected, Refused,
+              Confirmed]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +177,7 @@ class BuyerJob(_Machine):
     model_bytes: bytes = b""
     model_sent: bool = False
     result: SignedReceipt | None = None
+    confirmed: str = ""  # the provider's status from its `settled` frame, once heard
 
     @classmethod
     def create(cls, key: SigningKey, request: JobRequest, model_bytes: bytes) -> "BuyerJob":
@@ -177,11 +191,13 @@ class BuyerJob(_Machine):
             return ("accepted", "result", "error") if self.model_sent else ("need-model", "accepted", "result", "error")
         if self.state == "running":
             return ("result", "error")
+        if self.state in ("delivered", "settled", "rejected") and self.result is not None and not self.confirmed:
+            return ("settled",)
         return ()
 
     @property
     def max_frame_bytes(self) -> int:
-        return MAX_RESULT_FRAME_BYTES
+        return MAX_RESULT_FRAME_BYTES if self.result is None else MAX_CONTROL_FRAME_BYTES
 
     def start(self) -> Step:
         self._move("send")
@@ -206,6 +222,11 @@ class BuyerJob(_Machine):
             return Step(events=(Refused(message.code, message.message),))
         if isinstance(message, JobResult):
             return self._result(message, now_ms)
+        if isinstance(message, Settled):
+            if message.job_id != self.request.job_id:
+                raise self._peer_broke("'settled' names another job")
+            self.confirmed = message.status
+            return Step(events=(Confirmed(message.status),))
         raise LocalProtocolError(f"buyer: decoded an unexpected {message.kind!r}")  # pragma: no cover
 
     def _result(self, message: JobResult, now_ms: int) -> Step:
@@ -377,6 +398,13 @@ class ProviderJob(_Machine):
             raise self._peer_broke("ack: names another job or receipt")
         self._move("settle" if ack.accepted else "reject")
         return Step(events=(Acknowledged(message.ack, ack.accepted, ack.reason),))
+
+    def confirm(self, status: str) -> Step:
+        """Tell the buyer the status we durably hold, once its ack is applied."""
+        request = self._need_request("confirm")
+        if self.state not in ("settled", "rejected"):
+            raise LocalProtocolError(f"provider: no confirmation in state {self.state!r}")
+        return _step(Settled(request.job_id, status))
 
     def refuse(self, code: str, message: str) -> Step:
         """End the job with an error frame: before delivery, or to tell a peer that

@@ -103,6 +103,41 @@ class Ack:
     kind = "ack"
 
 
+RECEIPT_STATUSES = ("accepted", "rejected", "unacked", "missing")
+MAX_SETTLE_ENTRIES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Provider -> buyer, after it applied the buyer's ack durably: the status it holds."""
+    job_id: str
+    status: str
+    kind = "settled"
+
+
+@dataclass(frozen=True, slots=True)
+class HeldReceipt:
+    job_id: str
+    receipt_sha256: str  # "" when the status is "missing"
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class SettleAcks:
+    """Buyer -> provider on the settle protocol: acks the provider may not hold yet."""
+    acks: tuple[bytes, ...]
+    kind = "settle-acks"
+
+
+@dataclass(frozen=True, slots=True)
+class SettleHeld:
+    """Provider -> buyer: what it holds for each job named (after applying the acks), and
+    the jobs of this buyer it holds receipts for that the buyer did not name."""
+    entries: tuple[HeldReceipt, ...]
+    unnamed: tuple[HeldReceipt, ...] = ()
+    kind = "settle-held"
+
+
 @dataclass(frozen=True, slots=True)
 class OfferSync:
     """Both directions of offer sync: the sender's current signed offers (its own first),
@@ -113,7 +148,8 @@ class OfferSync:
     kind = "offers"
 
 
-StreamMessage = Union[SubmitJob, NeedModel, ModelBlob, Accepted, JobResult, JobError, Ack, OfferSync]
+StreamMessage = Union[SubmitJob, NeedModel, ModelBlob, Accepted, JobResult, JobError, Ack, OfferSync, Settled,
+                      SettleAcks, SettleHeld]
 
 
 def encode_message(msg: StreamMessage) -> bytes:
@@ -133,6 +169,13 @@ def encode_message(msg: StreamMessage) -> bytes:
         body = {"ack": msg.ack}
     elif isinstance(msg, OfferSync):
         body = {"offers": list(msg.offers), "digests": list(msg.digests)}
+    elif isinstance(msg, Settled):
+        body = {"job_id": msg.job_id, "status": msg.status}
+    elif isinstance(msg, SettleAcks):
+        body = {"acks": list(msg.acks)}
+    elif isinstance(msg, SettleHeld):
+        body = {"entries": [_held_to_wire(e) for e in msg.entries],
+                "unnamed": [_held_to_wire(e) for e in msg.unnamed]}
     else:  # pragma: no cover - a programming error, not peer input
         raise TypeError(f"not a stream message: {msg!r}")
     body["kind"] = msg.kind
@@ -148,6 +191,29 @@ def _offer_bytes(value: Any, path: str) -> bytes:
 def _digest_bytes(value: Any, path: str) -> bytes:
     if not isinstance(value, bytes) or len(value) > 64 * 1024:
         raise DecodeError(f"{path}: expected bytes of at most 65536, got {type(value).__name__}")
+    return value
+
+
+def _held_to_wire(e: HeldReceipt) -> list:
+    return [e.job_id, e.receipt_sha256, e.status]
+
+
+def _held_from_wire(value: Any, path: str) -> HeldReceipt:
+    if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, str) for v in value):
+        raise DecodeError(f"{path}: expected [job_id, receipt_sha256, status], got {type(value).__name__}")
+    job_id, sha, status = value
+    if len(job_id) != 32 or any(c not in "0123456789abcdef" for c in job_id):
+        raise DecodeError(f"{path}[0]: expected a 32-character hex job id, got {job_id[:40]!r}")
+    if sha and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+        raise DecodeError(f"{path}[1]: expected a 64-character hex sha256 or empty, got {sha[:70]!r}")
+    if status not in RECEIPT_STATUSES:
+        raise DecodeError(f"{path}[2]: expected one of {'/'.join(RECEIPT_STATUSES)}, got {status[:20]!r}")
+    return HeldReceipt(job_id, sha, status)
+
+
+def _ack_bytes(value: Any, path: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) > 8 * 1024:
+        raise DecodeError(f"{path}: expected bytes of at most 8192, got {type(value).__name__}")
     return value
 
 
@@ -176,4 +242,11 @@ def decode_message(data: bytes, *, max_bytes: int, expect: tuple[str, ...]) -> S
     if kind == "offers":
         return OfferSync(tuple(f.list("offers", _offer_bytes, max_len=MAX_SYNC_OFFERS)),
                          tuple(f.list("digests", _digest_bytes, max_len=MAX_SYNC_DIGESTS, default=[])))
+    if kind == "settled":
+        return Settled(f.hex("job_id", size=16), f.str("status", choices=RECEIPT_STATUSES))
+    if kind == "settle-acks":
+        return SettleAcks(tuple(f.list("acks", _ack_bytes, max_len=MAX_SETTLE_ENTRIES)))
+    if kind == "settle-held":
+        return SettleHeld(tuple(f.list("entries", _held_from_wire, max_len=MAX_SETTLE_ENTRIES)),
+                          tuple(f.list("unnamed", _held_from_wire, max_len=MAX_SETTLE_ENTRIES, default=[])))
     raise DecodeError(f"frame.kind: unknown kind {kind!r}")

@@ -24,6 +24,7 @@ from node.provider import Provider
 from protocol import codec
 from protocol.messages import ModelCapability
 from protocol.stream import Accepted, JobResult, decode_message, encode_message
+from protocol.signing import SigningKey
 from protocol.tensors import Tensor
 from protocol.topics import JOB_PROTOCOL
 
@@ -43,6 +44,7 @@ class FakeExecutor:
         self.compute_s = compute_s
         self.idle_w = 0.0
         self.started = trio.Event()
+        self.finished = trio.Event()
         self.hold: trio.Event | None = None
         self.runs = 0
 
@@ -58,13 +60,15 @@ class FakeExecutor:
             await self.hold.wait()
         await trio.sleep(self.compute_s)
         y = inputs[0].to_array() @ WEIGHTS
+        self.finished.set()
         return RunOutput([Tensor.from_array("y", y)], self.compute_s * 1000)
 
 
 def make_provider(tmp_path, name: str, network: MemoryNetwork, clock, bootstrap: str, *,
-                  marginal_w: float, items_per_s: float = 100.0) -> Provider:
+                  marginal_w: float, items_per_s: float = 100.0, ack_timeout_s: float = 30.0) -> Provider:
     config = ProviderConfig(home=tmp_path / name, listen=["/memory"], bootstrap=[bootstrap], device_name=name,
-                            arch="x86_64", speed_factor=2.0, price_per_s=0.01, offer_ttl_s=60.0)
+                            arch="x86_64", speed_factor=2.0, price_per_s=0.01, offer_ttl_s=60.0,
+                            ack_timeout_s=ack_timeout_s)
     provider = Provider(config, clock=clock, open_network=network.open_node, executor=FakeExecutor())
     provider.models = [ModelCapability("fake", MODEL_SHA, items_per_s, "simulated")]
     provider.power = PowerFigures(5.0, "simulated", 5.0 + marginal_w, "simulated", marginal_w, "simulated")
@@ -327,4 +331,98 @@ async def test_after_a_rejected_receipt_no_side_counts_money_the_other_does_not(
         # there, and the job failed here; neither side moved money.
         assert outcome.state == "failed" and honest.key.peer_id in outcome.attempts
         assert ledger_rows(honest.ledger)[outcome.job_id][0] == "unacked"
+        nursery.cancel_scope.cancel()
+
+
+def agree(buyer: Buyer, *providers: Provider) -> None:
+    """Both sides hold the same receipt and status for every job between them, no ack is
+    pending, and every ledger sums to zero."""
+    ledger = Ledger(buyer.spec.home / "ledger.sqlite", buyer.key.public_key)
+    ours = ledger_rows(ledger)
+    theirs = {}
+    for p in providers:
+        theirs.update({job: (status, receipt) for job, (status, receipt, _) in ledger_rows(p.ledger).items()})
+        assert p.ledger.total_pico() == 0
+    assert {job: (status, receipt) for job, (status, receipt, _) in ours.items()} == \
+        {job: theirs[job] for job in ours}
+    assert ledger.pending_acks() == {} and ledger.total_pico() == 0
+
+
+async def test_a_buyer_slower_than_the_ack_timeout_settles_by_a_late_ack(tmp_path, autojump_clock):
+    """Every frame the buyer sends takes 5 virtual seconds; the provider waits 2 s for
+    an ack, so it gives up on each: the buyer's acks are delivered late, once."""
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        a = await market.start_provider("a", boot, marginal_w=10.0, ack_timeout_s=2.0)
+        buyer = make_buyer(tmp_path, market.network, market.clock, boot, count=3)
+        market.network.send_delay_s[buyer.key.peer_id] = 5.0
+        outcomes, summary = await buyer.run()
+        assert_all_settled_and_correct(outcomes, summary)
+        assert a.counters["no-ack"] == 3
+        assert summary["late_acks"]["delivered"] == 3 and summary["late_acks"]["pending"] == 0
+        agree(buyer, a)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_provider_that_restarts_between_result_and_ack_settles_on_the_next_meeting(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        a = await market.start_provider("a", boot, marginal_w=10.0)
+        buyer = make_buyer(tmp_path, market.network, market.clock, boot, count=1)
+        market.network.send_delay_s[buyer.key.peer_id] = 5.0  # the ack is on its way when `a` stops
+        results = {}
+
+        async def submit():
+            results["first"] = await buyer.run()
+
+        nursery.start_soon(submit)
+        await a.executor.finished.wait()
+        market.stop("a")  # its result is sent, its ack not yet received
+        while "first" not in results:
+            await trio.sleep(1)
+        (outcome,), summary = results["first"]
+        assert outcome.state == "settled"  # paid and durable on the buyer's side
+        assert summary["late_acks"]["pending"] == 1
+        assert ledger_rows(a.ledger)[outcome.job_id][0] == "unacked"
+        # `a` comes back with the same home; the buyer's next batch delivers the ack first.
+        a.ledger.close()
+        again = await market.start_provider("a", boot, marginal_w=10.0)
+        second = make_buyer(tmp_path, market.network, market.clock, boot, count=1)
+        outcomes, summary = await second.run()
+        assert summary["late_acks"]["delivered"] >= 1 and summary["late_acks"]["pending"] == 0
+        assert ledger_rows(again.ledger)[outcome.job_id][0] == "accepted"
+        agree(second, again)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_buyer_gone_mid_upload_can_submit_the_same_job_again_at_once(tmp_path, autojump_clock):
+    from protocol.job import BuyerJob
+    from protocol.messages import JobRequest
+
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        a = await market.start_provider("a", boot, marginal_w=10.0)
+        buyer_key = SigningKey(bytes(range(50, 82)))
+        now = market.clock.now_ms()
+        request = JobRequest(job_id="ab" * 16, buyer=buyer_key.public_key, provider=a.key.public_key,
+                             model_sha256=MODEL_SHA, model_name="fake", inputs=(Tensor.from_array("x", INPUT),),
+                             items=2, max_price=1.0, issued_at_ms=now, expires_at_ms=now + 600_000)
+        async with market.network.open_node(bytes(range(50, 82)), []) as node:
+            job = BuyerJob.create(buyer_key, request, MODEL_BYTES)
+            async with node.open_stream(a.key.peer_id, a.p2p.listen_addrs, JOB_PROTOCOL) as stream:
+                await stream.send(job.start().send[0])
+                job.receive(await stream.receive(max_bytes=1 << 20, timeout_s=60), now_ms=now)
+                assert job.model_sent  # the provider asked for the model; we leave without sending it
+            job = BuyerJob.create(buyer_key, request, MODEL_BYTES)
+            async with node.open_stream(a.key.peer_id, a.p2p.listen_addrs, JOB_PROTOCOL) as stream:
+                step = job.start()
+                while job.state not in ("delivered", "failed"):
+                    for payload in step.send:
+                        await stream.send(payload)
+                    step = job.receive(await stream.receive(max_bytes=job.max_frame_bytes, timeout_s=60),
+                                       now_ms=market.clock.now_ms())
+        assert job.state == "delivered", job.error
         nursery.cancel_scope.cancel()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from protocol import codec
 from protocol.errors import DecodeError, LocalProtocolError
 from protocol.job import (
-    Acknowledged, BuyerJob, Delivered, JobAccepted, JobRequested, ModelArrived, ModelSent, ProviderJob, Refused,
+    Acknowledged, BuyerJob, Confirmed, Delivered, JobAccepted, JobRequested, ModelArrived, ModelSent, ProviderJob, Refused,
     Rejected,
 )
 from protocol.lifecycle import STATES, TERMINAL, TRANSITIONS
@@ -74,20 +74,23 @@ def converse(*, provider_has_model: bool = False):
     (ack_event,) = provider.receive(step.send[0], now_ms=NOW).events
     assert isinstance(ack_event, Acknowledged) and ack_event.accepted
     buyer.settle()
+    (confirm,) = provider.confirm("accepted").send
+    frames.append(confirm)
+    assert buyer.receive(confirm, now_ms=NOW).events == (Confirmed("accepted"),) and buyer.confirmed == "accepted"
     return buyer, provider, frames
 
 
 def test_the_whole_conversation_settles_both_sides():
     buyer, provider, frames = converse()
     assert (buyer.state, provider.state) == ("settled", "settled")
-    assert len(frames) == 6
+    assert len(frames) == 7
     # The charge is the one formula: 100 ms at 0.01 per second.
     assert provider.receipt.receipt.price == pytest.approx(0.001)
 
 
 def test_a_provider_that_holds_the_model_skips_it():
     buyer, provider, frames = converse(provider_has_model=True)
-    assert (buyer.state, provider.state, len(frames)) == ("settled", "settled", 4)
+    assert (buyer.state, provider.state, len(frames)) == ("settled", "settled", 5)
 
 
 def test_accepted_twice_is_the_peers_error_and_fails_the_attempt():
