@@ -51,12 +51,15 @@ class Devnet:
     _nursery: trio.Nursery | None = None
     bootstrap_addrs: list[str] = field(default_factory=list)
 
-    async def restart(self, child: Child, timeout_s: float = 60.0) -> Child:
-        """Start a stopped (or killed) node again with the same home, port and arguments."""
+    async def restart(self, child: Child, timeout_s: float = 60.0, env: dict[str, str] | None = None) -> Child:
+        """Start a stopped (or killed) node again with the same home, port and arguments;
+        `env` is added to its environment (a fault to inject, say); faults given at start
+        do not carry over."""
         if child.process.returncode is None:
+            child.process.send_signal(signal.SIGCONT)
             child.process.kill()
         await child.process.wait()
-        fresh = await _start(self._nursery, child.name, child.home, child.args)
+        fresh = await _start(self._nursery, child.name, child.home, child.args, env)
         self.children[self.children.index(child)] = fresh
         fresh.ready = await _wait_event(fresh, "ready", timeout_s)
         return fresh
@@ -98,11 +101,14 @@ async def _wait_event(child: Child, name: str, timeout_s: float) -> dict:
     raise RuntimeError(f"{child.name} exited before '{name}' (see {child.home / 'node.log'})")
 
 
-async def _start(nursery: trio.Nursery, name: str, home: Path, args: list[str]) -> Child:
+async def _start(nursery: trio.Nursery, name: str, home: Path, args: list[str],
+                 extra_env: dict[str, str] | None = None) -> Child:
     home.mkdir(parents=True, exist_ok=True)
     log = open(home / "node.log", "ab")
     # IDLEMESH_TRACE_OFFERS: each node reports when offers arrive (gossip delivery figures).
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", IDLEMESH_TRACE_OFFERS="1")
+    env.pop("IDLEMESH_FAULT", None)
+    env.update(extra_env or {})
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "node.cli", *args], stdout=subprocess.PIPE, stderr=log, env=env,
         start_new_session=True)  # our own process group: Ctrl-C reaches us, we stop them in order
@@ -180,7 +186,8 @@ def fleet_provider_args(member, home: Path, bootstrap: str, models: list[Path], 
 async def open_devnet(n_providers: int, *, root: Path | None = None, models: list[Path] | None = None,
                       progress=None, timeout_s: float = 120.0,
                       extra_args: dict[int, list[str]] | None = None, fleet=None,
-                      n_bootstraps: int = 1) -> AsyncIterator[Devnet]:
+                      n_bootstraps: int = 1, extra_env: dict[int, dict[str, str]] | None = None
+                      ) -> AsyncIterator[Devnet]:
     """A running devnet; every child is stopped when the block exits, however it exits.
     With a fleet (devnet/fleet.py) the providers are its simulated devices. With several
     bootstraps, each later one keeps a connection to the first, and every provider is
@@ -216,7 +223,7 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
                     args = provider_args(i, home, bootstrap_addr, models)
                 args += [a for addr in addrs[1:] for a in ("--bootstrap", addr)]
                 args += (extra_args or {}).get(i, [])
-                children.append(await _start(nursery, f"provider-{i}", home, args))
+                children.append(await _start(nursery, f"provider-{i}", home, args, (extra_env or {}).get(i)))
             for i, child in enumerate(children[n_bootstraps:], start=1):
                 child.ready = await _wait_event(child, "ready", timeout_s)
                 await _wait_event(child, "announced", timeout_s)

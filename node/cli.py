@@ -273,7 +273,7 @@ def _submit(args) -> int:
     try:
         if args.resume:
             spec = resume_spec(Path(args.home), args.bootstrap, args.resume, spot_check=args.spot_check,
-                               min_reputation=args.min_reputation)
+                               min_reputation=args.min_reputation, job_timeout_s=args.job_timeout_s)
         else:
             if not args.model or not args.input:
                 return _fail(args, "error: give MODEL and --input (or --resume to finish a journalled batch)", 2)
@@ -283,7 +283,8 @@ def _submit(args) -> int:
             inputs = _parse_inputs(args.input, args.model)
             spec = SubmitSpec(model_path=model, inputs=inputs, count=args.count, bootstrap=args.bootstrap,
                               home=Path(args.home), out_dir=Path(args.out), max_price=args.max_price,
-                              solver=args.solver, spot_check=args.spot_check, min_reputation=args.min_reputation)
+                              solver=args.solver, spot_check=args.spot_check, min_reputation=args.min_reputation,
+                              job_timeout_s=args.job_timeout_s)
         buyer = Buyer(spec)
 
         def progress(outcome) -> None:
@@ -475,8 +476,11 @@ def _settle(args) -> int:
     from .ledger import LedgerError
 
     ledger, key = _open_ledger(args.home)
+    reconciled = None
     try:
         args.peer = ledger.resolve_peer(args.peer)  # a prefix as printed in the tables is enough
+        if args.bootstrap:
+            reconciled = trio.run(_reconcile, args, ledger, key)
         signed, statement = ledger.statement(key, args.peer, now_ms=SYSTEM_CLOCK.now_ms())
     except LedgerError as exc:
         raise SystemExit(f"idlemesh: {exc}") from None
@@ -485,12 +489,65 @@ def _settle(args) -> int:
     summary = {"file": str(out), "issuer": ledger.me, "counterparty": args.peer, "receipts": statement.receipts,
                "net_price": statement.net_price, "energy_j": statement.energy_j,
                "receipts_sha256": statement.receipts_sha256, "as_of_ms": statement.as_of_ms}
+    if reconciled is not None:
+        summary["reconciled"] = reconciled
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+        if reconciled is not None:
+            print(_reconcile_line(args.peer, reconciled))
         print(f"signed statement written to {out}: {statement.receipts} receipts with {args.peer}, "
               f"net {statement.net_price:+.9g} ({'they owe us' if statement.net_price > 0 else 'we owe them'})")
-    return 0
+    return 1 if reconciled is not None and (reconciled["error"] or reconciled["disagreements"]) else 0
+
+
+def _reconcile_line(peer: str, r: dict) -> str:
+    if r["error"]:
+        return f"could not reconcile with {peer[:PEER_PREFIX]}: {r['error']}"
+    line = (f"reconciled with {peer[:PEER_PREFIX]}: {r['agreed']} jobs agree ({r['sent']} acks sent)"
+            + (f"; {len(r['unpaid_work'])} receipts it holds unacked were never received here" if r["unpaid_work"] else ""))
+    if r["disagreements"]:
+        line += f"; {len(r['disagreements'])} jobs DISAGREE: signed list in {r['disagreements_file']}"
+    return line
+
+
+async def _reconcile(args, ledger, key) -> dict:
+    """Exchange with PEER what each side holds for the other (node/settle.py): find it in
+    a bootstrap's offer book, deliver every ack we hold for it, compare."""
+    from protocol.errors import DecodeError
+    from protocol.settlement import Disagreement, Disagreements, sign_disagreements
+
+    from .gossip import OfferGossip, bootstrap_peer_id
+    from .identity import load_key
+    from .net import StreamClosed
+    from .offers import OfferBook
+    from .p2p import open_p2p_node
+    from .settle import settle_with
+
+    seed, _ = load_key(Path(args.home))
+    book = OfferBook()
+    async with open_p2p_node(seed, ["/ip4/127.0.0.1/tcp/0"]) as p2p:
+        gossip = OfferGossip(p2p, book)
+        for addr in args.bootstrap:
+            try:
+                with trio.fail_after(10):
+                    await p2p.connect(bootstrap_peer_id(addr), [addr])
+                    await gossip.sync_with(bootstrap_peer_id(addr))
+            except (ValueError, StreamClosed, DecodeError, trio.TooSlowError) as exc:
+                print(f"idlemesh: bootstrap {addr}: {exc}", file=sys.stderr)
+        offer = next((e.offer for e in book.current(now_ms=SYSTEM_CLOCK.now_ms()) if e.offer.peer_id == args.peer), None)
+        if offer is None:
+            return {"sent": 0, "agreed": 0, "disagreements": [], "unpaid_work": [],
+                    "error": "no current offer of this peer at the bootstrap (is it up?)"}
+        report = (await settle_with(p2p, ledger, args.peer, offer.addrs, everything=True)).to_json()
+    if report["disagreements"]:
+        entries = tuple(Disagreement(d["job_id"], d["ours"], d["theirs"], d["same_receipt"])
+                        for d in report["disagreements"])
+        signed = sign_disagreements(key, Disagreements(key.public_key, offer.provider, entries, SYSTEM_CLOCK.now_ms()))
+        path = Path(args.out or f"statement-{args.peer[:PEER_PREFIX]}.idm").with_suffix(".disagreements.idm")
+        path.write_bytes(signed)
+        report["disagreements_file"] = str(path)
+    return report
 
 
 def _verify(args) -> int:
@@ -588,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--solver", default="optimal")
     sm.add_argument("--json", action="store_true")
     sm.add_argument("--events", action="store_true", help="print a JSON line as each job finishes")
+    sm.add_argument("--job-timeout-s", type=float, default=120.0, metavar="S",
+                    help="give up on a provider that sends nothing for this long and try another (default 120)")
     sm.add_argument("--spot-check", type=float, default=0.0, metavar="FRACTION",
                     help="re-run this fraction of jobs on a second provider and compare outputs (default 0)")
     sm.add_argument("--min-reputation", type=float, default=0.25,
@@ -622,10 +681,14 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--export", help="also write each signed receipt (and ack) to this directory")
     rc.add_argument("--json", action="store_true")
     rc.set_defaults(func=_receipts)
-    se = sub.add_parser("settle", help="write a signed statement of the netted balance with PEER")
+    se = sub.add_parser("settle", help="reconcile with PEER (--bootstrap) and write a signed statement of the "
+                                       "netted balance")
     se.add_argument("peer", help="peer id, or a unique prefix as tables print it")
     se.add_argument("--home", default=str(DEFAULT_HOME / "buyer"))
     se.add_argument("--out", help="file for the signed statement (default statement-<peer>.idm)")
+    se.add_argument("--bootstrap", action="append",
+                    help="first reconcile with PEER, found through this bootstrap: deliver every ack, compare "
+                         "what both ledgers hold, and sign the list of jobs they disagree on (repeatable)")
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=_settle)
     vf = sub.add_parser("verify", help="check a signed receipt, ack, statement, dispute or offer offline")

@@ -49,6 +49,51 @@ class Statement:
                    f.hex("receipts_sha256", size=32), f.int("as_of_ms", min=0))
 
 
+DISAGREEMENT_STATUSES = ("accepted", "rejected", "unacked", "missing")
+MAX_DISAGREEMENTS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Disagreement:
+    job_id: str
+    ours: str     # the issuer's status for this job's receipt (or "missing")
+    theirs: str   # the counterparty's, as it answered a settle exchange
+    same_receipt: bool
+
+    def to_wire(self) -> list:
+        return [self.job_id, self.ours, self.theirs, self.same_receipt]
+
+    @classmethod
+    def from_wire(cls, value: Any, path: str) -> "Disagreement":
+        if not isinstance(value, list) or len(value) != 4:
+            raise DecodeError(f"{path}: expected [job_id, ours, theirs, same_receipt], got {type(value).__name__}")
+        job_id, ours, theirs, same = value
+        f = Fields({"job_id": job_id, "ours": ours, "theirs": theirs, "same": same}, path)
+        return cls(f.hex("job_id", size=16), f.str("ours", choices=DISAGREEMENT_STATUSES),
+                   f.str("theirs", choices=DISAGREEMENT_STATUSES), f.bool("same"))
+
+
+@dataclass(frozen=True, slots=True)
+class Disagreements:
+    """After a settle exchange, the jobs on which two ledgers still differ: signed by the
+    issuer, job by job, so a third party can see exactly what is contested."""
+
+    issuer: bytes
+    counterparty: bytes
+    entries: tuple[Disagreement, ...]
+    as_of_ms: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"issuer": self.issuer, "counterparty": self.counterparty,
+                "entries": [e.to_wire() for e in self.entries], "as_of_ms": self.as_of_ms}
+
+    @classmethod
+    def from_wire(cls, value: Any, path: str = "disagreements") -> "Disagreements":
+        f = Fields(value, path)
+        return cls(f.bytes("issuer", size=32), f.bytes("counterparty", size=32),
+                   tuple(f.list("entries", Disagreement.from_wire, max_len=MAX_DISAGREEMENTS)), f.int("as_of_ms", min=0))
+
+
 @dataclass(frozen=True, slots=True)
 class Dispute:
     """A buyer's claim that a provider's output disagrees with a second provider's."""
@@ -123,6 +168,14 @@ def sign_statement(key: SigningKey, statement: Statement) -> bytes:
     return _sign(key, "statement", statement)
 
 
+def sign_disagreements(key: SigningKey, disagreements: Disagreements) -> bytes:
+    return _sign(key, "disagreements", disagreements)
+
+
+def open_disagreements(data: bytes) -> tuple[Envelope, Disagreements]:
+    return _open(data, "disagreements", Disagreements, MAX_DIGEST_BYTES * 4, "issuer")
+
+
 def sign_dispute(key: SigningKey, dispute: Dispute) -> bytes:
     return _sign(key, "dispute", dispute)
 
@@ -157,13 +210,13 @@ def receipts_digest(body_sha256s: list[str]) -> str:
 
 OPENERS = {
     "receipt": open_receipt, "receipt-ack": open_receipt_ack, "statement": open_statement,
-    "dispute": open_dispute, "reputation": open_reputation,
+    "dispute": open_dispute, "reputation": open_reputation, "disagreements": open_disagreements,
 }
 
 
 def open_any(data: bytes, *, now_ms: int) -> tuple[str, Envelope, Any]:
     """Verify any signed idlemesh message; (type, envelope, message) or DecodeError/SignatureError."""
-    raw = codec.decode(data, max_bytes=max(MAX_OFFER_BYTES, MAX_DIGEST_BYTES, MAX_RECEIPT_BYTES), what="envelope")
+    raw = codec.decode(data, max_bytes=max(MAX_OFFER_BYTES, MAX_DIGEST_BYTES * 4, MAX_RECEIPT_BYTES), what="envelope")
     kind = Fields(raw, "envelope").str("type", max_len=64)
     if kind == "offer":
         # An offer is also checked for its validity window, against the caller's clock.
@@ -176,6 +229,6 @@ def open_any(data: bytes, *, now_ms: int) -> tuple[str, Envelope, Any]:
     return kind, env, message
 
 
-__all__ = ["Statement", "Dispute", "ReputationDigest", "ReputationEntry", "Receipt", "ReceiptAck",
+__all__ = ["Statement", "Disagreement", "Disagreements", "sign_disagreements", "open_disagreements", "Dispute", "ReputationDigest", "ReputationEntry", "Receipt", "ReceiptAck",
            "sign_statement", "sign_dispute", "sign_reputation", "open_statement", "open_dispute",
            "open_reputation", "open_any", "receipts_digest"]

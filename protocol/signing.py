@@ -31,6 +31,7 @@ DOMAINS: dict[str, bytes] = {
     "receipt-ack": b"idlemesh/v1/receipt-ack\x00",
     "statement": b"idlemesh/v1/statement\x00",
     "dispute": b"idlemesh/v1/dispute\x00",
+    "disagreements": b"idlemesh/v1/disagreements\x00",
     "reputation": b"idlemesh/v1/reputation\x00",
 }
 
