@@ -182,6 +182,7 @@ class Chaos:
 
     async def run(self, schedule: Schedule) -> dict:
         report = {"schedule": schedule.to_json(), "fired": [], "resumes": 0, "healed": []}
+        first_event = len(self.events)
         fault_env = {"IDLEMESH_FAULT": f"{schedule.point}:{schedule.action}"} if schedule.point else {}
         if schedule.point and schedule.who == "provider":
             for child in self.net.providers:  # whichever provider the job lands on
@@ -204,7 +205,7 @@ class Chaos:
         if summary and "jobs" in summary:
             for job in summary["jobs"]:
                 report["jobs"][job["state"]] = report["jobs"].get(job["state"], 0) + 1
-        report["fired"] = [e for _, e in self.events if e.get("event") == "fault"]
+        report["fired"] = [e for _, e in self.events[first_event:] if e.get("event") == "fault"]
         report["reconciled"] = [await self.reconcile(child) for child in self.net.providers]
         report["violations"] = violations([self.buyer_home], [c.home for c in self.net.providers])
         return report

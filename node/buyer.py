@@ -29,7 +29,7 @@ from .identity import load_key
 from .journal import Journal
 from .reputation import own_digest, provider_scores
 from .settle import settle_with
-from .ledger import Ledger, LedgerError
+from .ledger import Ledger, LedgerError, LedgerWriter
 from .offers import OfferBook
 from .net import OpenNetwork, StreamClosed
 from .p2p import open_p2p_node
@@ -146,8 +146,11 @@ class Buyer:
             except ValueError as exc:
                 raise SubmitError(f"bootstrap {exc}") from None
         self.seed, self.key = load_key(spec.home)
-        self.ledger = Ledger(spec.home / "ledger.sqlite", self.key.public_key)
-        self.journal = Journal(spec.home)
+        self.ledger = Ledger(spec.home / "ledger.sqlite", self.key.public_key)  # reads, on the trio thread
+        self.writer = LedgerWriter(spec.home / "ledger.sqlite", self.key.public_key,
+                                   offload=lambda fn, *args: self.offload(fn, *args))
+        self.journal = Journal(spec.home, any_thread=True)
+        self._journal_limiter = trio.CapacityLimiter(1)  # one journal write at a time, off the trio thread
         self.model_bytes = spec.model_path.read_bytes()
         self.model_sha = hashlib.sha256(self.model_bytes).hexdigest()
         if spec.resume:
@@ -186,7 +189,7 @@ class Buyer:
             with trio.fail_after(spec.job_timeout_s + 30):
                 async with p2p.open_stream(offer.peer_id, offer.addrs, JOB_PROTOCOL) as stream:
                     step = job.start()
-                    self.journal.sent(outcome.job_id, offer.peer_id, self.clock.now_ms())
+                    await self._io(self.journal.sent, outcome.job_id, offer.peer_id, self.clock.now_ms())
                     while True:
                         outcome.state = job.state
                         event = step.events[0] if step.events else None
@@ -207,7 +210,7 @@ class Buyer:
                         raise SubmitError(f"provider {offer.peer_id[-8:]} refused: {event.code}: {event.message}")
                     if isinstance(event, Rejected):
                         try:
-                            self.ledger.apply(event.receipt.envelope_bytes, event.ack, now_ms=self.clock.now_ms())
+                            await self.writer.apply(event.receipt.envelope_bytes, event.ack, now_ms=self.clock.now_ms())
                         except LedgerError as exc:
                             log.warning("rejected receipt not recorded: %s", exc)
                         for payload in step.send:
@@ -220,7 +223,8 @@ class Buyer:
                     # job's outputs exist, and our decision is durable before it is sent.
                     fault_point("buyer-after-result")
                     out_path = self._write_outputs(outcome, event.outputs, out_dir or spec.out_dir)
-                    applied = self.ledger.apply(event.receipt.envelope_bytes, event.ack, now_ms=self.clock.now_ms())
+                    applied = await self.writer.apply(event.receipt.envelope_bytes, event.ack,
+                                                      now_ms=self.clock.now_ms())
                     if not applied.applied and (applied.status != "accepted" or self.ledger.receipt_bytes(
                             outcome.job_id)[0] != event.receipt.envelope_bytes):
                         # The ledger holds another receipt for this job (a rejected attempt,
@@ -245,7 +249,7 @@ class Buyer:
         latency_ms = (self.clock.elapsed_s() - started) * 1000
         if job.state == "delivered":
             job.settle()
-        self.journal.settled(outcome.job_id, str(out_path), self.clock.now_ms())
+        await self._io(self.journal.settled, outcome.job_id, str(out_path), self.clock.now_ms())
         outcome.state = job.state
         receipt = event.receipt.receipt
         outcome.output_path = str(out_path)
@@ -258,6 +262,12 @@ class Buyer:
             (offer.link_rtt_ms or 0.0) + receipt.queue_ms + receipt.compute_ms
         outcome.energy_source = receipt.energy_source
         outcome.price = receipt.price
+
+    async def _io(self, fn, *args):
+        """A journal write (an fsync) off the trio thread, one at a time."""
+        if self.offload is not trio.to_thread.run_sync:
+            return await self.offload(fn, *args)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._journal_limiter)
 
     async def _confirmation(self, stream, job: BuyerJob) -> None:
         """The provider's `settled` frame: it holds our ack durably, so we stop carrying
@@ -272,7 +282,7 @@ class Buyer:
         (confirmed,) = step.events
         held = self.ledger.status(job.request.job_id)
         if held is not None and held[0] == confirmed.status:
-            self.ledger.ack_delivered(job.request.job_id, confirmed.status, now_ms=self.clock.now_ms())
+            await self.writer.ack_delivered(job.request.job_id, confirmed.status, now_ms=self.clock.now_ms())
         else:
             log.warning("job %s: the provider holds %s, we hold %s; `idlemesh settle` reconciles",
                         job.request.job_id[:8], confirmed.status, held[0] if held else "nothing")
@@ -347,6 +357,7 @@ class Buyer:
                         except (StreamClosed, DecodeError) as exc:
                             log.info("final sync with %s: %s", addr, exc)
         self.ledger.close()
+        self.writer.close()
         self.journal.close()
         # Raised out here, not inside the libp2p context, so callers get it unwrapped.
         if failure:
@@ -360,7 +371,8 @@ class Buyer:
         for offer in offers:
             if offer.peer_id not in pending:
                 continue
-            report = await settle_with(p2p, self.ledger, offer.peer_id, offer.addrs, clock=self.clock)
+            report = await settle_with(p2p, self.ledger, offer.peer_id, offer.addrs, clock=self.clock,
+                                       writer=self.writer)
             reports["delivered"] += report.agreed
             reports["disagreements"] += report.disagreements
             if report.error:
@@ -456,7 +468,7 @@ class Buyer:
                         log.warning("job %s on %s: %s", jid[:8], pid[-8:], outcome.error)
                 if outcome.error:
                     outcome.state = "failed"
-                    self.journal.failed(jid, outcome.error, self.clock.now_ms())
+                    await self._io(self.journal.failed, jid, outcome.error, self.clock.now_ms())
                 if on_progress:
                     on_progress(outcome)
 

@@ -80,10 +80,11 @@ class JournalJob:
 
 
 class Journal:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, *, any_thread: bool = False):
+        """`any_thread`: writes may come from worker threads, one at a time."""
         home.mkdir(parents=True, exist_ok=True)
         self.home = home
-        self.db = sqlite3.connect(home / "jobs.sqlite", isolation_level=None)
+        self.db = sqlite3.connect(home / "jobs.sqlite", isolation_level=None, check_same_thread=not any_thread)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self._migrate()

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,9 @@ CREATE TRIGGER IF NOT EXISTS receipts_settle_once BEFORE UPDATE ON receipts
 """
 
 
+BATCHED_CALLS = frozenset({"apply", "apply_ack", "ack_delivered", "prune_results"})
+
+
 class LedgerError(ValueError):
     """A receipt or ack that does not verify or does not concern this node."""
 
@@ -108,10 +112,17 @@ class Balance:
 
 
 class Ledger:
-    def __init__(self, path: Path, own_public_key: bytes):
+    def __init__(self, path: Path, own_public_key: bytes, *, any_thread: bool = False):
+        """`any_thread`: the connection may be used from worker threads, one at a time
+        (LedgerWriter guarantees that)."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self.me = peer_id_from_public_key(own_public_key)
-        self.db = sqlite3.connect(path, isolation_level=None)
+        self._batching = False
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=not any_thread)
+        # A node reads on one connection while its LedgerWriter commits on another (WAL):
+        # a write waits for the other's lock instead of failing.
+        self.db.execute("PRAGMA busy_timeout = 10000")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -125,6 +136,51 @@ class Ledger:
             self.db.executescript(SCHEMA)
 
     # --- applying -----------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self):
+        """One transaction, or inside `apply_batch` one savepoint: a write that fails
+        changes nothing, and the others of its batch still commit."""
+        if self._batching:
+            self.db.execute("SAVEPOINT item")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK TO item")
+                self.db.execute("RELEASE item")
+                raise
+            self.db.execute("RELEASE item")
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def apply_batch(self, calls: list[tuple[str, tuple, dict]]) -> list:
+        """Several `apply` / `apply_ack` / `ack_delivered` calls in one transaction: one
+        fsync for all (group commit). Each result is the call's return value, or the
+        LedgerError it raised (that call changed nothing; the others stand)."""
+        results: list = []
+        self.db.execute("BEGIN IMMEDIATE")
+        self._batching = True
+        try:
+            for name, args, kwargs in calls:
+                if name not in BATCHED_CALLS:
+                    raise ValueError(f"{name} cannot run in a batch")
+                try:
+                    results.append(getattr(self, name)(*args, **kwargs))
+                except LedgerError as exc:
+                    results.append(exc)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        finally:
+            self._batching = False
+        return results
 
     def _check_ack(self, signed: SignedReceipt, ack_bytes: bytes) -> tuple[str, str]:
         try:
@@ -159,8 +215,7 @@ class Ledger:
         if r.price > MAX_PRICE:
             raise LedgerError(f"price {r.price} is over what one receipt may carry ({MAX_PRICE})")
         status, reason = self._check_ack(signed, ack) if ack is not None else ("unacked", "")
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             cur = self.db.execute(
                 "INSERT OR IGNORE INTO receipts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (r.job_id, role, buyer, provider, counterparty, counterparty_key, receipt, signed.body_sha256,
@@ -170,10 +225,6 @@ class Ledger:
                 self._post(r.job_id, buyer, provider, price_pico, now_ms)
             if applied and keep is not None:
                 self.db.execute("INSERT OR REPLACE INTO results VALUES (?,?,?,?)", (r.job_id, *keep))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         if not applied:
             status = self.db.execute("SELECT status FROM receipts WHERE receipt_id = ?", (r.job_id,)).fetchone()[0]
         return Applied(applied, status, r.job_id)
@@ -192,18 +243,13 @@ class Ledger:
         if row[1] != "unacked":
             return Applied(False, row[1], parsed.job_id)
         r = signed.receipt
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             cur = self.db.execute("UPDATE receipts SET ack = ?, status = ?, reason = ? "
                                   "WHERE receipt_id = ? AND status = 'unacked'", (ack, status, reason, r.job_id))
             applied = cur.rowcount == 1
             if applied and status == "accepted":
                 self._post(r.job_id, peer_id_from_public_key(r.buyer), peer_id_from_public_key(r.provider),
                            round(r.price * PICO), now_ms)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return Applied(applied, status, r.job_id)
 
     def _post(self, receipt_id: str, buyer: str, provider: str, price_pico: int, now_ms: int) -> None:
@@ -226,6 +272,10 @@ class Ledger:
     def prune_results(self, *, now_ms: int, max_bytes: int) -> int:
         """Drop results whose request expired, then the oldest acked ones over `max_bytes`;
         returns how many went. An unacked result stays until its request expires."""
+        with self._transaction():
+            return self._prune_results(now_ms, max_bytes)
+
+    def _prune_results(self, now_ms: int, max_bytes: int) -> int:
         dropped = self.db.execute("DELETE FROM results WHERE expires_at_ms <= ?", (now_ms,)).rowcount
         total = self.db.execute("SELECT COALESCE(SUM(LENGTH(frame)), 0) FROM results").fetchone()[0]
         if total > max_bytes:
@@ -246,7 +296,8 @@ class Ledger:
         return (row[0], row[1]) if row else None
 
     def ack_delivered(self, receipt_id: str, status: str, *, now_ms: int) -> None:
-        self.db.execute("INSERT OR IGNORE INTO acks_delivered VALUES (?,?,?)", (receipt_id, status, now_ms))
+        with self._transaction():
+            self.db.execute("INSERT OR IGNORE INTO acks_delivered VALUES (?,?,?)", (receipt_id, status, now_ms))
 
     def pending_acks(self, counterparty: str | None = None) -> dict[str, list[tuple[str, bytes]]]:
         """Provider peer id -> [(job id, our ack)] for acks it has not confirmed holding."""
@@ -364,3 +415,68 @@ class Ledger:
     def close(self) -> None:
         self.db.close()
 
+
+
+class LedgerWriter:
+    """The ledger's writes, off the trio thread and committed in groups.
+
+    Each write (`apply`, `apply_ack`, `ack_delivered`, `prune_results`) is awaited; the
+    first caller to find no commit in flight takes every write queued by then to a
+    worker thread and commits them in one transaction (`Ledger.apply_batch`), so the
+    event loop never waits on an fsync and concurrent jobs share one. A caller returns
+    only once its write is durable. Writes go through their own connection; reads stay
+    on the node's `Ledger` (WAL: they see every committed write)."""
+
+    def __init__(self, path: Path, own_public_key: bytes, *, offload=None):
+        import trio
+
+        self._trio = trio
+        self._ledger = Ledger(path, own_public_key, any_thread=True)
+        self._offload = offload or trio.to_thread.run_sync
+        self._queue: list[list] = []
+        self._flushing = False
+        self.commits = 0
+        self.writes = 0
+
+    async def _call(self, name: str, *args, **kwargs):
+        trio = self._trio
+        item = [name, args, kwargs, trio.Event(), None]
+        self._queue.append(item)
+        if not self._flushing:
+            self._flushing = True
+            try:
+                # Shielded: once writes are taken, they finish and their waiters hear.
+                with trio.CancelScope(shield=True):
+                    while self._queue:
+                        batch, self._queue = self._queue, []
+                        try:
+                            results = await self._offload(self._ledger.apply_batch, [(n, a, k) for n, a, k, _, _ in batch])
+                        except Exception as exc:  # noqa: BLE001 - the disk failed: every waiter of this batch hears it
+                            results = [exc] * len(batch)
+                        self.commits += 1
+                        self.writes += len(batch)
+                        for waiting, result in zip(batch, results):
+                            waiting[4] = result
+                            waiting[3].set()
+            finally:
+                self._flushing = False
+        await item[3].wait()
+        if isinstance(item[4], BaseException):
+            raise item[4]
+        return item[4]
+
+    async def apply(self, receipt: bytes, ack: bytes | None, *, now_ms: int,
+                    keep: tuple[bytes, bytes, int] | None = None) -> Applied:
+        return await self._call("apply", receipt, ack, now_ms=now_ms, keep=keep)
+
+    async def apply_ack(self, ack: bytes, *, now_ms: int) -> Applied:
+        return await self._call("apply_ack", ack, now_ms=now_ms)
+
+    async def ack_delivered(self, receipt_id: str, status: str, *, now_ms: int) -> None:
+        return await self._call("ack_delivered", receipt_id, status, now_ms=now_ms)
+
+    async def prune_results(self, *, now_ms: int, max_bytes: int) -> int:
+        return await self._call("prune_results", now_ms=now_ms, max_bytes=max_bytes)
+
+    def close(self) -> None:
+        self._ledger.close()

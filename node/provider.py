@@ -35,7 +35,7 @@ from .faults import fault_point
 from .clock import SYSTEM_CLOCK, Clock
 from .gossip import SYNC_TIMEOUT_S, TRACE_OFFERS, OfferGossip, emit
 from .identity import load_key
-from .ledger import Ledger, LedgerError
+from .ledger import Ledger, LedgerError, LedgerWriter
 from .metrics import NodeMetrics
 from .offers import OfferBook
 from .net import OpenNetwork, Stream, StreamClosed
@@ -80,7 +80,12 @@ class Provider:
         # A simulated device's energy follows its profile; metering this machine would mislabel it.
         self.meter = None if self.simulated else probe_meter(
             want_gpu=self.executor.execution_provider == "CUDAExecutionProvider")
-        self.ledger = Ledger(config.home / "ledger.sqlite", self.key.public_key)
+        self.ledger = Ledger(config.home / "ledger.sqlite", self.key.public_key)  # reads, on the trio thread
+        # Where blocking work runs (ledger commits): a worker thread; a MockClock test
+        # runs it inline, since MockClock would jump while a thread works.
+        self.offload = trio.to_thread.run_sync
+        self.writer = LedgerWriter(config.home / "ledger.sqlite", self.key.public_key,
+                                   offload=lambda fn, *args: self.offload(fn, *args))
         self.models: list[ModelCapability] = []
         self.profile: Profile | None = None
         self.power: PowerFigures | None = None
@@ -473,9 +478,9 @@ class Provider:
         # crash from here on loses neither, and a resubmission of the job, before or after
         # a restart, gets these same bytes back until the request expires.
         now = self.clock.now_ms()
-        self.ledger.apply(job.receipt.envelope_bytes, None, now_ms=now,
+        await self.writer.apply(job.receipt.envelope_bytes, None, now_ms=now,
                           keep=(request.buyer, step.send[0], max(request.expires_at_ms, now + MIN_KEEP_RESULT_MS)))
-        self.ledger.prune_results(now_ms=now, max_bytes=KEPT_RESULTS_BYTES)
+        await self.writer.prune_results(now_ms=now, max_bytes=KEPT_RESULTS_BYTES)
         self.jobs_done += 1
         self.metrics.jobs.labels("completed").inc()
         self.metrics.compute_seconds.inc(compute_ms / 1000)
@@ -492,7 +497,7 @@ class Provider:
         fault_point("provider-before-ack")
         (acknowledged,) = (await self._receive(stream, job, timeout_s=self.config.ack_timeout_s)).events
         try:
-            applied = self.ledger.apply_ack(acknowledged.ack, now_ms=self.clock.now_ms())
+            applied = await self.writer.apply_ack(acknowledged.ack, now_ms=self.clock.now_ms())
         except LedgerError as exc:
             self.count("bad-ack", peer, exc)  # our receipt stays, unacked
             return
@@ -526,7 +531,7 @@ class Provider:
         entries, named = [], set()
         for ack in request.acks:
             try:
-                applied = self.ledger.apply_ack(ack, now_ms=self.clock.now_ms())
+                applied = await self.writer.apply_ack(ack, now_ms=self.clock.now_ms())
             except LedgerError as exc:
                 self.count("bad-ack", peer, exc)
                 continue
@@ -555,6 +560,7 @@ class Provider:
                     break
             nursery.cancel_scope.cancel()
         self.ledger.close()
+        self.writer.close()
         (self.config.home / STATUS_NAME).unlink(missing_ok=True)
         emit("stopped", role="provider", counters=self.counters)
         return signum

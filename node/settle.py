@@ -21,7 +21,7 @@ from protocol.stream import MAX_SETTLE_ENTRIES, SettleAcks, decode_message, enco
 from protocol.topics import SETTLE_PROTOCOL
 
 from .clock import SYSTEM_CLOCK, Clock
-from .ledger import Ledger
+from .ledger import Ledger, LedgerWriter
 from .net import Network, StreamClosed
 
 log = logging.getLogger("idlemesh.settle")
@@ -43,7 +43,8 @@ class SettleReport:
 
 
 async def settle_with(p2p: Network, ledger: Ledger, peer_id: str, addrs, *, everything: bool = False,
-                      clock: Clock = SYSTEM_CLOCK) -> SettleReport:
+                      clock: Clock = SYSTEM_CLOCK, writer: LedgerWriter | None = None) -> SettleReport:
+    """`writer`: where our own writes go (off the trio thread); without one, `ledger`."""
     report = SettleReport(peer_id)
     if everything:
         rows = ledger.db.execute("SELECT receipt_id, ack FROM receipts WHERE role = 'buyer' AND counterparty = ? "
@@ -68,7 +69,10 @@ async def settle_with(p2p: Network, ledger: Ledger, peer_id: str, addrs, *, ever
             entry = theirs.get(job_id)
             if ours is not None and entry is not None and (entry.status, entry.receipt_sha256) == ours:
                 report.agreed += 1
-                ledger.ack_delivered(job_id, ours[0], now_ms=clock.now_ms())
+                if writer is not None:
+                    await writer.ack_delivered(job_id, ours[0], now_ms=clock.now_ms())
+                else:
+                    ledger.ack_delivered(job_id, ours[0], now_ms=clock.now_ms())
             else:
                 report.disagreements.append({
                     "job_id": job_id, "ours": ours[0] if ours else "missing",

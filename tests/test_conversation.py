@@ -70,13 +70,14 @@ def make_provider(tmp_path, name: str, network: MemoryNetwork, clock, bootstrap:
                             arch="x86_64", speed_factor=2.0, price_per_s=0.01, offer_ttl_s=60.0,
                             ack_timeout_s=ack_timeout_s)
     provider = Provider(config, clock=clock, open_network=network.open_node, executor=FakeExecutor())
+    provider.offload = _inline  # no worker thread: MockClock would jump while it runs
     provider.models = [ModelCapability("fake", MODEL_SHA, items_per_s, "simulated")]
     provider.power = PowerFigures(5.0, "simulated", 5.0 + marginal_w, "simulated", marginal_w, "simulated")
     return provider
 
 
-async def _inline(fn):
-    return fn()
+async def _inline(fn, *args):
+    return fn(*args)
 
 
 def make_buyer(tmp_path, network: MemoryNetwork, clock, bootstrap: str, *, count: int = 6,
@@ -365,7 +366,11 @@ async def test_a_buyer_slower_than_the_ack_timeout_settles_by_a_late_ack(tmp_pat
         nursery.cancel_scope.cancel()
 
 
-async def test_a_provider_that_restarts_between_result_and_ack_settles_on_the_next_meeting(tmp_path, autojump_clock):
+async def test_a_provider_that_restarts_between_result_and_ack_settles_on_the_next_meeting(tmp_path, autojump_clock,
+                                                                                          monkeypatch):
+    result_sent = trio.Event()
+    monkeypatch.setattr("node.provider.fault_point",
+                        lambda name: result_sent.set() if name == "provider-before-ack" else None)
     async with trio.open_nursery() as nursery:
         market = Market(tmp_path, nursery)
         boot = await market.start_bootstrap()
@@ -378,7 +383,7 @@ async def test_a_provider_that_restarts_between_result_and_ack_settles_on_the_ne
             results["first"] = await buyer.run()
 
         nursery.start_soon(submit)
-        await a.executor.finished.wait()
+        await result_sent.wait()
         market.stop("a")  # its result is sent, its ack not yet received
         while "first" not in results:
             await trio.sleep(1)
@@ -388,6 +393,7 @@ async def test_a_provider_that_restarts_between_result_and_ack_settles_on_the_ne
         assert ledger_rows(a.ledger)[outcome.job_id][0] == "unacked"
         # `a` comes back with the same home; the buyer's next batch delivers the ack first.
         a.ledger.close()
+        a.writer.close()
         again = await market.start_provider("a", boot, marginal_w=10.0)
         second = make_buyer(tmp_path, market.network, market.clock, boot, count=1)
         outcomes, summary = await second.run()
@@ -425,4 +431,43 @@ async def test_a_buyer_gone_mid_upload_can_submit_the_same_job_again_at_once(tmp
                     step = job.receive(await stream.receive(max_bytes=job.max_frame_bytes, timeout_s=60),
                                        now_ms=market.clock.now_ms())
         assert job.state == "delivered", job.error
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_result_kept_across_a_provider_restart_is_fetched_on_resume_not_run_again(tmp_path, autojump_clock):
+    """The provider dies after its receipt and result are durable but before it sent
+    them: the batch fails there; on `--resume` the restarted provider answers the same
+    job with the stored bytes, without running it again."""
+    from node.buyer import resume_spec
+
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        a = await market.start_provider("a", boot, marginal_w=10.0)
+        buyer = make_buyer(tmp_path, market.network, market.clock, boot, count=1)
+        results = {}
+
+        async def submit():
+            results["first"] = await buyer.run()
+
+        nursery.start_soon(submit)
+        await a.executor.finished.wait()
+        market.stop("a")  # cancelled at its next checkpoint: the commit of receipt and result
+        while "first" not in results:
+            await trio.sleep(1)
+        (outcome,), _ = results["first"]
+        assert outcome.state == "failed"
+        kept = a.ledger.kept_result(outcome.job_id, now_ms=market.clock.now_ms())
+        assert kept is not None and kept[0] == buyer.key.public_key
+        a.ledger.close()
+        a.writer.close()
+        again = await market.start_provider("a", boot, marginal_w=10.0)
+        spec = resume_spec(tmp_path / "buyer", [boot], "latest", job_timeout_s=60.0)
+        resumed = Buyer(spec, clock=market.clock, open_network=market.network.open_node)
+        resumed.offload = _inline
+        (outcome,), summary = await resumed.run()
+        assert outcome.state == "settled" and summary["resumed"]
+        np.testing.assert_allclose(outputs_of(outcome), INPUT @ WEIGHTS, rtol=1e-6)
+        assert again.executor.runs == 0  # fetched, not run again
+        agree(resumed, again)
         nursery.cancel_scope.cancel()

@@ -129,16 +129,17 @@ async def test_flood_of_bad_input_is_counted_and_honest_jobs_still_settle(tmp_pa
                 await stream.send(encode_message(SubmitJob(request)))
                 reply = decode_message(await stream.receive(max_bytes=1 << 16, timeout_s=10),
                                        max_bytes=1 << 16, expect=("need-model",))
-            # ... we hung up instead of sending the model (counted as stream-closed)
+            # ... we hung up instead of sending the model (counted as stream-closed). The
+            # same job may come again at once (a buyer that crashed mid-upload): the
+            # provider asks for the model again, it does not call it a replay.
             async with p2p.open_stream(*target, JOB_PROTOCOL) as stream:
                 await stream.send(encode_message(SubmitJob(request)))
                 reply = decode_message(await stream.receive(max_bytes=1 << 16, timeout_s=10),
-                                       max_bytes=1 << 16, expect=("error",))
-                assert reply.code == "replay"
+                                       max_bytes=1 << 16, expect=("need-model",))
             refused = await _collect(child, "refused", sent["frames"] + 3 + 2)
             codes = [e["code"] for e in refused]
-            assert set(codes) <= {"bad-request", "rate-limited", "bad-offer", "stream-closed", "replay"}, codes
-            assert codes.count("bad-offer") == 3 and codes.count("replay") == 1
+            assert set(codes) <= {"bad-request", "rate-limited", "bad-offer", "stream-closed"}, codes
+            assert codes.count("bad-offer") == 3 and codes.count("stream-closed") >= 2
             # Honest work still goes through while the half-open streams hang on.
             spec = SubmitSpec(model_path=MODEL, inputs={"data_0": input_array}, count=2,
                               bootstrap=[net.bootstrap_addr], home=tmp_path / "buyer", out_dir=tmp_path / "out")
