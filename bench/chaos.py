@@ -55,7 +55,8 @@ async def main(schedules: int, seed: int, providers: int, jobs: int, root: Path)
         "bench": "chaos", "seed": seed, "schedules": schedules, "providers": providers, "jobs_per_batch": jobs,
         "wall_s": round(time.perf_counter() - started, 1),
         "faults_scheduled": sum(len(r["schedule"]["timed"]) + bool(r["schedule"]["point"]) for r in reports),
-        "aimed_faults_fired": len({(e["point"], e["pid"]) for e in fired}),
+        "fault_points_fired": len(fired),  # processes that stopped or died at an aimed point
+        "timed_faults_fired": sum(len(r["timed_fired"]) for r in reports),
         "jobs": {state: sum(r["jobs"].get(state, 0) for r in reports) for state in ("settled", "failed")},
         "resumes": sum(r["resumes"] for r in reports),
         "batches_unfinished": sum(1 for r in reports if r["final_exit"] != 0),

@@ -72,6 +72,7 @@ class Chaos:
         self.model, self.upload_model, self.inputs, self.jobs = model, upload_model, inputs, jobs
         self.buyer_home = root / "buyer"
         self.events: list[tuple[str, dict]] = []
+        self.timed_fired: list[dict] = []  # timed faults that found their target running
         self._new_event = trio.Event()
         for child in net.children:
             self._drain(child)
@@ -174,6 +175,7 @@ class Chaos:
             process = buyer_process if fault["target"] == "buyer" else self.child(fault["target"]).process
             if process.returncode is not None:
                 continue
+            self.timed_fired.append(dict(fault))
             if fault["action"] == "kill":
                 process.kill()
             else:
@@ -182,7 +184,7 @@ class Chaos:
 
     async def run(self, schedule: Schedule) -> dict:
         report = {"schedule": schedule.to_json(), "fired": [], "resumes": 0, "healed": []}
-        first_event = len(self.events)
+        first_event, first_timed = len(self.events), len(self.timed_fired)
         fault_env = {"IDLEMESH_FAULT": f"{schedule.point}:{schedule.action}"} if schedule.point else {}
         if schedule.point and schedule.who == "provider":
             for child in self.net.providers:  # whichever provider the job lands on
@@ -206,6 +208,7 @@ class Chaos:
             for job in summary["jobs"]:
                 report["jobs"][job["state"]] = report["jobs"].get(job["state"], 0) + 1
         report["fired"] = [e for _, e in self.events[first_event:] if e.get("event") == "fault"]
+        report["timed_fired"] = self.timed_fired[first_timed:]
         report["reconciled"] = [await self.reconcile(child) for child in self.net.providers]
         report["violations"] = violations([self.buyer_home], [c.home for c in self.net.providers])
         return report
