@@ -325,3 +325,15 @@ def test_reordered_and_duplicated_provider_frames(order, duplicate, at):
         except DecodeError:
             assert not legal
         assert buyer.state == expected
+
+
+def test_a_signed_list_of_disagreements_reads_back_with_verify():
+    from protocol.settlement import Disagreement, Disagreements, open_any, sign_disagreements
+
+    listed = Disagreements(BUYER.public_key, PROVIDER.public_key,
+                           (Disagreement(JOB_ID, "accepted", "unacked", True),), NOW)
+    kind, envelope, message = open_any(sign_disagreements(BUYER, listed), now_ms=NOW)
+    assert (kind, envelope.signer, message) == ("disagreements", BUYER.public_key, listed)
+    forged = sign_disagreements(STRANGER, listed)  # signed by someone who is not the issuer
+    with pytest.raises(DecodeError, match="disagreements.issuer: is not the key that signed it"):
+        open_any(forged, now_ms=NOW)

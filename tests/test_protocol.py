@@ -19,7 +19,8 @@ from protocol.messages import (
 )
 from protocol.signing import SigningKey, open_envelope, peer_id_from_public_key
 from protocol.stream import (
-    Accepted, JobError, JobResult, ModelBlob, NeedModel, OfferSync, SubmitJob, decode_message, encode_message,
+    Accepted, HeldReceipt, JobError, JobResult, ModelBlob, NeedModel, OfferSync, SettleAcks, SettleHeld, Settled,
+    SubmitJob, decode_message, encode_message,
 )
 from protocol.tensors import Tensor, tensors_sha256
 
@@ -66,10 +67,16 @@ def test_job_request_receipt_and_ack_round_trip():
     assert open_receipt_ack(sign_receipt_ack(BUYER, ack))[1] == ack
 
 
+EVERY_KIND = ("submit", "need-model", "model", "accepted", "result", "error", "ack", "offers", "settled",
+              "settle-acks", "settle-held")
+
+
 def test_stream_messages_round_trip():
     t = Tensor.from_array("y", np.ones((2, 3), dtype=np.float32))
     for msg in (SubmitJob(b"x"), NeedModel("ab" * 32), ModelBlob("ab" * 32, b"onnx"), Accepted("0f" * 16, 2),
-                JobResult("0f" * 16, (t,), b"r"), JobError("busy", "later"), OfferSync((b"a", b"b"))):
+                JobResult("0f" * 16, (t,), b"r"), JobError("busy", "later"), OfferSync((b"a", b"b")),
+                Settled("0f" * 16, "accepted"), SettleAcks((b"ack1", b"ack2")),
+                SettleHeld((HeldReceipt("0f" * 16, "ab" * 32, "unacked"),), (HeldReceipt("1f" * 16, "", "missing"),))):
         assert decode_message(encode_message(msg), max_bytes=1 << 20, expect=(msg.kind,)) == msg
 
 
@@ -157,7 +164,7 @@ def test_frame_cap_and_ext_types_refused():
 def test_garbage_bytes_give_decode_error_only(data):
     for opener in (lambda b: open_offer(b, now_ms=NOW), open_job_request, open_receipt, open_receipt_ack,
                    open_statement, open_dispute, open_reputation, lambda b: open_any(b, now_ms=NOW),
-                   lambda b: decode_message(b, max_bytes=4096, expect=("submit", "offers", "result", "error"))):
+                   lambda b: decode_message(b, max_bytes=4096, expect=EVERY_KIND)):
         try:
             opener(data)
         except DecodeError:
@@ -179,7 +186,7 @@ def test_well_formed_but_wrong_msgpack_gives_decode_error_only(value):
     data = msgpack.packb(value, use_bin_type=True)
     for opener in (lambda b: open_offer(b, now_ms=NOW), open_receipt, open_statement, open_reputation,
                    lambda b: open_any(b, now_ms=NOW),
-                   lambda b: decode_message(b, max_bytes=4096, expect=("submit", "offers", "result", "error"))):
+                   lambda b: decode_message(b, max_bytes=4096, expect=EVERY_KIND)):
         try:
             opener(data)
         except DecodeError:
@@ -241,3 +248,15 @@ def test_mutated_settlement_bodies_give_decode_error_only(kind, field, value):
     # and the untouched message verifies, signed the normal way
     sign = {"statement": sign_statement, "dispute": sign_dispute, "reputation": sign_reputation}[kind]
     assert open_any(sign(key, messages[kind]), now_ms=NOW)[0] == kind
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(EVERY_KIND), st.dictionaries(st.sampled_from(
+    ["job_id", "status", "acks", "entries", "unnamed", "sha256", "data", "queue_position", "outputs", "receipt",
+     "code", "message", "ack", "offers", "digests", "request"]), msgpack_values, max_size=4))
+def test_every_frame_kind_with_wrong_fields_gives_decode_error_only(kind, fields):
+    data = codec.encode({**fields, "kind": kind}) if all(isinstance(k, str) for k in fields) else b""
+    try:
+        decode_message(data, max_bytes=1 << 16, expect=EVERY_KIND)
+    except DecodeError:
+        pass
