@@ -374,7 +374,7 @@ class Provider:
         frames are legal, checks the request and the price, and signs the receipt; here
         we decide whether to sell, move the bytes, run the model and persist."""
         peer = stream.remote_peer_id
-        job = ProviderJob.create(self.key)
+        job = ProviderJob.create(self.key, peer_id=peer)
         if not self._job_limit.allow(peer, self.clock.elapsed_s()):
             with trio.move_on_after(READ_TIMEOUT_S):
                 await self._refuse(stream, job, peer, "rate-limited", "too many job streams from this peer; slow down")

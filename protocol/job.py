@@ -37,7 +37,7 @@ from .messages import (
     MAX_REQUEST_BYTES, JobRequest, Receipt, ReceiptAck, SignedReceipt, check_window, open_job_request,
     open_receipt_ack, sign_job_request, sign_receipt, sign_receipt_ack,
 )
-from .signing import SigningKey
+from .signing import SigningKey, peer_id_from_public_key
 from .stream import (
     MAX_CONTROL_FRAME_BYTES, MAX_MODEL_BYTES, Accepted, Ack, JobError, JobResult, ModelBlob, NeedModel, Settled,
     StreamMessage, SubmitJob, decode_message, encode_message,
@@ -276,14 +276,17 @@ class ProviderJob(_Machine):
     """The provider's side of one job stream."""
 
     key: SigningKey = None  # type: ignore[assignment]
+    peer_id: str | None = None  # the connection's peer: a request must be signed by it
     request: JobRequest | None = None
     model_asked: bool = False
     receipt: SignedReceipt | None = None
     error_sent: bool = False
 
     @classmethod
-    def create(cls, key: SigningKey) -> "ProviderJob":
-        return cls(role="provider", state="pending", key=key)
+    def create(cls, key: SigningKey, *, peer_id: str | None = None) -> "ProviderJob":
+        """`peer_id`: the authenticated peer of the stream; a request signed by any other
+        key is refused, so results (kept ones included) go only to the job's buyer."""
+        return cls(role="provider", state="pending", key=key, peer_id=peer_id)
 
     @property
     def expects(self) -> tuple[str, ...]:
@@ -323,6 +326,8 @@ class ProviderJob(_Machine):
             raise self._peer_broke(f"submit: {exc}") from None
         self._move("send")
         self.request = request
+        if self.peer_id is not None and peer_id_from_public_key(request.buyer) != self.peer_id:
+            return self.refuse("bad-request", "the request is signed by another key than this connection's")
         if request.provider != self.key.public_key:
             return self.refuse("wrong-provider", "job is addressed to another provider")
         try:

@@ -337,3 +337,13 @@ def test_a_signed_list_of_disagreements_reads_back_with_verify():
     forged = sign_disagreements(STRANGER, listed)  # signed by someone who is not the issuer
     with pytest.raises(DecodeError, match="disagreements.issuer: is not the key that signed it"):
         open_any(forged, now_ms=NOW)
+
+
+def test_a_request_binds_to_the_connection_that_sends_it():
+    """A stranger replaying the buyer's signed request gets a refusal, never the result."""
+    request = encode_message(SubmitJob(sign_job_request(BUYER, make_request())))
+    stranger_side = ProviderJob.create(PROVIDER, peer_id=STRANGER.peer_id)
+    step = stranger_side.receive(request, now_ms=NOW)
+    assert step.events[0].code == "bad-request" and stranger_side.state == "failed"
+    buyer_side = ProviderJob.create(PROVIDER, peer_id=BUYER.peer_id)
+    assert isinstance(buyer_side.receive(request, now_ms=NOW).events[0], JobRequested)
