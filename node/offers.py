@@ -23,10 +23,16 @@ class OfferBook:
         self.rejected = 0
 
     def open(self, signed: bytes, *, now_ms: int) -> Offer | None:
-        """The offer if its signature and validity window check out, else None (counted)."""
+        """The offer if its signature, validity window and addresses check out, else None
+        (counted): an offer a buyer could not dial never enters a book."""
+        from .p2p import check_offer_addr
+
         try:
-            return open_offer(signed, now_ms=now_ms)
-        except DecodeError as exc:
+            offer = open_offer(signed, now_ms=now_ms)
+            for addr in offer.addrs:
+                check_offer_addr(addr, offer.peer_id)
+            return offer
+        except (DecodeError, ValueError) as exc:
             self.rejected += 1
             log.info("dropped offer: %s", exc)
             return None

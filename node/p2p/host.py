@@ -360,6 +360,18 @@ def check_peer_addr(addr: str) -> str:
         raise ValueError(f"address {addr!r} is not a valid multiaddr with a peer id") from None
 
 
+def check_offer_addr(addr: str, peer_id: str) -> None:
+    """An address in an offer must parse, and name no other peer than the offer's;
+    ValueError otherwise (the offer is dropped before it enters any book)."""
+    try:
+        maddr = multiaddr.Multiaddr(addr)
+        named = info_from_p2p_addr(maddr).peer_id.to_base58() if "/p2p/" in addr else peer_id
+    except Exception:  # noqa: BLE001 - multiaddr and the peer id parser raise many types
+        raise ValueError(f"address {addr[:200]!r} is not a valid multiaddr") from None
+    if named != peer_id:
+        raise ValueError(f"address {addr[:200]!r} names another peer than the offer's")
+
+
 class ListenError(Exception):
     """A listen address that cannot be used; the message says which and why."""
 
@@ -429,7 +441,10 @@ def _keep_own_and_connected_peers(host) -> None:
 
 
 def _peer_info(peer_id: str | None, addr: str) -> PeerInfo:
-    maddr = multiaddr.Multiaddr(addr)
+    try:
+        maddr = multiaddr.Multiaddr(addr)
+    except Exception:  # noqa: BLE001 - the multiaddr parser raises many types
+        raise DecodeError(f"address {addr[:200]!r} is not a valid multiaddr") from None
     if "/p2p/" in addr:
         info = info_from_p2p_addr(maddr)
         if peer_id is not None and info.peer_id.to_base58() != peer_id:
