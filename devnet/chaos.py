@@ -200,7 +200,9 @@ class Chaos:
         # fetched from the provider that ran it).
         while rc != 0 and report["resumes"] < MAX_RESUMES:
             report["resumes"] += 1
-            rc, summary = await self._buyer(schedule, resume=True, env={})
+            # A batch the buyer journalled is resumed; one it never got to journal (it
+            # died first, or could not reach the bootstrap) is submitted again.
+            rc, summary = await self._buyer(schedule, resume=_has_unfinished(self.buyer_home), env={})
             report["healed"] += await self.heal()
         report["final_exit"] = rc
         report["jobs"] = {}
@@ -225,6 +227,18 @@ class Chaos:
             return json.loads(done.stdout)
         except ValueError:
             return {"peer": provider.ready.get("peer_id"), "exit": done.returncode}
+
+
+def _has_unfinished(home: Path) -> bool:
+    from node.journal import Journal
+
+    if not (home / "jobs.sqlite").exists():
+        return False
+    journal = Journal(home)
+    try:
+        return journal.latest_unfinished() is not None
+    finally:
+        journal.close()
 
 
 async def _continue_later(process, after_s: float) -> None:
