@@ -122,7 +122,8 @@ class Chaos:
         return [sys.executable, "-m", "node.cli", "submit", str(model), "--input", str(self.inputs),
                 "--count", str(self.jobs), "--out", str(self.root / "out"), *common]
 
-    async def _buyer(self, schedule: Schedule, resume: bool, env: dict[str, str]) -> tuple[int, dict | None]:
+    async def _buyer(self, schedule: Schedule, resume: bool, env: dict[str, str],
+                     faults: bool = False) -> tuple[int, dict | None]:
         import os
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
         full_env.pop("IDLEMESH_FAULT", None)
@@ -138,7 +139,7 @@ class Chaos:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read)
-            if not resume:
+            if faults:  # the schedule's faults fire during its first run only
                 nursery.start_soon(self._timed_faults, schedule, process)
                 if schedule.point and schedule.who == "buyer" and schedule.action == "stop":
                     nursery.start_soon(self._continue_after_ack_timeout, process)
@@ -189,7 +190,8 @@ class Chaos:
         if schedule.point and schedule.who == "provider":
             for child in self.net.providers:  # whichever provider the job lands on
                 await self.restart(child.name, env=fault_env)
-        rc, summary = await self._buyer(schedule, resume=False, env=fault_env if schedule.who == "buyer" else {})
+        rc, summary = await self._buyer(schedule, resume=False, env=fault_env if schedule.who == "buyer" else {},
+                                        faults=True)
         report["first_exit"] = rc
         if schedule.point and schedule.who == "provider":
             for child in self.net.providers:  # the fault is spent or not: run clean from here
@@ -203,8 +205,12 @@ class Chaos:
             # A batch the buyer journalled is resumed; one it never got to journal (it
             # died first, or could not reach the bootstrap) is submitted again.
             rc, summary = await self._buyer(schedule, resume=_has_unfinished(self.buyer_home), env={})
+            if summary and "error" in summary:
+                report.setdefault("errors", []).append(summary["error"])
             report["healed"] += await self.heal()
         report["final_exit"] = rc
+        if summary and "error" in summary:
+            report["error"] = summary["error"]
         report["jobs"] = {}
         if summary and "jobs" in summary:
             for job in summary["jobs"]:
