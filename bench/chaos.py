@@ -40,7 +40,9 @@ async def main(schedules: int, seed: int, providers: int, jobs: int, root: Path)
     async with open_devnet(providers, root=root / "net", extra_args=extra) as net:
         async with trio.open_nursery() as nursery:
             chaos = Chaos(net, root, nursery, model=reference_model_path("squeezenet"),
-                          upload_model=seeded_model_path("squeezenet", seed=7, directory=root), inputs=inputs,
+                          upload_model=lambda name: seeded_model_path(
+                              "squeezenet", seed=1000 + int(name.rsplit("-", 1)[1]), directory=root / name),
+                          inputs=inputs,
                           jobs=jobs)
             for index in range(schedules):
                 schedule = random_schedule(rng, index, providers)

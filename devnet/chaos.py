@@ -66,7 +66,7 @@ class Chaos:
     """Runs schedules one after another against one devnet, keeping every node's events
     drained (a full pipe would stall a node) and restarting what a schedule killed."""
 
-    def __init__(self, net: Devnet, root: Path, nursery: trio.Nursery, *, model: Path, upload_model: Path,
+    def __init__(self, net: Devnet, root: Path, nursery: trio.Nursery, *, model: Path, upload_model,
                  inputs: Path, jobs: int = 4):
         self.net, self.root, self.nursery = net, root, nursery
         self.model, self.upload_model, self.inputs, self.jobs = model, upload_model, inputs, jobs
@@ -118,7 +118,8 @@ class Chaos:
                   "--job-timeout-s", "20"]
         if resume:
             return [sys.executable, "-m", "node.cli", "submit", "--resume", *common]
-        model = self.upload_model if schedule.upload else self.model
+        # A model no provider holds yet (a fresh one per schedule), so it is uploaded.
+        model = self.upload_model(schedule.name) if schedule.upload else self.model
         return [sys.executable, "-m", "node.cli", "submit", str(model), "--input", str(self.inputs),
                 "--count", str(self.jobs), "--out", str(self.root / "out"), *common]
 

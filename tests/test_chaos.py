@@ -23,7 +23,7 @@ async def test_faults_aimed_at_every_settlement_window_leave_no_violation(tmp_pa
             async with trio.open_nursery() as nursery:
                 chaos = Chaos(net, tmp_path, nursery, model=reference_model_path("squeezenet"),
                               # the same architecture with other weights: no provider holds it
-                              upload_model=seeded_model_path("squeezenet", seed=7, directory=tmp_path),
+                              upload_model=lambda name: seeded_model_path("squeezenet", seed=7, directory=tmp_path),
                               inputs=inputs, jobs=3)
                 for point, action, who in AIMED:
                     schedule = Schedule(point, point=point, action=action, who=who,
