@@ -312,6 +312,11 @@ class Ledger:
             out.setdefault(peer, []).append((job_id, ack))
         return out
 
+    def acks_with(self, counterparty: str) -> list[tuple[str, bytes]]:
+        """(job id, our ack) of every receipt we acked with this provider, oldest first."""
+        return self.db.execute("SELECT receipt_id, ack FROM receipts WHERE role = 'buyer' AND counterparty = ? "
+                               "AND ack IS NOT NULL ORDER BY applied_at_ms, receipt_id", (counterparty,)).fetchall()
+
     def held_with(self, counterparty: str, *, limit: int = 4096) -> list[tuple[str, str, str]]:
         """(job id, receipt sha256, status) of every receipt with `counterparty`, oldest first."""
         return self.db.execute("SELECT receipt_id, receipt_sha256, status FROM receipts WHERE counterparty = ? "

@@ -46,11 +46,7 @@ async def settle_with(p2p: Network, ledger: Ledger, peer_id: str, addrs, *, ever
                       clock: Clock = SYSTEM_CLOCK, writer: LedgerWriter | None = None) -> SettleReport:
     """`writer`: where our own writes go (off the trio thread); without one, `ledger`."""
     report = SettleReport(peer_id)
-    if everything:
-        rows = ledger.db.execute("SELECT receipt_id, ack FROM receipts WHERE role = 'buyer' AND counterparty = ? "
-                                 "AND ack IS NOT NULL ORDER BY applied_at_ms, receipt_id", (peer_id,)).fetchall()
-    else:
-        rows = ledger.pending_acks(peer_id).get(peer_id, [])
+    rows = ledger.acks_with(peer_id) if everything else ledger.pending_acks(peer_id).get(peer_id, [])
     for start in range(0, max(len(rows), 1), MAX_SETTLE_ENTRIES):
         chunk = rows[start:start + MAX_SETTLE_ENTRIES]
         try:

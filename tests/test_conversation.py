@@ -121,6 +121,27 @@ class Market:
     def stop(self, name: str) -> None:
         self.scopes.pop(name).cancel()
 
+    def run_buyer(self, buyer: Buyer) -> "Batch":
+        """The buyer's batch in the background, so the test can act while it runs."""
+        batch = Batch()
+
+        async def run() -> None:
+            batch.value = await buyer.run()
+            batch.done.set()
+
+        self.nursery.start_soon(run)
+        return batch
+
+
+class Batch:
+    def __init__(self):
+        self.done = trio.Event()
+        self.value = None
+
+    async def result(self):
+        await self.done.wait()
+        return self.value
+
 
 def outputs_of(outcome) -> np.ndarray:
     return np.load(outcome.output_path)
@@ -165,18 +186,10 @@ async def test_a_provider_that_vanishes_mid_job_costs_a_retry_not_the_job(tmp_pa
         await market.start_provider("b", boot, marginal_w=40.0)
         a.executor.hold = trio.Event()  # a's first job never finishes: a dies holding it
         buyer = make_buyer(tmp_path, market.network, market.clock, boot, count=3)
-        results = {}
-
-        async def submit():
-            results["run"] = await buyer.run()
-
-        nursery.start_soon(submit)
+        batch = market.run_buyer(buyer)
         await a.executor.started.wait()
         market.stop("a")
-        with trio.fail_after(600):
-            while "run" not in results:
-                await trio.sleep(1)
-        outcomes, summary = results["run"]
+        outcomes, summary = await batch.result()
         assert_all_settled_and_correct(outcomes, summary)
         assert any(o.attempts[0] == a.key.peer_id and o.provider != a.key.peer_id for o in outcomes)
         assert a.jobs_done == 0
@@ -377,17 +390,10 @@ async def test_a_provider_that_restarts_between_result_and_ack_settles_on_the_ne
         a = await market.start_provider("a", boot, marginal_w=10.0)
         buyer = make_buyer(tmp_path, market.network, market.clock, boot, count=1)
         market.network.send_delay_s[buyer.key.peer_id] = 5.0  # the ack is on its way when `a` stops
-        results = {}
-
-        async def submit():
-            results["first"] = await buyer.run()
-
-        nursery.start_soon(submit)
+        batch = market.run_buyer(buyer)
         await result_sent.wait()
         market.stop("a")  # its result is sent, its ack not yet received
-        while "first" not in results:
-            await trio.sleep(1)
-        (outcome,), summary = results["first"]
+        (outcome,), summary = await batch.result()
         assert outcome.state == "settled"  # paid and durable on the buyer's side
         assert summary["late_acks"]["pending"] == 1
         assert ledger_rows(a.ledger)[outcome.job_id][0] == "unacked"
@@ -445,17 +451,10 @@ async def test_a_result_kept_across_a_provider_restart_is_fetched_on_resume_not_
         boot = await market.start_bootstrap()
         a = await market.start_provider("a", boot, marginal_w=10.0)
         buyer = make_buyer(tmp_path, market.network, market.clock, boot, count=1)
-        results = {}
-
-        async def submit():
-            results["first"] = await buyer.run()
-
-        nursery.start_soon(submit)
+        batch = market.run_buyer(buyer)
         await a.executor.finished.wait()
         market.stop("a")  # cancelled at its next checkpoint: the commit of receipt and result
-        while "first" not in results:
-            await trio.sleep(1)
-        (outcome,), _ = results["first"]
+        (outcome,), _ = await batch.result()
         assert outcome.state == "failed"
         kept = a.ledger.kept_result(outcome.job_id, now_ms=market.clock.now_ms())
         assert kept is not None and kept[0] == buyer.key.public_key
