@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from .invariants import violations
-from .launcher import Child, Devnet
+from .launcher import Child, Devnet, child_env
 
 REPO = Path(__file__).resolve().parents[1]
 ACK_TIMEOUT_S = 2.0  # providers in a chaos devnet give up on an ack after this
@@ -125,12 +125,8 @@ class Chaos:
 
     async def _buyer(self, schedule: Schedule, resume: bool, env: dict[str, str],
                      faults: bool = False) -> tuple[int, dict | None]:
-        import os
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        full_env.pop("IDLEMESH_FAULT", None)
-        full_env.update(env)
         process = await trio.lowlevel.open_process(self._submit_cmd(schedule, resume), stdout=subprocess.PIPE,
-                                                   stderr=subprocess.DEVNULL, cwd=REPO, env=full_env)
+                                                   stderr=subprocess.DEVNULL, cwd=REPO, env=child_env(env))
         out = b""
 
         async def read() -> None:
@@ -164,10 +160,8 @@ class Chaos:
     async def _continue_after_ack_timeout(self, process) -> None:
         """The buyer stopped itself after a result: continue it once a provider gave up
         waiting for its ack (the window where the late ack must still settle the job)."""
-        gave_up = await self.wait_event(lambda name, e: e.get("event") == "refused" and e.get("code") == "no-ack",
-                                        timeout_s=60)
-        # (None: the stop never fired, no job reached it; continuing is harmless.)
-        del gave_up
+        # After 60 s without one, the stop never fired (no job reached it): continuing is harmless.
+        await self.wait_event(lambda name, e: e.get("event") == "refused" and e.get("code") == "no-ack", timeout_s=60)
         process.send_signal(signal.SIGCONT)
 
     async def _timed_faults(self, schedule: Schedule, buyer_process) -> None:

@@ -101,14 +101,21 @@ async def _wait_event(child: Child, name: str, timeout_s: float) -> dict:
     raise RuntimeError(f"{child.name} exited before '{name}' (see {child.home / 'node.log'})")
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a node process we start: unbuffered lines, one BLAS thread, no
+    fault inherited from ours (a fault is only ever given on purpose, in `extra`)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("IDLEMESH_FAULT", None)
+    env.update(extra or {})
+    return env
+
+
 async def _start(nursery: trio.Nursery, name: str, home: Path, args: list[str],
                  extra_env: dict[str, str] | None = None) -> Child:
     home.mkdir(parents=True, exist_ok=True)
     log = open(home / "node.log", "ab")
     # IDLEMESH_TRACE_OFFERS: each node reports when offers arrive (gossip delivery figures).
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", IDLEMESH_TRACE_OFFERS="1")
-    env.pop("IDLEMESH_FAULT", None)
-    env.update(extra_env or {})
+    env = child_env({"IDLEMESH_TRACE_OFFERS": "1", **(extra_env or {})})
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "node.cli", *args], stdout=subprocess.PIPE, stderr=log, env=env,
         start_new_session=True)  # our own process group: Ctrl-C reaches us, we stop them in order

@@ -136,8 +136,11 @@ class Buyer:
         self.spec = spec
         self.clock = clock
         self.open_network = open_network
-        # Where the matcher runs: a worker thread, so the trio loop keeps serving streams.
-        self.offload = trio.to_thread.run_sync
+        # Where blocking work runs (the matcher, ledger commits, journal writes): a worker
+        # thread, one call at a time (the journal's connection is not shared), so the trio
+        # loop keeps serving streams. A MockClock test runs it inline instead.
+        io_limiter = trio.CapacityLimiter(1)
+        self.offload = lambda fn, *args: trio.to_thread.run_sync(fn, *args, limiter=io_limiter)
         if not spec.bootstrap:
             raise SubmitError("give at least one --bootstrap address")
         for addr in spec.bootstrap:
@@ -150,7 +153,6 @@ class Buyer:
         self.writer = LedgerWriter(spec.home / "ledger.sqlite", self.key.public_key,
                                    offload=lambda fn, *args: self.offload(fn, *args))
         self.journal = Journal(spec.home, any_thread=True)
-        self._journal_limiter = trio.CapacityLimiter(1)  # one journal write at a time, off the trio thread
         self.model_bytes = spec.model_path.read_bytes()
         self.model_sha = hashlib.sha256(self.model_bytes).hexdigest()
         if spec.resume:
@@ -189,7 +191,7 @@ class Buyer:
             with trio.fail_after(spec.job_timeout_s + 30):
                 async with p2p.open_stream(offer.peer_id, offer.addrs, JOB_PROTOCOL) as stream:
                     step = job.start()
-                    await self._io(self.journal.sent, outcome.job_id, offer.peer_id, self.clock.now_ms())
+                    await self.offload(self.journal.sent, outcome.job_id, offer.peer_id, self.clock.now_ms())
                     while True:
                         outcome.state = job.state
                         event = step.events[0] if step.events else None
@@ -249,7 +251,7 @@ class Buyer:
         latency_ms = (self.clock.elapsed_s() - started) * 1000
         if job.state == "delivered":
             job.settle()
-        await self._io(self.journal.settled, outcome.job_id, str(out_path), self.clock.now_ms())
+        await self.offload(self.journal.settled, outcome.job_id, str(out_path), self.clock.now_ms())
         outcome.state = job.state
         receipt = event.receipt.receipt
         outcome.output_path = str(out_path)
@@ -262,12 +264,6 @@ class Buyer:
             (offer.link_rtt_ms or 0.0) + receipt.queue_ms + receipt.compute_ms
         outcome.energy_source = receipt.energy_source
         outcome.price = receipt.price
-
-    async def _io(self, fn, *args):
-        """A journal write (an fsync) off the trio thread, one at a time."""
-        if self.offload is not trio.to_thread.run_sync:
-            return await self.offload(fn, *args)
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._journal_limiter)
 
     async def _confirmation(self, stream, job: BuyerJob) -> None:
         """The provider's `settled` frame: it holds our ack durably, so we stop carrying
@@ -371,8 +367,7 @@ class Buyer:
         for offer in offers:
             if offer.peer_id not in pending:
                 continue
-            report = await settle_with(p2p, self.ledger, offer.peer_id, offer.addrs, clock=self.clock,
-                                       writer=self.writer)
+            report = await settle_with(p2p, self.ledger, self.writer, offer.peer_id, offer.addrs, clock=self.clock)
             reports["delivered"] += report.agreed
             reports["disagreements"] += report.disagreements
             if report.error:
@@ -468,7 +463,7 @@ class Buyer:
                         log.warning("job %s on %s: %s", jid[:8], pid[-8:], outcome.error)
                 if outcome.error:
                     outcome.state = "failed"
-                    await self._io(self.journal.failed, jid, outcome.error, self.clock.now_ms())
+                    await self.offload(self.journal.failed, jid, outcome.error, self.clock.now_ms())
                 if on_progress:
                     on_progress(outcome)
 

@@ -519,6 +519,7 @@ async def _reconcile(args, ledger, key) -> dict:
 
     from .gossip import OfferGossip, bootstrap_peer_id
     from .identity import load_key
+    from .ledger import LedgerWriter
     from .net import StreamClosed
     from .offers import OfferBook
     from .p2p import open_p2p_node
@@ -539,7 +540,11 @@ async def _reconcile(args, ledger, key) -> dict:
         if offer is None:
             return {"sent": 0, "agreed": 0, "disagreements": [], "unpaid_work": [],
                     "error": "no current offer of this peer at the bootstrap (is it up?)"}
-        report = (await settle_with(p2p, ledger, args.peer, offer.addrs, everything=True)).to_json()
+        writer = LedgerWriter(ledger.path, key.public_key)
+        try:
+            report = (await settle_with(p2p, ledger, writer, args.peer, offer.addrs, everything=True)).to_json()
+        finally:
+            writer.close()
     if report["disagreements"]:
         entries = tuple(Disagreement(d["job_id"], d["ours"], d["theirs"], d["same_receipt"])
                         for d in report["disagreements"])

@@ -21,7 +21,9 @@ from protocol.errors import DecodeError
 from protocol.job import ProviderJob, Step
 from protocol.messages import Device, ModelCapability, Offer, PowerProfile, sign_offer
 from protocol.tensors import Tensor
-from protocol.stream import MAX_SETTLE_ENTRIES, HeldReceipt, SettleHeld, decode_message, encode_message
+from protocol.stream import (
+    MAX_SETTLE_ENTRIES, MAX_SETTLE_FRAME_BYTES, HeldReceipt, SettleHeld, decode_message, encode_message,
+)
 from protocol.topics import JOB_PROTOCOL, OFFERS_TOPIC, SETTLE_PROTOCOL
 
 from . import modelcheck
@@ -61,7 +63,7 @@ POLICY_INTERVAL_S = 2.0
 JOBS_PER_PEER = (20.0, 60.0)  # job streams per second sustained, burst, per peer
 KEPT_RESULTS_BYTES = 256 << 20  # acked results beyond this go first; unacked ones stay until their request expires
 MIN_KEEP_RESULT_MS = 10 * 60_000  # a result is kept at least this long, whatever its request's expiry
-MAX_SETTLE_FRAME_BYTES = 4 << 20
+
 STATUS_NAME = "status.json"
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from protocol.errors import DecodeError
-from protocol.stream import MAX_SETTLE_ENTRIES, SettleAcks, decode_message, encode_message
+from protocol.stream import MAX_SETTLE_ENTRIES, MAX_SETTLE_FRAME_BYTES, SettleAcks, decode_message, encode_message
 from protocol.topics import SETTLE_PROTOCOL
 
 from .clock import SYSTEM_CLOCK, Clock
@@ -26,7 +26,6 @@ from .net import Network, StreamClosed
 
 log = logging.getLogger("idlemesh.settle")
 SETTLE_TIMEOUT_S = 20.0
-MAX_SETTLE_FRAME_BYTES = 4 << 20
 
 
 @dataclass
@@ -42,11 +41,12 @@ class SettleReport:
         return dict(vars(self))
 
 
-async def settle_with(p2p: Network, ledger: Ledger, peer_id: str, addrs, *, everything: bool = False,
-                      clock: Clock = SYSTEM_CLOCK, writer: LedgerWriter | None = None) -> SettleReport:
-    """`writer`: where our own writes go (off the trio thread); without one, `ledger`."""
+async def settle_with(p2p: Network, ledger: Ledger, writer: LedgerWriter, peer_id: str, addrs, *,
+                      everything: bool = False, clock: Clock = SYSTEM_CLOCK) -> SettleReport:
+    """Reads go to `ledger`, our own writes to `writer` (off the trio thread)."""
     report = SettleReport(peer_id)
     rows = ledger.acks_with(peer_id) if everything else ledger.pending_acks(peer_id).get(peer_id, [])
+    named = {job_id for job_id, _ in rows}
     for start in range(0, max(len(rows), 1), MAX_SETTLE_ENTRIES):
         chunk = rows[start:start + MAX_SETTLE_ENTRIES]
         try:
@@ -65,22 +65,23 @@ async def settle_with(p2p: Network, ledger: Ledger, peer_id: str, addrs, *, ever
             entry = theirs.get(job_id)
             if ours is not None and entry is not None and (entry.status, entry.receipt_sha256) == ours:
                 report.agreed += 1
-                if writer is not None:
-                    await writer.ack_delivered(job_id, ours[0], now_ms=clock.now_ms())
-                else:
-                    ledger.ack_delivered(job_id, ours[0], now_ms=clock.now_ms())
+                await writer.ack_delivered(job_id, ours[0], now_ms=clock.now_ms())
             else:
                 report.disagreements.append({
                     "job_id": job_id, "ours": ours[0] if ours else "missing",
                     "theirs": entry.status if entry else "missing",
                     "same_receipt": bool(entry and ours and entry.receipt_sha256 == ours[1])})
-        for entry in held.unnamed:
-            ours = ledger.status(entry.job_id)
-            if ours is None:
-                report.unpaid_work.append(entry.job_id)  # it ran, we never got it: no money moved
-            elif ours != (entry.status, entry.receipt_sha256):
-                report.disagreements.append({"job_id": entry.job_id, "ours": ours[0], "theirs": entry.status,
-                                             "same_receipt": ours[1] == entry.receipt_sha256})
+    # What it holds unacked that we did not name: from its last answer (when the acks
+    # went in chunks, an earlier answer lists jobs a later chunk named and settled).
+    for entry in held.unnamed:
+        if entry.job_id in named:
+            continue  # named in some chunk, and judged there
+        ours = ledger.status(entry.job_id)
+        if ours is None:
+            report.unpaid_work.append(entry.job_id)  # it ran, we never got it: no money moved
+        elif ours != (entry.status, entry.receipt_sha256):
+            report.disagreements.append({"job_id": entry.job_id, "ours": ours[0], "theirs": entry.status,
+                                         "same_receipt": ours[1] == entry.receipt_sha256})
     if report.disagreements:
         log.warning("settle with %s: %d jobs disagree", peer_id, len(report.disagreements))
     return report

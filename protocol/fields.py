@@ -124,6 +124,15 @@ class Fields:
         return self._get(key, default)
 
 
+def bytes_item(max_len: int) -> Callable[[Any, str], bytes]:
+    """A list item that must be bytes of at most `max_len` (signed envelopes in a list)."""
+    def read(value: Any, path: str) -> bytes:
+        if not isinstance(value, bytes) or len(value) > max_len:
+            raise DecodeError(f"{path}: expected bytes of at most {max_len}, got {type(value).__name__}")
+        return value
+    return read
+
+
 def str_item(max_len: int = 256) -> Callable[[Any, str], str]:
     def read(value: Any, path: str) -> str:
         if not isinstance(value, str) or len(value) > max_len:

@@ -16,7 +16,7 @@ from typing import Any, Union
 
 from . import codec
 from .errors import DecodeError
-from .fields import Fields
+from .fields import Fields, bytes_item
 from .tensors import Tensor
 
 FRAME_HEADER = struct.Struct(">I")
@@ -105,6 +105,7 @@ class Ack:
 
 RECEIPT_STATUSES = ("accepted", "rejected", "unacked", "missing")
 MAX_SETTLE_ENTRIES = 4096
+MAX_SETTLE_FRAME_BYTES = 4 << 20  # either frame of the settle protocol: 4,096 acks or entries fit
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,16 +183,9 @@ def encode_message(msg: StreamMessage) -> bytes:
     return codec.encode(body)
 
 
-def _offer_bytes(value: Any, path: str) -> bytes:
-    if not isinstance(value, bytes) or len(value) > 64 * 1024:
-        raise DecodeError(f"{path}: expected bytes of at most 65536, got {type(value).__name__}")
-    return value
-
-
-def _digest_bytes(value: Any, path: str) -> bytes:
-    if not isinstance(value, bytes) or len(value) > 64 * 1024:
-        raise DecodeError(f"{path}: expected bytes of at most 65536, got {type(value).__name__}")
-    return value
+# Signed envelopes carried in lists: offers and reputation digests, and acks.
+_offer_bytes = _digest_bytes = bytes_item(64 * 1024)
+_ack_bytes = bytes_item(8 * 1024)
 
 
 def _held_to_wire(e: HeldReceipt) -> list:
@@ -199,22 +193,12 @@ def _held_to_wire(e: HeldReceipt) -> list:
 
 
 def _held_from_wire(value: Any, path: str) -> HeldReceipt:
-    if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list) or len(value) != 3:
         raise DecodeError(f"{path}: expected [job_id, receipt_sha256, status], got {type(value).__name__}")
-    job_id, sha, status = value
-    if len(job_id) != 32 or any(c not in "0123456789abcdef" for c in job_id):
-        raise DecodeError(f"{path}[0]: expected a 32-character hex job id, got {job_id[:40]!r}")
-    if sha and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
-        raise DecodeError(f"{path}[1]: expected a 64-character hex sha256 or empty, got {sha[:70]!r}")
-    if status not in RECEIPT_STATUSES:
-        raise DecodeError(f"{path}[2]: expected one of {'/'.join(RECEIPT_STATUSES)}, got {status[:20]!r}")
-    return HeldReceipt(job_id, sha, status)
-
-
-def _ack_bytes(value: Any, path: str) -> bytes:
-    if not isinstance(value, bytes) or len(value) > 8 * 1024:
-        raise DecodeError(f"{path}: expected bytes of at most 8192, got {type(value).__name__}")
-    return value
+    f = Fields(dict(zip(("job_id", "receipt_sha256", "status"), value)), path)
+    job_id = f.hex("job_id", size=16)
+    sha = f.hex("receipt_sha256", size=32) if f.str("receipt_sha256", max_len=64) else ""  # "": missing
+    return HeldReceipt(job_id, sha, f.str("status", choices=RECEIPT_STATUSES))
 
 
 def decode_message(data: bytes, *, max_bytes: int, expect: tuple[str, ...]) -> StreamMessage:
