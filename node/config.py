@@ -13,11 +13,11 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
-from protocol.messages import ARCHES
+from protocol.messages import ARCHES, MAX_OFFER_TTL_MS, MAX_REQUEST_BYTES
 
 CONFIG_NAME = "provider.toml"
 MIN_OFFER_TTL_S = 6.0   # refreshed every 2 s at most: half the gossip rate a peer allows an origin
-MAX_OFFER_TTL_S = 600.0  # receivers refuse offers that live longer (protocol.messages.open_offer)
+MAX_OFFER_TTL_S = MAX_OFFER_TTL_MS / 1000  # receivers refuse offers that live longer (protocol.messages.open_offer)
 
 
 def local_arch() -> str:
@@ -71,7 +71,11 @@ class ProviderConfig:
                              "and runs under a timeout and a memory ceiling, but set false to run only your own", flag=None)
     fault_output_noise: float = _key(0.0, help="devnet fault injection only: perturb outputs", hidden=True)
     link_delay_ms: float = _key(0.0, unit="ms", help="devnet: one-way delay of this provider's simulated link")
-    offer_ttl_s: float = _key(60.0, unit="s", help="offer lifetime (6-600); refreshed every third of it")
+    offer_ttl_s: float = _key(60.0, unit="s", help="offer lifetime (6-120); refreshed every third of it")
+    credit_s: float = _key(120.0, unit="s", help="compute seconds a buyer may hold unacked (or have rejected in the "
+                           "last day) before it gets settle-first instead of service")
+    request_budget_mb: float = _key(192.0, unit="MiB", help="bytes of job requests held at once; a request that "
+                                    "does not fit is answered busy")
     ack_timeout_s: float = _key(30.0, unit="s", help="how long a finished job waits for the buyer's ack on its "
                                 "stream; a later ack still settles it (settle protocol)")
     metrics: str | None = _key(help="HOST:PORT of a Prometheus endpoint (off when unset); keep it private")
@@ -84,6 +88,11 @@ class ProviderConfig:
             problems.append(f"idle_threshold must be in (0, 1], got {self.idle_threshold}")
         if not MIN_OFFER_TTL_S <= self.offer_ttl_s <= MAX_OFFER_TTL_S:
             problems.append(f"offer_ttl_s must be in [{MIN_OFFER_TTL_S:g}, {MAX_OFFER_TTL_S:g}] s, got {self.offer_ttl_s}")
+        if self.credit_s < 0:
+            problems.append(f"credit_s must be >= 0, got {self.credit_s}")
+        if self.request_budget_mb * 1024 * 1024 < MAX_REQUEST_BYTES:
+            problems.append(f"request_budget_mb must hold one maximal request ({MAX_REQUEST_BYTES >> 20} MiB), "
+                            f"got {self.request_budget_mb:g}")
         if not 0 < self.ack_timeout_s <= 3600:
             problems.append(f"ack_timeout_s must be in (0, 3600] s, got {self.ack_timeout_s}")
         if self.speed_factor <= 0:

@@ -27,6 +27,9 @@ THROUGHPUT_SOURCES = ("measured", "simulated", "declared")
 MAX_MODELS_PER_OFFER = 256
 MAX_ADDRS = 16
 MAX_OFFER_BYTES = 64 * 1024
+# The longest offer lifetime a receiver accepts: a provider that stops is gone from every
+# book within it (node.config's offer_ttl_s range ends here).
+MAX_OFFER_TTL_MS = 120_000
 MAX_REQUEST_BYTES = 80 * 1024 * 1024
 MAX_RECEIPT_BYTES = 8 * 1024
 MAX_INPUTS = 16
@@ -194,7 +197,7 @@ def sign_offer(key: SigningKey, offer: Offer) -> bytes:
     return seal(key, "offer", codec.encode(offer.to_wire()))
 
 
-def open_offer(data: bytes, *, now_ms: int, max_ttl_ms: int = 10 * 60_000,
+def open_offer(data: bytes, *, now_ms: int, max_ttl_ms: int = MAX_OFFER_TTL_MS,
                max_skew_ms: int = 30_000) -> Offer:
     """Verify a signed offer and its validity window at `now_ms`."""
     env = open_envelope(data, "offer", max_bytes=MAX_OFFER_BYTES)

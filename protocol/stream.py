@@ -16,13 +16,18 @@ from typing import Any, Union
 
 from . import codec
 from .errors import DecodeError
-from .fields import Fields, bytes_item
+from .fields import Fields, bytes_item, str_item
 from .tensors import Tensor
 
 FRAME_HEADER = struct.Struct(">I")
 MAX_CONTROL_FRAME_BYTES = 64 * 1024
 MAX_MODEL_BYTES = 256 * 1024 * 1024
 MAX_SYNC_OFFERS = 4096
+# A sync answer is paged: each page stays under this many bytes of offers (a page holds
+# at least one offer), far under the frame cap, so no number of valid offers can make
+# an answer too big to send.
+SYNC_PAGE_BYTES = 1024 * 1024
+MAX_WANT_MODELS = 64
 MAX_SYNC_DIGESTS = 256
 
 ERROR_CODES = (
@@ -38,7 +43,8 @@ ERROR_CODES = (
     "rate-limited",     # this peer opened job streams faster than the provider allows
     "bad-input",        # inputs do not fit the model
     "price",            # the job would cost more than its ceiling
-    "busy",             # no slot before the request expires
+    "busy",             # no slot before the request expires, or no room for its bytes now
+    "settle-first",     # the buyer's unacked or rejected work is over the provider's credit
     "execution-failed", # onnxruntime failed on this model and input
     "timeout",          # the job ran past its timeout
     "internal",         # the provider failed for its own reasons
@@ -140,12 +146,41 @@ class SettleHeld:
 
 
 @dataclass(frozen=True, slots=True)
+class OfferWant:
+    """What a syncing peer asks for: offers of any of `models` (sha256 hex; empty: any),
+    on any of `arches` (empty: any), at most `max_price_per_s` (None: any)."""
+
+    models: tuple[str, ...] = ()
+    arches: tuple[str, ...] = ()
+    max_price_per_s: float | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"models": list(self.models), "arches": list(self.arches), "max_price_per_s": self.max_price_per_s}
+
+    @classmethod
+    def from_wire(cls, value: Any, path: str) -> "OfferWant":
+        f = Fields(value, path)
+        return cls(tuple(f.list("models", _sha_item, max_len=MAX_WANT_MODELS, default=[])),
+                   tuple(f.list("arches", str_item(32), max_len=8, default=[])),
+                   f.float("max_price_per_s", min=0.0, max=1e6, default=None))
+
+
+@dataclass(frozen=True, slots=True)
 class OfferSync:
-    """Both directions of offer sync: the sender's current signed offers (its own first),
-    and the signed reputation digests it holds."""
+    """Both directions of offer sync, a page at a time on one stream.
+
+    Asking: the sender's own signed offer (a receiver takes no one else's from a push),
+    its reputation digests, what it wants, and `after`, the last peer id of the page it
+    already has ("" for the first). Answering: a page of signed offers in peer-id order,
+    `held_ms` (how long the answerer has held each provider's offers: a hint, unsigned),
+    the digests it holds (first page only), and `more` when another page follows."""
 
     offers: tuple[bytes, ...]
     digests: tuple[bytes, ...] = ()
+    want: OfferWant | None = None
+    after: str = ""
+    more: bool = False
+    held_ms: tuple[int, ...] = ()
     kind = "offers"
 
 
@@ -169,7 +204,10 @@ def encode_message(msg: StreamMessage) -> bytes:
     elif isinstance(msg, Ack):
         body = {"ack": msg.ack}
     elif isinstance(msg, OfferSync):
-        body = {"offers": list(msg.offers), "digests": list(msg.digests)}
+        body = {"offers": list(msg.offers), "digests": list(msg.digests), "after": msg.after, "more": msg.more,
+                "held_ms": list(msg.held_ms)}
+        if msg.want is not None:
+            body["want"] = msg.want.to_wire()
     elif isinstance(msg, Settled):
         body = {"job_id": msg.job_id, "status": msg.status}
     elif isinstance(msg, SettleAcks):
@@ -185,6 +223,16 @@ def encode_message(msg: StreamMessage) -> bytes:
 
 # Signed envelopes carried in lists: offers and reputation digests, and acks.
 _offer_bytes = _digest_bytes = bytes_item(64 * 1024)
+
+
+def _sha_item(value: Any, path: str) -> str:
+    return Fields({"sha256": value}, path.rsplit(".", 1)[0]).hex("sha256", size=32)
+
+
+def _held_ms_item(value: Any, path: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 53:
+        raise DecodeError(f"{path}: expected a non-negative int, got {type(value).__name__}")
+    return value
 _ack_bytes = bytes_item(8 * 1024)
 
 
@@ -224,8 +272,14 @@ def decode_message(data: bytes, *, max_bytes: int, expect: tuple[str, ...]) -> S
     if kind == "ack":
         return Ack(f.bytes("ack", max_len=8 * 1024))
     if kind == "offers":
-        return OfferSync(tuple(f.list("offers", _offer_bytes, max_len=MAX_SYNC_OFFERS)),
-                         tuple(f.list("digests", _digest_bytes, max_len=MAX_SYNC_DIGESTS, default=[])))
+        offers = tuple(f.list("offers", _offer_bytes, max_len=MAX_SYNC_OFFERS))
+        held_ms = tuple(f.list("held_ms", _held_ms_item, max_len=MAX_SYNC_OFFERS, default=[]))
+        if held_ms and len(held_ms) != len(offers):
+            raise DecodeError(f"frame.held_ms: {len(held_ms)} items for {len(offers)} offers")
+        want = f.raw("want", default=None)
+        return OfferSync(offers, tuple(f.list("digests", _digest_bytes, max_len=MAX_SYNC_DIGESTS, default=[])),
+                         None if want is None else OfferWant.from_wire(want, "frame.want"),
+                         f.str("after", max_len=128, default=""), f.bool("more", default=False), held_ms)
     if kind == "settled":
         return Settled(f.hex("job_id", size=16), f.str("status", choices=RECEIPT_STATUSES))
     if kind == "settle-acks":
