@@ -10,14 +10,16 @@ from typing import Callable
 import trio
 
 from protocol.errors import DecodeError
-from protocol.messages import Offer, open_offer
-from protocol.stream import MAX_SYNC_DIGESTS, MAX_SYNC_OFFERS, OfferSync, decode_message, encode_message
+from protocol.messages import Offer
+from protocol.stream import (MAX_SYNC_DIGESTS, MAX_SYNC_OFFERS, SYNC_PAGE_BYTES, OfferSync, OfferWant, decode_message,
+                             encode_message)
 from protocol.topics import OFFER_SYNC_PROTOCOL, OFFERS_TOPIC, REPUTATION_TOPIC
 
 from .clock import SYSTEM_CLOCK, Clock
 from .net import Network, Stream, StreamClosed
 from .offers import OfferBook
 from .ratelimit import PeerRateLimit
+from .refusals import Refusals
 from .reputation import ReputationBook
 
 log = logging.getLogger("idlemesh.gossip")
@@ -30,6 +32,7 @@ SYNC_PER_PEER = (1.0, 10.0)       # offer-sync streams per second sustained, bur
 DIGEST_PER_ORIGIN = (0.05, 3.0)   # reputation digests: one per 20 s sustained
 DIGEST_RELAY_S = 30.0             # a relaying node publishes at most one digest this often
 SYNCED_BY_KEPT = 16               # the latest peers that synced with us, for status
+MAX_SYNC_PAGES = 64               # pages one sync stream may ask for (64 x 1 MiB: more than any book holds)
 # Set by the devnet launcher: nodes print an event per offer arrival (bench/soak.py).
 TRACE_OFFERS = os.environ.get("IDLEMESH_TRACE_OFFERS") == "1"
 
@@ -50,7 +53,9 @@ class OfferGossip:
         self.own_offer = own_offer
         self.on_new_offer = on_new_offer
         self.bad_inputs = 0
+        # Where refusals go: the node's own counter (provider, bootstrap), else ours.
         self.on_bad_input: Callable[[str, str, object], None] | None = None
+        self.refusals = Refusals(log, clock=clock)
         self._gossip_limit = PeerRateLimit(*GOSSIP_PER_ORIGIN)
         self._digest_limit = PeerRateLimit(*DIGEST_PER_ORIGIN)
         self.reputation = ReputationBook()
@@ -65,9 +70,7 @@ class OfferGossip:
 
     def _bad(self, code: str, peer: str, detail: object) -> None:
         self.bad_inputs += 1
-        log.info("%s from %s: %s", code, peer, detail)
-        if self.on_bad_input:
-            self.on_bad_input(code, peer, detail)
+        (self.on_bad_input or self.refusals)(code, peer, detail)
 
     def _validate(self, origin: str, data: bytes) -> bool:
         # Runs before forwarding: floods, forged, expired, oversized, duplicate and stale
@@ -88,14 +91,19 @@ class OfferGossip:
             return False
         return self.book.is_newer(offer)
 
-    def _take(self, signed: bytes, via: str) -> Offer | None:
-        """Store the offer if it is valid, someone else's and newer; return it if valid."""
+    def _take(self, signed: bytes, via: str, *, peer: str = "", held_ms: int = 0) -> Offer | None:
+        """Store the offer if it is valid, someone else's, newer, and ranks high enough
+        for a full book; return it if valid. `held_ms`: how long the peer we asked has
+        held this provider."""
         now = self.clock.now_ms()
         offer = self.book.open(signed, now_ms=now)
         if offer is None or offer.peer_id == self.p2p.peer_id or not self.book.is_newer(offer):
             return offer
         was_held = self.book.holds(offer.peer_id, now_ms=now)
-        self.book.store(offer, signed)
+        if not self.book.store(offer, signed, now_ms=now, held_since_ms=now - min(held_ms, now)):
+            self._bad("book-full", peer or offer.peer_id, f"offer of {offer.peer_id} ranks under every offer "
+                      "in a full book")
+            return offer
         if TRACE_OFFERS:
             # Devnet and bench only: when each offer arrived, to measure gossip delivery.
             emit("offer-heard", provider=offer.peer_id, issued_at_ms=offer.issued_at_ms,
@@ -118,8 +126,8 @@ class OfferGossip:
                 if relay_digests:
                     nursery.start_soon(self._relay_digests)
                 task_status.started()
-                async for _origin, data in messages:
-                    self._take(data, "gossip")
+                async for origin, data in messages:
+                    self._take(data, "gossip", peer=origin)
                 nursery.cancel_scope.cancel()
 
     async def _drain(self, digests) -> None:
@@ -141,13 +149,22 @@ class OfferGossip:
                 except (StreamClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     log.info("digest relay failed: %s", exc)
 
-    def _outgoing(self, *, push_own: bool = True) -> OfferSync:
-        own = self.own_offer() if push_own else None
-        others = [e.signed for e in self.book.current(now_ms=self.clock.now_ms()) if e.offer.peer_id != self.p2p.peer_id]
+    def _digests(self) -> tuple[bytes, ...]:
         digest = self.own_digest()
         digests = ([digest] if digest else []) + self.reputation.current(now_ms=self.clock.now_ms())
-        return OfferSync(tuple(([own] if own else []) + others)[:MAX_SYNC_OFFERS],
-                         tuple(dict.fromkeys(digests))[:MAX_SYNC_DIGESTS])
+        return tuple(dict.fromkeys(digests))[:MAX_SYNC_DIGESTS]
+
+    def _page(self, want: OfferWant | None, after: str, first: bool) -> OfferSync:
+        now = self.clock.now_ms()
+        entries, more = self.book.page(want, after=after, max_bytes=SYNC_PAGE_BYTES, max_count=MAX_SYNC_OFFERS,
+                                       now_ms=now, exclude=self.p2p.peer_id)
+        offers = [e.signed for e in entries]
+        held = [now - e.first_seen_ms for e in entries]
+        own = self.own_offer() if first else None
+        if own:  # our own offer, which never sits in our book, leads the first page
+            offers.insert(0, own)
+            held.insert(0, 0)
+        return OfferSync(tuple(offers), self._digests() if first else (), more=more, held_ms=tuple(held))
 
     def _take_digests(self, digests: tuple[bytes, ...], peer: str) -> None:
         for signed in digests:
@@ -157,47 +174,79 @@ class OfferGossip:
                 self._bad("bad-digest", peer, "reputation digest in sync does not verify or has expired")
 
     async def _serve_sync(self, stream: Stream) -> None:
-        if not self._sync_limit.allow(stream.remote_peer_id, self.clock.elapsed_s()):
-            self._bad("rate-limited", stream.remote_peer_id, "offer sync over the per-peer rate")
+        """Take the peer's own offer from its push, then answer what it wants, a page
+        at a time, as long as it asks for the next one."""
+        peer = stream.remote_peer_id
+        if not self._sync_limit.allow(peer, self.clock.elapsed_s()):
+            self._bad("rate-limited", peer, "offer sync over the per-peer rate")
             return
         try:
             payload = await stream.receive(max_bytes=SYNC_FRAME_BYTES, timeout_s=SYNC_TIMEOUT_S)
             message = decode_message(payload, max_bytes=SYNC_FRAME_BYTES, expect=("offers",))
-        except DecodeError as exc:
-            self._bad("bad-sync", stream.remote_peer_id, exc)
-            return
-        except (StreamClosed, trio.TooSlowError) as exc:
-            # A peer that left mid-sync (it stopped, its link dropped) sent nothing bad:
-            # logged, not counted as refused input.
-            log.info("offer sync from %s ended early: %s", stream.remote_peer_id, exc)
-            return
-        for signed in message.offers:
-            try:
-                open_offer(signed, now_ms=self.clock.now_ms())  # a stale but genuine offer is no fault
-            except DecodeError as exc:
-                self._bad("bad-offer", stream.remote_peer_id, f"offer in sync: {exc}")
-                continue
-            self._take(signed, "sync")
-        self._take_digests(message.digests, stream.remote_peer_id)
-        try:
-            await stream.send(encode_message(self._outgoing()))
-            self.synced_by[stream.remote_peer_id] = self.clock.now_ms()
+            self._take_pushed(message, peer)
+            want, after = message.want, ""
+            for pages in range(1, MAX_SYNC_PAGES + 1):
+                answer = self._page(want, after, first=pages == 1)
+                await stream.send(encode_message(answer))
+                if not answer.more or pages == MAX_SYNC_PAGES:
+                    break
+                payload = await stream.receive(max_bytes=SYNC_FRAME_BYTES, timeout_s=SYNC_TIMEOUT_S)
+                after = decode_message(payload, max_bytes=SYNC_FRAME_BYTES, expect=("offers",)).after
+            self.synced_by[peer] = self.clock.now_ms()
             while len(self.synced_by) > SYNCED_BY_KEPT:
                 del self.synced_by[next(iter(self.synced_by))]
-        except (StreamClosed, trio.TooSlowError):
-            pass
+        except DecodeError as exc:
+            self._bad("bad-sync", peer, exc)
+        except (StreamClosed, trio.TooSlowError) as exc:
+            # A peer that left mid-sync (it stopped, its link dropped, it had pages
+            # enough) sent nothing bad: logged, not counted as refused input.
+            log.debug("offer sync from %s ended early: %s", peer, exc)
 
-    async def sync_with(self, peer_id: str, addrs: list[str] | tuple[str, ...] = (), *, push_own: bool = True) -> int:
-        """Push our offers to `peer_id` and take its book. Returns how many offers came back.
-        Without `push_own` the answer shows what gossip alone brought that peer of ours."""
+    def _take_pushed(self, message: OfferSync, peer: str) -> None:
+        """From a push we take the pusher's own offer only: anyone can collect thousands
+        of validly signed offers of fresh keys, and a provider must be a live peer
+        somewhere to enter a book (it publishes, or it syncs, itself)."""
+        others = 0
+        for signed in message.offers:
+            offer = self.book.open(signed, now_ms=self.clock.now_ms())
+            if offer is None:
+                self._bad("bad-offer", peer, "offer in sync does not verify, has expired, or cannot be dialed")
+            elif offer.peer_id != peer:
+                others += 1
+            else:
+                self._take(signed, "sync", peer=peer)
+        if others:
+            self._bad("relayed-offer", peer, f"pushed {others} offers of other peers in sync (only its own is taken)")
+        self._take_digests(message.digests, peer)
+
+    async def sync_with(self, peer_id: str, addrs: list[str] | tuple[str, ...] = (), *, push_own: bool = True,
+                        want: OfferWant | None = None) -> int:
+        """Push our own offer to `peer_id` and take the offers it holds that match `want`,
+        every page. Returns how many offers came back. Without `push_own` the answer shows
+        what gossip alone brought that peer of ours."""
+        own = self.own_offer() if push_own else None
+        opened: list[Offer | None] = []
+        count = 0
         async with self.p2p.open_stream(peer_id, addrs, OFFER_SYNC_PROTOCOL) as stream:
-            await stream.send(encode_message(self._outgoing(push_own=push_own)))
-            payload = await stream.receive(max_bytes=SYNC_FRAME_BYTES, timeout_s=SYNC_TIMEOUT_S)
-        message = decode_message(payload, max_bytes=SYNC_FRAME_BYTES, expect=("offers",))
-        opened = [self._take(signed, "sync") for signed in message.offers]
+            request = OfferSync((own,) if own else (), self._digests(), want=want)
+            for pages in range(1, MAX_SYNC_PAGES + 1):
+                await stream.send(encode_message(request))
+                payload = await stream.receive(max_bytes=SYNC_FRAME_BYTES, timeout_s=SYNC_TIMEOUT_S)
+                message = decode_message(payload, max_bytes=SYNC_FRAME_BYTES, expect=("offers",))
+                held = message.held_ms or (0,) * len(message.offers)
+                opened += [self._take(signed, "sync", peer=peer_id, held_ms=h) for signed, h in zip(message.offers, held)]
+                count += len(message.offers)
+                if pages == 1:
+                    self._take_digests(message.digests, peer_id)
+                # The cursor is the last book entry of the page (the answerer's own offer,
+                # which leads the first page, is not in its book).
+                page = [o for o in opened[-len(message.offers):] if o is not None and o.peer_id != peer_id] \
+                    if message.offers else []
+                if not message.more or not page:
+                    break
+                request = OfferSync((), want=want, after=max(o.peer_id for o in page))
         self.last_sync = {"peer": peer_id, "at_ms": self.clock.now_ms(), "offers": [o for o in opened if o is not None]}
-        self._take_digests(message.digests, peer_id)
-        return len(message.offers)
+        return count
 
 
 def bootstrap_peer_id(addr: str) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextvars
 import errno
 import logging
-import math
 import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_V11
 from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -53,12 +53,13 @@ from protocol.errors import DecodeError
 from protocol.stream import FRAME_HEADER, frame, frame_length
 
 from ..clock import SYSTEM_CLOCK
-from ..net import StreamClosed, StreamHandler, Validator
+from ..net import Admit, FrameRefused, StreamClosed, StreamHandler, Validator
 
 log = logging.getLogger("idlemesh.p2p")
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 2.0   # a restarted bootstrap is found again within this
 RECONNECT_POLL_S = 0.5  # how often a link is checked while it is up
+SUBSCRIPTION_QUEUE = 4096  # validated messages waiting per topic
 
 # Errors a stream can raise when the peer goes away; each becomes StreamClosed.
 _STREAM_GONE = (LibStreamClosed, StreamEOF, StreamReset, StreamError, SwarmException, StreamFailure,trio.BrokenResourceError,
@@ -88,11 +89,17 @@ class FramedStream:
             remaining -= len(chunk)
         return b"".join(chunks)
 
-    async def receive(self, *, max_bytes: int, timeout_s: float) -> bytes:
-        """One frame's payload. Raises DecodeError (too big), StreamClosed, or trio.TooSlowError."""
+    async def receive(self, *, max_bytes: int, timeout_s: float, admit: Admit | None = None) -> bytes:
+        """One frame's payload. Raises DecodeError (too big), StreamClosed, trio.TooSlowError,
+        or FrameRefused (its bytes read and dropped a chunk at a time)."""
         with trio.fail_after(timeout_s):
             header = await self._read_exactly(FRAME_HEADER.size)
             length = frame_length(header, max_bytes=max_bytes)
+            if admit is not None and not admit(length):
+                remaining = length
+                while remaining:
+                    remaining -= len(await self._read_exactly(min(remaining, 1 << 20)))
+                raise FrameRefused(length)
             return await self._read_exactly(length)
 
     async def send(self, payload: bytes, *, timeout_s: float = 30.0) -> None:
@@ -155,18 +162,25 @@ class P2PNode:
     @asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator["trio.MemoryReceiveChannel[tuple[str, bytes]]"]:
         """Messages on `topic` from other peers, as (origin peer id, data)."""
+        # The library's queue per topic holds 32 messages and drops the rest: a burst of
+        # 200 valid offers (one RPC) once stored only 33. Messages are validated (and
+        # rate-limited per origin) before they are queued, so a deeper queue is bounded
+        # by the peers we hear from.
+        pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = SUBSCRIPTION_QUEUE
         subscription = await self.pubsub.subscribe(topic)
-        send, receive = trio.open_memory_channel[tuple[str, bytes]](math.inf)
+        send, receive = trio.open_memory_channel[tuple[str, bytes]](SUBSCRIPTION_QUEUE)
         own_id = self.peer_id
 
         async def pump() -> None:
-            # Drain the library's 32-slot queue promptly; it drops when full.
             while True:
                 message = await subscription.get()
                 origin = ID(message.from_id).to_base58()
                 if origin == own_id:  # py-libp2p delivers our own publishes back to us
                     continue
-                send.send_nowait((origin, bytes(message.data)))
+                try:
+                    send.send_nowait((origin, bytes(message.data)))
+                except trio.WouldBlock:
+                    self.counters["subscription-overflow"] = self.counters.get("subscription-overflow", 0) + 1
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump)
