@@ -19,6 +19,7 @@ from protocol.job import BuyerJob, Delivered, ModelSent, Refused, Rejected
 from protocol.messages import JobRequest, Offer, SignedReceipt
 from protocol.settlement import Dispute, sign_dispute
 from protocol.signing import peer_id_from_public_key
+from protocol.stream import OfferWant
 from protocol.tensors import Tensor
 from protocol.topics import JOB_PROTOCOL
 
@@ -39,6 +40,10 @@ MODEL_UPLOAD_TIMEOUT_S = 120.0
 ACK_CONFIRM_TIMEOUT_S = 10.0  # for the provider's `settled`; without it the ack stays pending
 JOB_TTL_MS = 10 * 60_000
 RETRY_PROVIDERS = 3  # the placed provider and up to two others, per job
+# The matcher sees at most this many offers, the best ranked (good receipts with us, then
+# held longest by the bootstrap): a swarm of fresh keys with irresistible offers costs a
+# batch some failed dials, never every candidate.
+MAX_PLACEMENT_OFFERS = 64
 SYNC_ATTEMPTS = 5    # per bootstrap, 0.1 s apart and doubling: about 3 s before "cannot reach"
 EMPTY_BOOK_RETRIES_S = (0.5, 1.0, 2.0)  # waits before syncing again while every book is empty
 
@@ -170,6 +175,16 @@ class Buyer:
         self._outcomes: list[JobOutcome] = []
         self._summary: dict = {}
 
+    def _can_run(self, offer: Offer) -> bool:
+        return bool(offer.items_per_s(self.model_sha))
+
+    def _ranked(self, offers: list[Offer]) -> list[Offer]:
+        """Best first: offers whose providers settled with us most, then those held longest."""
+        def rank(offer: Offer) -> tuple:
+            entry = self.book.entry(offer.peer_id)
+            return (-self.book.standing(offer.peer_id), entry.first_seen_ms if entry else 0, offer.peer_id)
+        return sorted(offers, key=rank)
+
     async def _run_one(self, p2p, outcome: JobOutcome, offer: Offer, *, out_dir: Path | None = None) -> None:
         """One attempt of one job on one provider, driven by the protocol's BuyerJob
         machine; a provider that breaks the protocol fails this attempt (DecodeError),
@@ -300,7 +315,12 @@ class Buyer:
     async def run(self, *, on_progress=None) -> tuple[list[JobOutcome], dict]:
         spec = self.spec
         spec.out_dir.mkdir(parents=True, exist_ok=True)
-        book = OfferBook()
+        reputation = self.ledger.reputation()
+        book = OfferBook(wanted=self._can_run, standing=lambda pid: reputation.get(pid, {}).get("accepted", 0))
+        self.book = book
+        # Only offers that run our model, unless we owe some provider an ack: then every
+        # offer, to find it.
+        self.want = None if self.ledger.pending_acks() else OfferWant(models=(self.model_sha,))
         async with self.open_network(self.seed, ["/ip4/127.0.0.1/tcp/0"]) as p2p:
             gossip = OfferGossip(p2p, book, clock=self.clock)
             gossip.own_digest = lambda: own_digest(self.key, self.ledger.reputation(), self.ledger.provider_keys(),
@@ -323,7 +343,8 @@ class Buyer:
             # Acks a provider never confirmed (we crashed, it did, a stream broke) go first:
             # settling old jobs never waits for new ones.
             await self._deliver_pending_acks(p2p, current)
-            scores = provider_scores(self.ledger.reputation(), gossip.reputation, self.key.public_key)
+            scores = provider_scores(self.ledger.reputation(), gossip.reputation, self.key.public_key,
+                                     self.ledger.settled_with())
             trusted = [o for o in current if scores.get(o.peer_id, 0.5) >= spec.min_reputation]
             self.excluded = {o.peer_id: round(scores[o.peer_id], 3) for o in current if o not in trusted}
             offers = [o for o in trusted if o.available]
@@ -383,7 +404,7 @@ class Buyer:
         for attempt in range(SYNC_ATTEMPTS):
             try:
                 await p2p.connect(bootstrap_peer_id(addr), [addr])
-                await gossip.sync_with(bootstrap_peer_id(addr))
+                await gossip.sync_with(bootstrap_peer_id(addr), want=self.want)
                 return None
             except (StreamClosed, DecodeError, trio.TooSlowError) as exc:
                 error = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc).rsplit(": ", 1)[-1]
@@ -423,6 +444,7 @@ class Buyer:
 
     async def _run_jobs(self, p2p, offers: list[Offer], on_progress=None) -> None:
         spec = self.spec
+        offers = self._ranked([o for o in offers if o.items_per_s(self.model_sha)])[:MAX_PLACEMENT_OFFERS]
         self.offers = {o.peer_id: o for o in offers}
         job_ids, outcomes = self._journal_batch()
         todo = [j for j in job_ids if outcomes[j].state != "settled"]

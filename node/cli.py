@@ -141,7 +141,15 @@ def _provider_status(args) -> int:
     for m in status.get("models", []):
         print(f"  model {m['name']}: {m['items_per_s']:.1f} items/s [{m['source']}]")
     if status.get("counters"):
-        print(f"  refused inputs: {status['counters']}")
+        refused = status.get("refused") or {}
+        top = ", ".join(f"{peer[:16]} {n}" for peer, n in (refused.get("top_peers") or {}).items())
+        print(f"  refused inputs: {status['counters']}" + (f"; most from {top}" if top else ""))
+    for buyer, owed in (status.get("buyers_owing") or {}).items():
+        print(f"  buyer {buyer[:16]} owes {owed['unacked']} unacked jobs ({owed['unacked_s']:.1f} s) and had "
+              f"{owed['rejected']} rejected ({owed['rejected_s']:.1f} s) today; credit {status['credit_s']:g} s")
+    budget = status.get("request_budget")
+    if budget:
+        print(f"  requests held: {budget['held_mb']} of {budget['capacity_mb']} MiB (peak {budget['peak_mb']})")
     _print_offer_view(status.get("offer") or {}, now_ms=SYSTEM_CLOCK.now_ms())
     return 0
 

@@ -86,6 +86,8 @@ CREATE TRIGGER IF NOT EXISTS receipts_no_delete BEFORE DELETE ON receipts
 CREATE TRIGGER IF NOT EXISTS receipts_settle_once BEFORE UPDATE ON receipts
     WHEN OLD.status != 'unacked' OR NEW.receipt != OLD.receipt
     BEGIN SELECT RAISE(ABORT, 'a settled receipt never changes'); END;
+-- A provider asks, before each job, what the buyer owes it (unacked and rejected work).
+CREATE INDEX IF NOT EXISTS receipts_by_status ON receipts (status, counterparty, applied_at_ms);
 """
 
 
@@ -374,6 +376,35 @@ class Ledger:
             row["disputed"] = n
             row["accepted"] = max(0, row["accepted"] - n)  # a disputed receipt is no longer good
         return out
+
+    def owed_by(self, buyer: str, *, rejected_since_ms: int) -> dict[str, float]:
+        """A buyer's standing with us as its provider: compute seconds delivered and not
+        acked (ever), and rejected since `rejected_since_ms`, with their counts."""
+        out = {"unacked": 0, "unacked_s": 0.0, "rejected": 0, "rejected_s": 0.0}
+        for status, n, compute_ms in self.db.execute(
+                "SELECT status, COUNT(*), COALESCE(SUM(compute_ms), 0) FROM receipts WHERE role = 'provider' "
+                "AND counterparty = ? AND (status = 'unacked' OR (status = 'rejected' AND applied_at_ms >= ?)) "
+                "GROUP BY status", (buyer, rejected_since_ms)):
+            out[status], out[f"{status}_s"] = n, compute_ms / 1000
+        return out
+
+    def buyers_owing(self, *, rejected_since_ms: int, limit: int = 10) -> dict[str, dict[str, float]]:
+        """The buyers that owe us most (unacked plus recently rejected compute seconds)."""
+        out: dict[str, dict[str, float]] = {}
+        for buyer, status, n, compute_ms in self.db.execute(
+                "SELECT counterparty, status, COUNT(*), COALESCE(SUM(compute_ms), 0) FROM receipts "
+                "WHERE role = 'provider' AND (status = 'unacked' OR (status = 'rejected' AND applied_at_ms >= ?)) "
+                "GROUP BY counterparty, status", (rejected_since_ms,)):
+            row = out.setdefault(buyer, {"unacked": 0, "unacked_s": 0.0, "rejected": 0, "rejected_s": 0.0})
+            row[status], row[f"{status}_s"] = n, round(compute_ms / 1000, 3)
+        top = sorted(out.items(), key=lambda kv: -(kv[1]["unacked_s"] + kv[1]["rejected_s"]))[:limit]
+        return dict(top)
+
+    def settled_with(self) -> dict[str, int]:
+        """Jobs settled (accepted) with each counterparty, in either role: the evidence a
+        reputation digest from that peer is weighed by."""
+        return dict(self.db.execute("SELECT counterparty, COUNT(*) FROM receipts WHERE status = 'accepted' "
+                                    "GROUP BY counterparty"))
 
     def provider_keys(self) -> dict[str, bytes]:
         """Public key of each provider we bought from, by peer id."""

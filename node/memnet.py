@@ -25,7 +25,7 @@ import trio
 from protocol.errors import DecodeError
 from protocol.signing import SigningKey
 
-from .net import StreamClosed, StreamHandler, Validator
+from .net import Admit, FrameRefused, StreamClosed, StreamHandler, Validator
 
 log = logging.getLogger("idlemesh.memnet")
 RECONNECT_S = 0.5
@@ -41,7 +41,7 @@ class MemoryStream:
         self._outbox = outbox
         self.send_delay_s = send_delay_s
 
-    async def receive(self, *, max_bytes: int, timeout_s: float) -> bytes:
+    async def receive(self, *, max_bytes: int, timeout_s: float, admit: Admit | None = None) -> bytes:
         with trio.fail_after(timeout_s):
             try:
                 payload = await self._inbox.receive()
@@ -49,6 +49,8 @@ class MemoryStream:
                 raise StreamClosed(f"stream from {self.remote_peer_id} closed") from None
         if len(payload) > max_bytes:
             raise DecodeError(f"frame: length {len(payload)} exceeds the cap of {max_bytes}")
+        if admit is not None and not admit(len(payload)):
+            raise FrameRefused(len(payload))
         return payload
 
     async def send(self, payload: bytes, *, timeout_s: float = 30.0) -> None:

@@ -18,13 +18,26 @@ class StreamClosed(Exception):
     """The peer closed or reset the stream, or the connection dropped."""
 
 
+class FrameRefused(Exception):
+    """A frame the reader's `admit` turned down by its length: its bytes were read and
+    dropped, never held, and the stream is still usable for an answer."""
+
+    def __init__(self, length: int):
+        super().__init__(f"a frame of {length} bytes was not admitted")
+        self.length = length
+
+
+Admit = Callable[[int], bool]
+
+
 class Stream(Protocol):
     """Frames over one direct stream, with a cap and a timeout on every read."""
 
     remote_peer_id: str
 
-    async def receive(self, *, max_bytes: int, timeout_s: float) -> bytes:
-        """One frame's payload. Raises DecodeError (too big), StreamClosed or trio.TooSlowError."""
+    async def receive(self, *, max_bytes: int, timeout_s: float, admit: Admit | None = None) -> bytes:
+        """One frame's payload. Raises DecodeError (too big), StreamClosed or trio.TooSlowError;
+        FrameRefused when `admit(length)`, asked before the body is read, says no."""
 
     async def send(self, payload: bytes, *, timeout_s: float = 30.0) -> None: ...
 
@@ -67,4 +80,4 @@ class Network(Protocol):
 
 
 OpenNetwork = Callable[[bytes, list[str]], AbstractAsyncContextManager[Network]]
-__all__ = ["AsyncIterator", "Network", "OpenNetwork", "Stream", "StreamClosed", "StreamHandler", "Validator"]
+__all__ = ["Admit", "AsyncIterator", "FrameRefused", "Network", "OpenNetwork", "Stream", "StreamClosed", "StreamHandler", "Validator"]

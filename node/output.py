@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 # Tables print peer ids by this many leading characters ("12D3KooW" + 8 that differ):
 # enough to tell peers apart, and what `settle` and `receipts --peer` accept back.
 PEER_PREFIX = 16
+
+
+def write_json_atomic(path: Path, value: dict) -> None:
+    """A status file a reader never sees half-written."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
 
 
 def print_outcomes(outcomes, summary, as_json: bool) -> None:

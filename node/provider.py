@@ -7,7 +7,6 @@ counted, logged drop (with the peer id) and, where the stream still works, a Job
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -40,11 +39,13 @@ from .identity import load_key
 from .ledger import Ledger, LedgerError, LedgerWriter
 from .metrics import NodeMetrics
 from .offers import OfferBook
-from .net import OpenNetwork, Stream, StreamClosed
+from .net import FrameRefused, OpenNetwork, Stream, StreamClosed
 from .p2p import check_listen_addrs, open_p2p_node
 from .policy import Availability, CarbonSchedule, IdleGate, OwnerLoad, decide
 from .power import probe_meter
 from .ratelimit import PeerRateLimit
+from .output import write_json_atomic
+from .refusals import Refusals
 
 log = logging.getLogger("idlemesh.provider")
 
@@ -56,6 +57,29 @@ REFRESHES_PER_TTL = 3
 # not reaching it (status warns, and we push the offer by sync).
 STALE_REFRESHES = 2
 READ_TIMEOUT_S = 30.0
+FREE_FRAME_BYTES = 1 << 20  # frames up to this size (control, small jobs) need no admission
+CREDIT_WINDOW_MS = 24 * 3600 * 1000  # rejected work counts against a buyer's credit this long
+
+
+class ByteBudget:
+    """Bytes of big frames (job requests, model uploads) held at once. A frame that does
+    not fit is refused, unless nothing is held: then even one bigger than the budget
+    (a maximal model) gets in, alone. Held bytes never exceed max(capacity, one frame)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.held = 0
+        self.peak = 0
+
+    def take(self, n: int) -> bool:
+        if self.held and self.held + n > self.capacity:
+            return False
+        self.held += n
+        self.peak = max(self.peak, self.held)
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
 MODEL_UPLOAD_TIMEOUT_S = 120.0
 
 
@@ -92,10 +116,13 @@ class Provider:
         self.profile: Profile | None = None
         self.power: PowerFigures | None = None
         self.book = OfferBook()
-        self.counters: dict[str, int] = {}
+        self.refusals = Refusals(log, emit=emit, on_count=lambda code: self.metrics.refused.labels(code).inc(),
+                                 clock=self.clock)
+        self.counters = self.refusals.by_reason
         self.jobs_done = 0
         self._job_limit = PeerRateLimit(*JOBS_PER_PEER)
         self._claimed: set[str] = set()  # jobs being uploaded or run: a second stream for one is `busy`
+        self.request_budget = ByteBudget(int(config.request_budget_mb * 1024 * 1024))
         self._running: set[str] = set()  # jobs accepted and not yet finished
         self._signed_offer: bytes | None = None
         self.offer_log: dict = {}  # our current offer: issued/expires, publishes, last error
@@ -110,12 +137,9 @@ class Provider:
         self.p2p = None
 
     def count(self, name: str, peer: str, detail: object) -> None:
-        """Count a refused input from a peer; the event lets a watcher (devnet, tests)
-        see each one as it happens."""
-        self.counters[name] = self.counters.get(name, 0) + 1
-        self.metrics.refused.labels(name).inc()
-        log.info("%s from %s: %s", name, peer, detail)
-        emit("refused", code=name, peer=peer)
+        """Count a refused input from a peer (by reason and peer); the log line and the
+        `refused` event that lets a watcher (devnet, tests) see it are rate-limited."""
+        self.refusals(name, peer, detail)
 
     # --- capability and offer ---------------------------------------------------------
 
@@ -239,7 +263,13 @@ class Provider:
             "pid": os.getpid(), "peer_id": self.key.peer_id, "updated_at_ms": self.clock.now_ms(),
             "selling": self.availability.selling, "reason": self.availability.reason,
             "owner_load": round(self.owner_load, 3), "jobs_running": len(self._running), "jobs_done": self.jobs_done,
-            "counters": self.counters, "slots": self.config.slots,
+            "counters": dict(self.counters), "refused": self.refusals.snapshot(),
+            "buyers_owing": self.ledger.buyers_owing(rejected_since_ms=self.clock.now_ms() - CREDIT_WINDOW_MS),
+            "credit_s": self.config.credit_s,
+            "request_budget": {"capacity_mb": self.request_budget.capacity >> 20,
+                               "held_mb": round(self.request_budget.held / (1 << 20), 1),
+                               "peak_mb": round(self.request_budget.peak / (1 << 20), 1)},
+            "slots": self.config.slots,
             "carbon_g_per_kwh": self.carbon.at(datetime.now(timezone.utc)), "carbon_source": self.carbon.source,
             "carbon_ceiling": self.config.carbon_ceiling, "idle_only": self.config.idle_only,
             "meter": self.meter.source if self.meter else None,
@@ -255,10 +285,7 @@ class Provider:
         }
 
     def write_status(self) -> None:
-        path = self.config.home / STATUS_NAME
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.status(), indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(self.config.home / STATUS_NAME, self.status())
 
     @property
     def refresh_s(self) -> float:
@@ -367,9 +394,31 @@ class Provider:
         except (StreamClosed, trio.TooSlowError):
             pass
 
-    async def _receive(self, stream: Stream, job: ProviderJob, *, timeout_s: float = READ_TIMEOUT_S) -> Step:
-        payload = await stream.receive(max_bytes=job.max_frame_bytes, timeout_s=timeout_s)
+    async def _receive(self, stream: Stream, job: ProviderJob, *, timeout_s: float = READ_TIMEOUT_S,
+                       held: list[int] | None = None) -> Step:
+        """The next frame, through the machine. With `held`, a frame over FREE_FRAME_BYTES
+        must fit the request budget first; its size is appended to `held`, for the
+        caller to give back once the job is done."""
+        def admit(length: int) -> bool:
+            if length <= FREE_FRAME_BYTES:
+                return True
+            if not self.request_budget.take(length):
+                return False
+            held.append(length)
+            return True
+
+        payload = await stream.receive(max_bytes=job.max_frame_bytes, timeout_s=timeout_s,
+                                       admit=admit if held is not None else None)
         return job.receive(payload, now_ms=self.clock.now_ms())
+
+    def _over_credit(self, buyer_peer: str) -> str:
+        """Why this buyer gets settle-first instead of service, or ""."""
+        owed = self.ledger.owed_by(buyer_peer, rejected_since_ms=self.clock.now_ms() - CREDIT_WINDOW_MS)
+        if owed["unacked_s"] + owed["rejected_s"] <= self.config.credit_s:
+            return ""
+        return (f"{owed['unacked']} jobs ({owed['unacked_s']:.1f} compute s) unacked and {owed['rejected']} "
+                f"({owed['rejected_s']:.1f} s) rejected in the last day exceed the credit of {self.config.credit_s:g} s "
+                "this provider extends: ack them (idlemesh settle) first")
 
     async def _serve_job(self, stream: Stream) -> None:
         """One job stream, driven by the protocol's ProviderJob machine: it decides which
@@ -381,8 +430,9 @@ class Provider:
             with trio.move_on_after(READ_TIMEOUT_S):
                 await self._refuse(stream, job, peer, "rate-limited", "too many job streams from this peer; slow down")
             return
+        held: list[int] = []  # bytes of this job's big frames, given back to the budget at the end
         try:
-            step = await self._receive(stream, job)
+            step = await self._receive(stream, job, held=held)
             if job.state == "failed":  # refused by the machine: wrong provider, expired
                 refused = step.events[0]
                 self.count(refused.code, peer, refused.message)
@@ -401,6 +451,9 @@ class Provider:
                     return
                 return await self._refuse(stream, job, peer, "replay", f"job {request.job_id} was already run "
                                           "and its result is no longer kept")
+            over_credit = self._over_credit(peer)
+            if over_credit:
+                return await self._refuse(stream, job, peer, "settle-first", over_credit)
             if not self.availability.selling:
                 return await self._refuse(stream, job, peer, "withdrawn", f"not selling now: {self.availability.reason}")
             capability = next((m for m in self.models if m.sha256 == request.model_sha256), None)
@@ -422,15 +475,23 @@ class Provider:
             try:
                 if not self.store.has(request.model_sha256):
                     await self._send(stream, job.need_model())
-                    step = await self._receive(stream, job, timeout_s=MODEL_UPLOAD_TIMEOUT_S)
+                    before = len(held)
+                    step = await self._receive(stream, job, timeout_s=MODEL_UPLOAD_TIMEOUT_S, held=held)
                     if job.state == "failed":
                         self.count("model-invalid", peer, step.events[0].message)
                         await self._send(stream, step)
                         return
                     self.store.put(step.events[0].sha256, step.events[0].data)
+                    step = None  # the model's bytes are on disk now: its share of the budget goes back
+                    if len(held) > before:
+                        self.request_budget.give(held.pop())
                 await self._run_job(stream, job, peer)
             finally:
                 self._claimed.discard(request.job_id)
+        except FrameRefused as exc:
+            await self._refuse(stream, job, peer, "busy", f"{exc.length} bytes do not fit in the "
+                               f"{self.request_budget.capacity >> 20} MiB of requests this provider holds at once; "
+                               "ask again later")
         except JobFailed as exc:
             await self._refuse(stream, job, peer, exc.code, str(exc))
         except DecodeError as exc:
@@ -442,6 +503,8 @@ class Provider:
             self.count("stream-closed" if job.state != "delivered" else "no-ack", peer, exc)
             if job.state == "delivered":
                 self.metrics.jobs.labels("unacked").inc()
+        finally:
+            self.request_budget.give(sum(held))
 
     async def _run_job(self, stream: Stream, job: ProviderJob, peer: str) -> None:
         request = job.request
@@ -564,7 +627,7 @@ class Provider:
         self.ledger.close()
         self.writer.close()
         (self.config.home / STATUS_NAME).unlink(missing_ok=True)
-        emit("stopped", role="provider", counters=self.counters)
+        emit("stopped", role="provider", counters=dict(self.counters))
         return signum
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -1,10 +1,12 @@
 """Provider reputation: counts of accepted, rejected and disputed receipts.
 
 A buyer's own ledger is its first source. Signed digests from other buyers travel in
-offer sync and, relayed by bootstrap nodes, on gossip at a low rate. Each issuer's
-newest unexpired digest counts, with every count capped, so one issuer (or a swarm of
-fresh keys) can move a provider's score only so far; the score is a smoothed share of
-good receipts, a dispute weighing like four rejections.
+offer sync and, relayed by bootstrap nodes, on gossip at a low rate. A digest is a
+claim anyone can sign, so it counts only in proportion to evidence we hold ourselves:
+the jobs its issuer settled with us (as buyer or provider), full weight from
+`HISTORY_FOR_FULL_WEIGHT` of them. A fresh key weighs nothing, so no number of them can
+move a score; each issuer's newest unexpired digest counts, with every count capped.
+The score is a smoothed share of good receipts, a dispute weighing like four rejections.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ log = logging.getLogger("idlemesh.reputation")
 DIGEST_TTL_MS = 24 * 3600 * 1000
 MAX_ISSUERS = 1000
 COUNT_CAP_PER_ISSUER = 50      # how much one other buyer's report can weigh, per provider
-OTHERS_WEIGHT = 0.5            # others' reports count half as much as our own
+OTHERS_WEIGHT = 0.5            # others' reports count half as much as our own, at most
+HISTORY_FOR_FULL_WEIGHT = 20   # jobs an issuer settled with us before its digest weighs fully
 DISPUTE_WEIGHT = 4.0
 
 
@@ -59,22 +62,26 @@ class ReputationBook:
             del self.digests[issuer]
         return [signed for _, signed in self.digests.values()]
 
-    def counts(self, *, exclude_issuer: bytes | None = None) -> dict[str, list[float]]:
-        """peer id -> [accepted, rejected, disputed] from others, capped and weighted."""
+    def counts(self, history: dict[str, int], *, exclude_issuer: bytes | None = None) -> dict[str, list[float]]:
+        """peer id -> [accepted, rejected, disputed] from others, capped, and weighted by
+        `history`: jobs each issuer (by peer id) settled with us."""
         out: dict[str, list[float]] = {}
         for issuer, (digest, _) in self.digests.items():
-            if issuer == exclude_issuer:
+            weight = OTHERS_WEIGHT * min(1.0, history.get(peer_id_from_public_key(issuer), 0) / HISTORY_FOR_FULL_WEIGHT)
+            if issuer == exclude_issuer or weight == 0:
                 continue
             for e in digest.entries:
                 row = out.setdefault(peer_id_from_public_key(e.provider), [0.0, 0.0, 0.0])
                 for i, n in enumerate((e.accepted, e.rejected, e.disputed)):
-                    row[i] += OTHERS_WEIGHT * min(n, COUNT_CAP_PER_ISSUER)
+                    row[i] += weight * min(n, COUNT_CAP_PER_ISSUER)
         return out
 
 
-def provider_scores(own: dict[str, dict[str, int]], book: ReputationBook | None, me: bytes) -> dict[str, float]:
-    """Score per provider peer id from our ledger's counts plus others' digests."""
-    totals: dict[str, list[float]] = book.counts(exclude_issuer=me) if book else {}
+def provider_scores(own: dict[str, dict[str, int]], book: ReputationBook | None, me: bytes,
+                    history: dict[str, int] | None = None) -> dict[str, float]:
+    """Score per provider peer id from our ledger's counts plus others' digests, each
+    weighted by the jobs its issuer settled with us (`history`, by peer id)."""
+    totals: dict[str, list[float]] = book.counts(history or {}, exclude_issuer=me) if book else {}
     for provider, c in own.items():
         row = totals.setdefault(provider, [0.0, 0.0, 0.0])
         row[0] += c.get("accepted", 0)

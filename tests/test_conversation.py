@@ -111,7 +111,7 @@ class Market:
         seed = load_or_create_seed(self.tmp_path / "bootstrap")
         node = await self.start("bootstrap", lambda task_status: serve_bootstrap(
             seed, ["/memory"], open_network=self.network.open_node, clock=self.clock, task_status=task_status))
-        return node.listen_addrs[0]
+        return node.p2p.listen_addrs[0]
 
     async def start_provider(self, name: str, bootstrap: str, **kwargs) -> Provider:
         provider = make_provider(self.tmp_path, name, self.network, self.clock, bootstrap, **kwargs)

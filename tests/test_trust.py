@@ -53,7 +53,12 @@ def test_reputation_digests_count_capped_and_signed():
     tampered = bytearray(bad_report)
     tampered[-3] ^= 1
     assert not book.add(bytes(tampered), now_ms=2_000) and book.rejected == 1
-    # One issuer's 1,000 disputes weigh as a capped, halved 50: our own 100 good receipts win.
-    scores = provider_scores({provider.peer_id: {"accepted": 100, "rejected": 0, "disputed": 0}}, book, me.public_key)
-    assert scores[provider.peer_id] > 0.25
+    own = {provider.peer_id: {"accepted": 100, "rejected": 0, "disputed": 0}}
+    # A stranger's digest weighs nothing: it holds no evidence we can check.
+    assert provider_scores(own, book, me.public_key) == {provider.peer_id: score(100, 0, 0)}
+    # From an issuer with a long settled history with us, 1,000 disputes weigh as a
+    # capped, halved 50: our own 100 good receipts still win.
+    scores = provider_scores(own, book, me.public_key, {other.peer_id: 100})
+    assert score(100, 0, 0) > scores[provider.peer_id] > 0.25
+    assert provider_scores({}, book, me.public_key, {other.peer_id: 100})[provider.peer_id] < 0.25
     assert score(0, 0, 0) == 0.5 and score(0, 0, 1) < 0.25
