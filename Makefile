@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench soak chaos clean
+.PHONY: demo test bench soak chaos abuse clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ bench: $(BIN)/.installed
 
 soak: $(BIN)/.installed  # 10 providers, default offer lifetime, 10 minutes, a bootstrap restart at minute 5
 	$(BIN)/python bench/soak.py --providers 10 --minutes 10 --restart-bootstrap-at 5
+
+abuse: $(BIN)/.installed  # Sybil flood, sync size and provider RSS under large requests (about 4 minutes)
+	$(BIN)/python bench/abuse.py
 
 chaos: $(BIN)/.installed  # 30 seeded random fault schedules against settlement, then the invariants (about 10 minutes)
 	$(BIN)/python bench/chaos.py --schedules 30 --seed 1

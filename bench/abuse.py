@@ -4,7 +4,7 @@
   only), `--connected` fresh identities each connect and sync their own irresistible
   offer, then a fresh buyer's sync for its model: offers and bytes it takes, pages, and
   whether its submit settles on honest providers;
-- rss: `--requests` concurrent requests of `--request-mib` MiB against one provider with
+- rss: for each `--rss NxM`, N concurrent requests of M MiB against a fresh provider with
   its default request budget: how many were served or answered busy, and the
   provider's resting and peak resident memory (VmHWM).
 """
@@ -49,6 +49,13 @@ def vm_mb(pid: int, field: str) -> float:
     raise RuntimeError(field)
 
 
+async def wait_for_status(path: Path, *, after_s: float) -> dict:
+    """The bootstrap's next status file (it writes one every few seconds)."""
+    while not path.exists() or path.stat().st_mtime < after_s:
+        await trio.sleep(0.5)
+    return json.loads(path.read_text())
+
+
 async def sync_figures(root: Path, pushed: int, connected: int) -> dict:
     async with open_devnet(2, root=root) as net:
         boot_id, boot_addr = bootstrap_peer_id(net.bootstrap_addr), net.bootstrap_addr
@@ -59,8 +66,16 @@ async def sync_figures(root: Path, pushed: int, connected: int) -> dict:
             flood = [irresistible_offer(k, (f"/ip4/127.0.0.1/tcp/1/p2p/{k.peer_id}",), MODEL_SHA) for k in keys]
             for i in range(0, len(flood), 4000):
                 await push(attacker, boot_id, boot_addr, flood[i:i + 4000])
-        for i in range(connected):
-            await connected_sybil(boot_id, boot_addr, MODEL_SHA)
+        # Eight at a time, so that all of them are in the book within one offer lifetime.
+        limit = trio.CapacityLimiter(8)
+
+        async def one_sybil() -> None:
+            async with limit:
+                await connected_sybil(boot_id, boot_addr, MODEL_SHA)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(connected):
+                nursery.start_soon(one_sybil)
         attack_s = time.perf_counter() - started
         async with open_p2p_node(secrets.token_bytes(32), ["/ip4/127.0.0.1/tcp/0"]) as reader:
             book = OfferBook()
@@ -68,6 +83,7 @@ async def sync_figures(root: Path, pushed: int, connected: int) -> dict:
             count = await OfferGossip(reader, book).sync_with(boot_id, [boot_addr], want=OfferWant(models=(MODEL_SHA,)))
             sync_ms = (time.perf_counter() - started) * 1000
         entries = book.current(now_ms=int(time.time() * 1000))
+        status = await wait_for_status(root / "bootstrap" / "status.json", after_s=time.time())
         x = np.random.default_rng(1).random((1, 3, 224, 224), dtype=np.float32)
         outcomes, summary = await Buyer(SubmitSpec(model_path=MODEL, inputs={"data_0": x}, count=4,
                                                    bootstrap=[boot_addr], home=root / "buyer",
@@ -79,6 +95,8 @@ async def sync_figures(root: Path, pushed: int, connected: int) -> dict:
             "submit_settled": sum(o.state == "settled" for o in outcomes), "submit_jobs": len(outcomes),
             "submit_on_honest": sum(o.provider in honest for o in outcomes),
             "bootstrap_vm_hwm_mb": vm_mb(net.bootstrap.process.pid, "VmHWM"),
+            "bootstrap_status": {k: status.get(k) for k in ("offers_held", "offer_bytes", "offers_evicted",
+                                                            "offers_refused_full", "refused")},
         }
 
 
@@ -96,6 +114,8 @@ async def rss_figures(root: Path, requests: int, request_mib: int) -> dict:
                 event, _ = await job_without_ack(p2p, provider["peer_id"], provider["addrs"], SigningKey(seed),
                                                  MODEL, rows=rows, seed=i)
                 results.append("served" if isinstance(event, Delivered) else event.code)
+                if not isinstance(event, Delivered):
+                    print(f"request {i}: {event.code}: {event.message}", file=sys.stderr)
 
         async with trio.open_nursery() as nursery:
             for i in range(requests):
@@ -106,14 +126,17 @@ async def rss_figures(root: Path, requests: int, request_mib: int) -> dict:
                 "busy": results.count("busy"), "other": [r for r in results if r not in ("served", "busy")],
                 "request_budget_mb": budget_mb, "provider_resting_rss_mb": resting, "provider_peak_rss_mb": peak,
                 "peak_over_resting_mb": round(peak - resting, 1),
-                "documented_ceiling_mb": round(resting + 3 * budget_mb, 1)}
+                "documented_ceiling_mb": round(resting + 4 * budget_mb, 1)}
 
 
 async def main(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="idlemesh-abuse-"))
     out = {"bench": "abuse"}
-    out["sync"] = await sync_figures(root / "sync", args.pushed, args.connected)
-    out["rss"] = await rss_figures(root / "rss", args.requests, args.request_mib)
+    if args.connected or args.pushed:
+        out["sync"] = await sync_figures(root / "sync", args.pushed, args.connected)
+    for spec in args.rss:
+        requests, request_mib = (int(v) for v in spec.split("x"))
+        out[f"rss_{requests}x{request_mib}mib"] = await rss_figures(root / f"rss-{spec}", requests, request_mib)
     print(json.dumps(out, indent=2))
 
 
@@ -121,6 +144,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pushed", type=int, default=2000)
     parser.add_argument("--connected", type=int, default=300)
-    parser.add_argument("--requests", type=int, default=4)
-    parser.add_argument("--request-mib", type=int, default=76)
+    parser.add_argument("--rss", nargs="*", default=["4x76", "16x12"],
+                        help="concurrent requests x MiB each, one fresh provider per entry (a tensor is capped "
+                             "at 64 MiB, so 76 MiB requests are read and decoded, then refused as bad-request)")
     trio.run(main, parser.parse_args())

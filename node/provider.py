@@ -57,12 +57,11 @@ REFRESHES_PER_TTL = 3
 # not reaching it (status warns, and we push the offer by sync).
 STALE_REFRESHES = 2
 READ_TIMEOUT_S = 30.0
-FREE_FRAME_BYTES = 1 << 20  # frames up to this size (control, small jobs) need no admission
 CREDIT_WINDOW_MS = 24 * 3600 * 1000  # rejected work counts against a buyer's credit this long
 
 
 class ByteBudget:
-    """Bytes of big frames (job requests, model uploads) held at once. A frame that does
+    """Bytes of job requests and model uploads held at once. A frame that does
     not fit is refused, unless nothing is held: then even one bigger than the budget
     (a maximal model) gets in, alone. Held bytes never exceed max(capacity, one frame)."""
 
@@ -160,9 +159,13 @@ class Provider:
             verdict = modelcheck.check(str(path))  # the operator's own files: checked in-process
             if not verdict["ok"]:
                 raise SystemExit(f"model {path}: {verdict['error']}")
-            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            data = path.read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
             wanted[sha] = path
             self.executor.trust(sha, verdict)
+            if not self.store.has(sha):
+                # Held from the start: a buyer of a model we offer never uploads it.
+                self.store.put(sha, data)
         profile = load_profile(c.home)
         if profile is not None and profile.speed_factor != c.speed_factor:
             profile = None  # measured as another (simulated) device: none of it applies
@@ -396,12 +399,10 @@ class Provider:
 
     async def _receive(self, stream: Stream, job: ProviderJob, *, timeout_s: float = READ_TIMEOUT_S,
                        held: list[int] | None = None) -> Step:
-        """The next frame, through the machine. With `held`, a frame over FREE_FRAME_BYTES
-        must fit the request budget first; its size is appended to `held`, for the
+        """The next frame, through the machine. With `held` (a request or a model), the
+        frame must fit the request budget first; its size is appended to `held`, for the
         caller to give back once the job is done."""
         def admit(length: int) -> bool:
-            if length <= FREE_FRAME_BYTES:
-                return True
             if not self.request_budget.take(length):
                 return False
             held.append(length)

@@ -14,7 +14,7 @@ from typing import Callable
 from .clock import SYSTEM_CLOCK, Clock
 from .ratelimit import PeerRateLimit
 
-BURST = 20
+BURST = 50
 EVERY_S = 10.0
 MAX_PEERS_KEPT = 256  # peers counted one by one; the rest are summed under "other"
 
