@@ -102,6 +102,10 @@ def open_envelope(data: bytes, expected_type: str, *, max_bytes: int) -> Envelop
     body = fields.bytes("body", max_len=max_bytes)
     signature = fields.bytes("sig", size=64)
     verify(signer, DOMAINS[expected_type], body, signature)
+    # One message, one encoding: a signed envelope or body in any other form is refused,
+    # so its sha256 (receipt ids in acks, ledgers, disputes) names exactly one message.
+    codec.check_canonical(data, f"{expected_type} envelope")
+    codec.check_canonical(body, f"{expected_type} body")
     return Envelope(msg_type, signer, body, signature)
 
 
