@@ -260,7 +260,39 @@ def run(directory: Path) -> list[str]:
         payload = decode(data[4:])
         expect(payload.get("kind") == v["kind"], f"frame {v['kind']}: kind")
         expect(encode(untyped(v["payload"])) == data[4:], f"frame {v['kind']}: encoding")
+    for v in json.loads((directory / "negative_frames.json").read_text()):
+        try:
+            read_frame(bytes.fromhex(v["frame_hex"]), v["cap"], v["expect"])
+            expect(False, f"frame accepted: {v['name']}")
+        except Refused as exc:
+            expect(exc.category == v["error"], f"{v['name']}: refused as {exc.category}, expected {v['error']}")
     return failures
+
+
+# --- section 7: frames --------------------------------------------------------------------
+
+ACCEPTED_FIELDS = {"accepted": {"job_id": "hex16", "queue_position": int}}
+
+
+def read_frame(data: bytes, cap: int, expect: list[str]) -> dict:
+    """One frame at a position that allows `expect` kinds under `cap` bytes. Checks the
+    fields of `accepted` fully (enough for the vectors); other kinds by their kind."""
+    (length,) = struct.unpack(">I", data[:4])
+    if length > cap:
+        raise Refused("size", f"{length} > {cap}")
+    payload = decode(data[4:4 + length])
+    if not isinstance(payload, dict) or not isinstance(payload.get("kind"), str):
+        raise Refused("field", "not a map with a kind")
+    if payload["kind"] not in expect:
+        raise Refused("kind", payload["kind"])
+    for name, kind in ACCEPTED_FIELDS.get(payload["kind"], {}).items():
+        value = payload.get(name)
+        if kind == "hex16":
+            if not (isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)):
+                raise Refused("field", name)
+        elif not isinstance(value, kind) or isinstance(value, bool):
+            raise Refused("field", name)
+    return payload
 
 
 if __name__ == "__main__":

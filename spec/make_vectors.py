@@ -191,6 +191,24 @@ def frame_vectors() -> list[dict]:
     return out
 
 
+def negative_frame_vectors() -> list[dict]:
+    """Frames a reader at a given position (its cap, the kinds it expects) must refuse."""
+    accepted = encode_message(Accepted("0123456789abcdef0123456789abcdef", 0))
+    return [
+        {"name": "length over the control cap", "cap": 65536, "expect": ["accepted"],
+         "frame_hex": (65537).to_bytes(4, "big").hex() + "00" * 16, "error": "size"},
+        {"name": "a kind not legal here", "cap": 65536, "expect": ["need-model", "accepted", "result", "error"],
+         "frame_hex": frame(encode_message(Ack(b"x"))).hex(), "error": "kind"},
+        {"name": "payload is not a map", "cap": 65536, "expect": ["accepted"],
+         "frame_hex": frame(codec.encode([1, 2])).hex(), "error": "field"},
+        {"name": "a required field missing", "cap": 65536, "expect": ["accepted"],
+         "frame_hex": frame(codec.encode({"kind": "accepted", "job_id": "0123456789abcdef0123456789abcdef"})).hex(),
+         "error": "field"},
+        {"name": "job id in upper-case hex", "cap": 65536, "expect": ["accepted"],
+         "frame_hex": frame(accepted.replace(b"0123456789abcdef", b"0123456789ABCDEF")).hex(), "error": "field"},
+    ]
+
+
 def canonical_vectors() -> dict:
     ints = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1, -1, -32, -33, -128, -129,
             -32768, -32769, -2**31, -2**31 - 1, -2**63]
@@ -215,6 +233,7 @@ def write(directory: Path) -> list[Path]:
     files = {
         "peer_ids.json": peer_id_vectors(), "canonical.json": canonical_vectors(), "tensors.json": tensor_vectors(),
         "envelopes.json": envelope_vectors(), "negative.json": negative_vectors(), "frames.json": frame_vectors(),
+        "negative_frames.json": negative_frame_vectors(),
     }
     written = []
     for name, content in files.items():

@@ -23,7 +23,7 @@ from protocol.job import MAX_CLOCK_SKEW_MS
 from protocol.messages import open_job_request, open_offer
 from protocol.settlement import OPENERS
 from protocol.signing import DOMAINS
-from protocol.stream import ERROR_CODES, decode_message
+from protocol.stream import ERROR_CODES, decode_message, frame_length
 
 SPEC = Path(__file__).resolve().parents[1] / "spec"
 VECTORS = SPEC / "vectors"
@@ -101,6 +101,16 @@ def test_the_reference_code_accepts_every_positive_vector_and_refuses_every_nega
         data = bytes.fromhex(v["frame_hex"])
         message = decode_message(data[4:], max_bytes=1 << 24, expect=(v["kind"],))
         kinds.add(message.kind)
+    for v in load("negative_frames.json"):
+        data = bytes.fromhex(v["frame_hex"])
+        try:
+            length = frame_length(data[:4], max_bytes=v["cap"])
+            decode_message(data[4:4 + length], max_bytes=v["cap"], expect=tuple(v["expect"]))
+        except DecodeError as exc:
+            got = "kind" if "frame.kind: expected" in str(exc) else category(exc)
+            assert got == v["error"], (v["name"], exc)
+        else:
+            raise AssertionError(f"frame accepted: {v['name']}")
     assert kinds == {"submit", "need-model", "model", "accepted", "result", "error", "ack", "settled", "offers",
                      "settle-acks", "settle-held"}
 
