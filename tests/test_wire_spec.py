@@ -1,6 +1,7 @@
 """spec/wire.md stays true: its vectors are what the code writes, the code accepts and
 refuses them as the spec says, its constants are the code's, it names every message,
-and a client written from it alone (spec/independent_client.py) passes the vectors."""
+and clients written from it alone (spec/independent_client.py, and the JavaScript
+spec/independent_client.mjs where Node.js is installed) pass the vectors."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import importlib
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -125,6 +128,17 @@ def test_a_client_written_from_the_spec_alone_passes_every_vector(tmp_path):
     # -I: isolated from this repository's paths, run from elsewhere.
     done = subprocess.run([sys.executable, "-I", str(SPEC / "independent_client.py"), str(VECTORS)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"failures": 0}
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="no Node.js here for the JavaScript client")
+def test_a_javascript_client_written_from_the_spec_alone_passes_every_vector(tmp_path):
+    """spec/independent_client.mjs: Node's standard library only, msgpack by hand."""
+    assert "import" not in "".join(line for line in (SPEC / "independent_client.mjs").read_text().splitlines()
+                                   if line.startswith("import") and "node:" not in line)
+    done = subprocess.run(["node", str(SPEC / "independent_client.mjs"), str(VECTORS)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"failures": 0}
 
