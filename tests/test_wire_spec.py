@@ -161,11 +161,13 @@ def test_the_spec_names_every_signed_type_frame_and_error_code():
         assert f"| `{kind}` |" in TEXT, kind
 
 
-values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40) | st.binary(max_size=300),
-    lambda inner: st.lists(inner, max_size=20) | st.dictionaries(st.text(max_size=8), inner, max_size=20),
-    max_leaves=60)
+def containers(inner):
+    return st.lists(inner, max_size=20) | st.dictionaries(st.text(max_size=8), inner, max_size=20)
+
+
+scalars = (st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1)
+           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40) | st.binary(max_size=300))
+values = st.recursive(scalars, containers, max_leaves=60)
 
 
 @settings(max_examples=300, deadline=None)
