@@ -31,6 +31,7 @@ from .journal import Journal
 from .reputation import own_digest, provider_scores
 from .settle import settle_with
 from .ledger import Ledger, LedgerError, LedgerWriter
+from .modelio import InputMismatch, check_inputs, signature_of_model
 from .offers import OfferBook
 from .net import OpenNetwork, StreamClosed
 from .p2p import open_p2p_node
@@ -94,6 +95,9 @@ class SubmitSpec:
     atol: float = 1e-4         # outputs agree when |a - b| <= atol + rtol * |b|
     rtol: float = 1e-3
     min_reputation: float = 0.25  # providers scored below this are not used (unseen: 0.5)
+    # Inputs are checked against the model's graph before anything is sent; only tests
+    # that play a hostile buyer (sending models that are not ONNX at all) turn it off.
+    check_inputs: bool = True
 
 
 def resume_spec(home: Path, bootstrap: list[str], batch: str = "latest", **overrides) -> SubmitSpec:
@@ -165,10 +169,16 @@ class Buyer:
             if batch is None or batch.model_sha256 != self.model_sha:
                 raise SubmitError(f"batch {spec.resume}: the model file changed since it was submitted")
         self.tensors = tuple(Tensor.from_array(name, arr) for name, arr in spec.inputs.items())
-        rows = {t.shape[0] if t.shape else 1 for t in self.tensors}
-        if len(rows) != 1:
-            raise SubmitError("all inputs must have the same number of rows (leading dimension)")
-        self.items = max(1, rows.pop())
+        # Checked here, in milliseconds, against the model's own graph: a wrong input
+        # never travels to a provider to be refused seconds later.
+        try:
+            if spec.check_inputs:
+                self.items, _ = check_inputs(signature_of_model(self.model_bytes),
+                                             {t.name: (t.dtype, t.shape) for t in self.tensors})
+            else:
+                self.items = max(1, self.tensors[0].shape[0] if self.tensors and self.tensors[0].shape else 1)
+        except InputMismatch as exc:
+            raise SubmitError(f"{spec.model_path.name}: {exc}") from None
         self.offers: dict[str, Offer] = {}
         self.batch_id = spec.resume or ""
         self.excluded: dict[str, float] = {}

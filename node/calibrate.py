@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .executor import ORT_TYPES, best_execution_providers
+from .executor import best_execution_providers
+from .modelio import ORT_TYPES
 from .models import ARCHITECTURES, LIGHT_MODELS, seeded_model_path
 from .power import EnergyMeter, cpu_model_name, estimate_power
 

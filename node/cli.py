@@ -563,6 +563,75 @@ async def _reconcile(args, ledger, key) -> dict:
     return report
 
 
+def _inspect(args) -> int:
+    """A model's inputs and outputs; with --bootstrap, who offers it now, at what price
+    and energy per item (each figure labelled with how the provider obtained it)."""
+    import hashlib
+
+    from .modelio import InputMismatch, signature_of_model
+
+    path = Path(args.model)
+    try:
+        data = path.read_bytes()
+        signature = signature_of_model(data)
+    except (OSError, InputMismatch) as exc:
+        return _fail(args, f"error: {path}: {exc}", 2)
+    sha = hashlib.sha256(data).hexdigest()
+    report = {"model": str(path), "sha256": sha, **signature.to_json()}
+    if args.bootstrap:
+        report["offers"] = trio.run(_offers_of, args.bootstrap, sha)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{path.name}  sha256 {sha}")
+    for kind in ("inputs", "outputs"):
+        for port in report[kind]:
+            shape = "x".join(str(d) if d is not None else "?" for d in port["shape"])
+            print(f"  {kind[:-1]:6} {port['name']:24} {port['dtype'] or '(not carried)':9} [{shape}]")
+    if "offers" in report:
+        if not report["offers"]:
+            print("  no provider offers it now (providers with open models may still run it)")
+        for o in report["offers"]:
+            print(f"  offered by {o['peer_id'][:PEER_PREFIX]} {o['device']:20} {o['items_per_s']:9.1f} items/s "
+                  f"[{o['throughput_source']}]  {o['energy_j_per_item']:.4g} J/item [{o['power_source']}]  "
+                  f"{o['price_per_item']:.3g} price units/item" + ("" if o["listed"] else "  (open model)"))
+    return 0
+
+
+async def _offers_of(bootstraps: list[str], sha: str) -> list[dict]:
+    """The current offers that run model `sha`, best energy per item first."""
+    import secrets
+
+    from protocol.stream import OfferWant
+
+    from .gossip import OfferGossip, bootstrap_peer_id
+    from .offers import OfferBook
+    from .p2p import open_p2p_node
+
+    book = OfferBook()
+    async with open_p2p_node(secrets.token_bytes(32), ["/ip4/127.0.0.1/tcp/0"]) as p2p:
+        gossip = OfferGossip(p2p, book)
+        for addr in bootstraps:
+            try:
+                with trio.fail_after(10):
+                    await p2p.connect(bootstrap_peer_id(addr), [addr])
+                    await gossip.sync_with(bootstrap_peer_id(addr), want=OfferWant(models=(sha,)))
+            except Exception as exc:  # noqa: BLE001 - one unreachable bootstrap is a line, not a crash
+                print(f"idlemesh: bootstrap {addr}: {exc}", file=sys.stderr)
+    out = []
+    for entry in book.current(now_ms=SYSTEM_CLOCK.now_ms()):
+        offer, listed = entry.offer, entry.offer.model(sha)
+        rate = offer.items_per_s(sha)
+        if not rate:
+            continue
+        out.append({"peer_id": offer.peer_id, "device": offer.device.name, "arch": offer.device.arch,
+                    "items_per_s": rate, "throughput_source": listed.throughput_source if listed else "declared",
+                    "energy_j_per_item": offer.power.marginal_w_per_slot / rate,
+                    "power_source": offer.power.marginal_source, "price_per_item": offer.price_per_s / rate,
+                    "listed": listed is not None, "available": offer.available})
+    return sorted(out, key=lambda o: o["energy_j_per_item"])
+
+
 def _verify(args) -> int:
     from protocol.errors import DecodeError
     from protocol.settlement import open_any
@@ -704,6 +773,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "what both ledgers hold, and sign the list of jobs they disagree on (repeatable)")
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=_settle)
+    ins = sub.add_parser("inspect", help="a model's inputs and outputs, and (with --bootstrap) who offers it now")
+    ins.add_argument("model")
+    ins.add_argument("--bootstrap", action="append", help="ask this bootstrap which providers offer the model")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=_inspect)
     vf = sub.add_parser("verify", help="check a signed receipt, ack, statement, dispute or offer offline")
     vf.add_argument("file")
     vf.add_argument("--json", action="store_true")

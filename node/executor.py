@@ -31,16 +31,12 @@ import trio
 
 from protocol.tensors import Tensor
 
+from .modelio import InputMismatch, check_inputs, signature_of_session
 from .power import EnergyMeter
 
 log = logging.getLogger("idlemesh.executor")
 ort.set_default_logger_severity(3)  # its graph-cleanup warnings are noise to operators
 
-ORT_TYPES = {
-    "tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
-    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16",
-    "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool",
-}
 ORT_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name in (
     "Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NotImplemented",
     "RuntimeException", "EngineError", "ModelLoaded", "NoModel")
@@ -217,30 +213,11 @@ class Executor:
 
     def _run_sync(self, sha256: str, inputs: tuple[Tensor, ...], run_options: ort.RunOptions) -> RunOutput:
         session = self._session(sha256)
-        model_inputs = session.get_inputs()
-        by_name = {t.name: t for t in inputs}
-        if set(by_name) != {i.name for i in model_inputs}:
-            raise JobFailed("bad-input", f"model takes inputs {[i.name for i in model_inputs]}, got {sorted(by_name)}")
-        arrays, rows, batch = {}, None, None
-        for spec in model_inputs:
-            tensor = by_name[spec.name]
-            want = ORT_TYPES.get(spec.type)
-            if want != tensor.dtype:
-                raise JobFailed("bad-input", f"input {spec.name}: model wants {want}, got {tensor.dtype}")
-            if len(tensor.shape) != len(spec.shape):
-                raise JobFailed("bad-input", f"input {spec.name}: model wants rank {len(spec.shape)}, got {len(tensor.shape)}")
-            for axis, (want_dim, got_dim) in enumerate(zip(spec.shape[1:], tensor.shape[1:]), start=1):
-                if isinstance(want_dim, int) and want_dim != got_dim:
-                    raise JobFailed("bad-input", f"input {spec.name}: axis {axis} must be {want_dim}, got {got_dim}")
-            arrays[spec.name] = tensor.to_array()
-            rows = tensor.shape[0] if rows is None else rows
-            if tensor.shape[0] != rows:
-                raise JobFailed("bad-input", "inputs disagree on the number of rows")
-            if isinstance(spec.shape[0], int):
-                batch = spec.shape[0]
-        batch = batch or rows or 1
-        if rows == 0 or rows % batch:
-            raise JobFailed("bad-input", f"{rows} rows do not split into batches of {batch}")
+        try:
+            rows, batch = check_inputs(signature_of_session(session), {t.name: (t.dtype, t.shape) for t in inputs})
+        except InputMismatch as exc:
+            raise JobFailed("bad-input", str(exc)) from None
+        arrays = {t.name: t.to_array() for t in inputs}
         estimate = self._checks.get(sha256, {}).get("estimated_bytes", 0) + sum(a.nbytes for a in arrays.values())
         if estimate > self.job_memory_bytes:
             raise JobFailed("too-large", f"job needs about {estimate / 2**20:.0f} MB; the limit per job is "

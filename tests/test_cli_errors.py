@@ -88,6 +88,25 @@ def test_submit_says_cannot_reach_for_a_bootstrap_that_does_not_answer(tmp_path)
     assert first_error_line(done) == f"error: cannot reach bootstrap {addr} (connection refused)"
 
 
+def test_a_wrong_input_is_a_local_error_before_anything_is_sent(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 100, 100), np.float32))
+    np.save(tmp_path / "ints.npy", np.zeros((1, 3, 224, 224), np.int64))
+    # No bootstrap answers at this address: the input check comes first, so the error
+    # is about the input, not the network.
+    addr = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{PEER}"
+    for array, error in (("x.npy", "input data_0: axis 2 must be 224, got 100"),
+                         ("ints.npy", "input data_0: model wants float32, got int64")):
+        done = idlemesh("submit", str(reference_model_path("squeezenet")), "--input", str(tmp_path / array),
+                        "--bootstrap", addr, "--home", str(tmp_path / "buyer"), "--out", str(tmp_path / "out"))
+        assert done.returncode == 1
+        assert first_error_line(done) == f"error: squeezenet.onnx: {error}"
+    done = idlemesh("inspect", str(reference_model_path("squeezenet")), "--json")
+    assert json.loads(done.stdout)["outputs"] == [{"name": "softmaxout_1", "dtype": "float32",
+                                                  "shape": [1, 1000, 1, 1]}]
+
+
 def test_version_bare_command_and_an_empty_ledger(tmp_path):
     done = idlemesh("--version")
     assert done.returncode == 0 and done.stdout.startswith("idlemesh ")

@@ -28,14 +28,29 @@ from protocol.signing import SigningKey
 from protocol.tensors import Tensor
 from protocol.topics import JOB_PROTOCOL
 
-MODEL_BYTES = b"fake model: a seeded 3x4 matrix"
-MODEL_SHA = codec.sha256_hex(MODEL_BYTES)
 WEIGHTS = np.random.default_rng(7).standard_normal((3, 4)).astype(np.float32)
 INPUT = np.random.default_rng(11).standard_normal((2, 3)).astype(np.float32)
 
 
+def matmul_model() -> bytes:
+    """A real ONNX model, y = x @ WEIGHTS, so the buyer's local input check reads it; the
+    fake executor computes the same product without onnxruntime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 4])],
+        [numpy_helper.from_array(WEIGHTS, "w")])
+    return helper.make_model(graph, producer_name="idlemesh-tests").SerializeToString()
+
+
+MODEL_BYTES = matmul_model()
+MODEL_SHA = codec.sha256_hex(MODEL_BYTES)
+
+
 class FakeExecutor:
-    """The model is a seeded matrix product, so outputs depend on inputs; each run takes
+    """The model is a seeded matrix product (`matmul_model`), so outputs depend on inputs; each run takes
     `compute_s` of (virtual) time. `hold` keeps runs from finishing until it is set."""
 
     execution_provider = "CPUExecutionProvider"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
+import sys
 import time
 
 import numpy as np
@@ -38,6 +40,15 @@ async def test_devnet_jobs_match_local_onnxruntime_and_receipts_verify(tmp_path,
                           bootstrap=[net.bootstrap_addr], home=tmp_path / "buyer", out_dir=tmp_path / "out")
         outcomes, summary = await Buyer(spec).run()
         provider_homes = {c.ready["peer_id"]: c.home for c in net.providers}
+        # `idlemesh inspect` names the model's ports and the three providers offering it,
+        # best energy per item first.
+        done = await trio.run_process([sys.executable, "-m", "node.cli", "inspect", str(MODEL), "--bootstrap",
+                                       net.bootstrap_addr, "--json"], capture_stdout=True, capture_stderr=True)
+        report = json.loads(done.stdout)
+    assert report["inputs"] == [{"name": "data_0", "dtype": "float32", "shape": [1, 3, 224, 224]}]
+    assert {o["peer_id"] for o in report["offers"]} == set(provider_homes)
+    per_item = [o["energy_j_per_item"] for o in report["offers"]]
+    assert per_item == sorted(per_item) and {o["power_source"] for o in report["offers"]} == {"declared"}
     assert [o.state for o in outcomes] == ["settled"] * 8, [o.error for o in outcomes]
     assert len({o.provider for o in outcomes}) >= 2
     for o in outcomes:
@@ -168,9 +179,10 @@ async def test_hostile_models_fail_their_jobs_and_the_provider_keeps_serving(tmp
     async with open_devnet(1, root=tmp_path / "net") as net:
         for name, (path, codes) in corpus.items():
             # A fresh buyer identity per run (see README: same-home reconnects can be refused).
+            # The buyer's own input check is off: this buyer is the hostile one.
             spec = SubmitSpec(model_path=path, inputs={"X": np.zeros((1, 4), np.float32)}, count=1,
                               bootstrap=[net.bootstrap_addr], home=tmp_path / f"buyer-{name}",
-                              out_dir=tmp_path / "out")
+                              out_dir=tmp_path / "out", check_inputs=False)
             outcomes, _ = await Buyer(spec).run()
             assert outcomes[0].state == "failed", name
             assert any(f": {code}: " in outcomes[0].error for code in codes), (name, outcomes[0].error)
