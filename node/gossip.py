@@ -91,12 +91,13 @@ class OfferGossip:
             return False
         return self.book.is_newer(offer)
 
-    def _take(self, signed: bytes, via: str, *, peer: str = "", held_ms: int = 0) -> Offer | None:
+    def _take(self, signed: bytes, via: str, *, peer: str = "", held_ms: int = 0,
+              opened: Offer | None = None) -> Offer | None:
         """Store the offer if it is valid, someone else's, newer, and ranks high enough
         for a full book; return it if valid. `held_ms`: how long the peer we asked has
-        held this provider."""
+        held this provider; `opened`: the offer already verified from these bytes."""
         now = self.clock.now_ms()
-        offer = self.book.open(signed, now_ms=now)
+        offer = opened or self.book.open(signed, now_ms=now)
         if offer is None or offer.peer_id == self.p2p.peer_id or not self.book.is_newer(offer):
             return offer
         was_held = self.book.holds(offer.peer_id, now_ms=now)
@@ -214,7 +215,7 @@ class OfferGossip:
             elif offer.peer_id != peer:
                 others += 1
             else:
-                self._take(signed, "sync", peer=peer)
+                self._take(signed, "sync", peer=peer, opened=offer)  # verified once, just above
         if others:
             self._bad("relayed-offer", peer, f"pushed {others} offers of other peers in sync (only its own is taken)")
         self._take_digests(message.digests, peer)
