@@ -133,6 +133,21 @@ def bytes_item(max_len: int) -> Callable[[Any, str], bytes]:
     return read
 
 
+def hex_item(size: int) -> Callable[[Any, str], str]:
+    """A list item that must be lowercase hex of `size` bytes (model hashes in a list)."""
+    def read(value: Any, path: str) -> str:
+        parent, _, key = path.rpartition(".")  # errors name the item's own path
+        return Fields({key: value}, parent).hex(key, size=size)
+    return read
+
+
+def row(value: Any, names: tuple[str, ...], path: str) -> Fields:
+    """A positional list (a compact table row on the wire) read as fields by name."""
+    if not isinstance(value, list) or len(value) != len(names):
+        raise DecodeError(f"{path}: expected [{', '.join(names)}], got {_show(value)}")
+    return Fields(dict(zip(names, value)), path)
+
+
 def str_item(max_len: int = 256) -> Callable[[Any, str], str]:
     def read(value: Any, path: str) -> str:
         if not isinstance(value, str) or len(value) > max_len:

@@ -35,10 +35,6 @@ MAX_RECEIPT_BYTES = 8 * 1024
 MAX_INPUTS = 16
 
 
-def _hex_id(value: Any, path: str) -> str:
-    return Fields({"id": value}, path.rsplit(".", 1)[0]).hex("id", size=16)
-
-
 # --- offers ---------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from . import codec
 from .errors import DecodeError
-from .fields import Fields
+from .fields import Fields, row
 from .messages import (
     MAX_OFFER_BYTES, MAX_RECEIPT_BYTES, Offer, Receipt, ReceiptAck, open_offer, open_receipt, open_receipt_ack,
 )
@@ -65,12 +65,9 @@ class Disagreement:
 
     @classmethod
     def from_wire(cls, value: Any, path: str) -> "Disagreement":
-        if not isinstance(value, list) or len(value) != 4:
-            raise DecodeError(f"{path}: expected [job_id, ours, theirs, same_receipt], got {type(value).__name__}")
-        job_id, ours, theirs, same = value
-        f = Fields({"job_id": job_id, "ours": ours, "theirs": theirs, "same": same}, path)
+        f = row(value, ("job_id", "ours", "theirs", "same_receipt"), path)
         return cls(f.hex("job_id", size=16), f.str("ours", choices=DISAGREEMENT_STATUSES),
-                   f.str("theirs", choices=DISAGREEMENT_STATUSES), f.bool("same"))
+                   f.str("theirs", choices=DISAGREEMENT_STATUSES), f.bool("same_receipt"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +129,7 @@ class ReputationEntry:
 
     @classmethod
     def from_wire(cls, value: Any, path: str) -> "ReputationEntry":
-        if not isinstance(value, list) or len(value) != 4:
-            raise DecodeError(f"{path}: expected [provider, accepted, rejected, disputed]")
-        f = Fields(dict(zip(("provider", "accepted", "rejected", "disputed"), value)), path)
+        f = row(value, ("provider", "accepted", "rejected", "disputed"), path)
         return cls(f.bytes("provider", size=32), f.int("accepted", min=0), f.int("rejected", min=0),
                    f.int("disputed", min=0))
 

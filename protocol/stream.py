@@ -16,7 +16,7 @@ from typing import Any, Union
 
 from . import codec
 from .errors import DecodeError
-from .fields import Fields, bytes_item, str_item
+from .fields import Fields, bytes_item, hex_item, row, str_item
 from .tensors import Tensor
 
 FRAME_HEADER = struct.Struct(">I")
@@ -160,7 +160,7 @@ class OfferWant:
     @classmethod
     def from_wire(cls, value: Any, path: str) -> "OfferWant":
         f = Fields(value, path)
-        return cls(tuple(f.list("models", _sha_item, max_len=MAX_WANT_MODELS, default=[])),
+        return cls(tuple(f.list("models", hex_item(32), max_len=MAX_WANT_MODELS, default=[])),
                    tuple(f.list("arches", str_item(32), max_len=8, default=[])),
                    f.float("max_price_per_s", min=0.0, max=1e6, default=None))
 
@@ -225,10 +225,6 @@ def encode_message(msg: StreamMessage) -> bytes:
 _offer_bytes = _digest_bytes = bytes_item(64 * 1024)
 
 
-def _sha_item(value: Any, path: str) -> str:
-    return Fields({"sha256": value}, path.rsplit(".", 1)[0]).hex("sha256", size=32)
-
-
 def _held_ms_item(value: Any, path: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 53:
         raise DecodeError(f"{path}: expected a non-negative int, got {type(value).__name__}")
@@ -241,9 +237,7 @@ def _held_to_wire(e: HeldReceipt) -> list:
 
 
 def _held_from_wire(value: Any, path: str) -> HeldReceipt:
-    if not isinstance(value, list) or len(value) != 3:
-        raise DecodeError(f"{path}: expected [job_id, receipt_sha256, status], got {type(value).__name__}")
-    f = Fields(dict(zip(("job_id", "receipt_sha256", "status"), value)), path)
+    f = row(value, ("job_id", "receipt_sha256", "status"), path)
     job_id = f.hex("job_id", size=16)
     sha = f.hex("receipt_sha256", size=32) if f.str("receipt_sha256", max_len=64) else ""  # "": missing
     return HeldReceipt(job_id, sha, f.str("status", choices=RECEIPT_STATUSES))
