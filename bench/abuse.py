@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devnet.attack import (SQUEEZENET_ROW_BYTES, connected_sybil, irresistible_offer,  # noqa: E402
                            job_without_ack, push)
-from devnet.launcher import open_devnet  # noqa: E402
+from devnet.launcher import open_devnet, peak_rss_mb  # noqa: E402
 from node.buyer import Buyer, SubmitSpec  # noqa: E402
 from node.calibrate import reference_model_path  # noqa: E402
 from node.config import ProviderConfig  # noqa: E402
@@ -40,13 +40,6 @@ from protocol.stream import OfferWant  # noqa: E402
 
 MODEL = reference_model_path("squeezenet")
 MODEL_SHA = hashlib.sha256(MODEL.read_bytes()).hexdigest()
-
-
-def vm_mb(pid: int, field: str) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith(field + ":"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(field)
 
 
 async def wait_for_status(path: Path, *, after_s: float) -> dict:
@@ -94,7 +87,7 @@ async def sync_figures(root: Path, pushed: int, connected: int) -> dict:
             "buyer_sync_ms": round(sync_ms, 1), "honest_in_sync": len(honest & {e.offer.peer_id for e in entries}),
             "submit_settled": sum(o.state == "settled" for o in outcomes), "submit_jobs": len(outcomes),
             "submit_on_honest": sum(o.provider in honest for o in outcomes),
-            "bootstrap_vm_hwm_mb": vm_mb(net.bootstrap.process.pid, "VmHWM"),
+            "bootstrap_vm_hwm_mb": round(peak_rss_mb(net.bootstrap.process.pid), 1),
             "bootstrap_status": {k: status.get(k) for k in ("offers_held", "offer_bytes", "offers_evicted",
                                                             "offers_refused_full", "refused")},
         }
@@ -105,7 +98,7 @@ async def rss_figures(root: Path, requests: int, request_mib: int) -> dict:
     async with open_devnet(1, root=root) as net:
         provider = net.providers[0].ready
         pid = net.providers[0].process.pid
-        resting = vm_mb(pid, "VmHWM")
+        resting = round(peak_rss_mb(pid), 1)
         results = []
 
         async def one(i: int) -> None:
@@ -121,7 +114,7 @@ async def rss_figures(root: Path, requests: int, request_mib: int) -> dict:
             for i in range(requests):
                 nursery.start_soon(one, i)
         budget_mb = ProviderConfig(home=root).request_budget_mb
-        peak = vm_mb(pid, "VmHWM")
+        peak = round(peak_rss_mb(pid), 1)
         return {"requests": requests, "request_mib": request_mib, "served": results.count("served"),
                 "busy": results.count("busy"), "other": [r for r in results if r not in ("served", "busy")],
                 "request_budget_mb": budget_mb, "provider_resting_rss_mb": resting, "provider_peak_rss_mb": peak,

@@ -101,6 +101,15 @@ async def _wait_event(child: Child, name: str, timeout_s: float) -> dict:
     raise RuntimeError(f"{child.name} exited before '{name}' (see {child.home / 'node.log'})")
 
 
+def peak_rss_mb(pid: int) -> float:
+    """A node process's peak resident memory so far (Linux VmHWM), MiB: psutil reports
+    the current RSS, not the peak."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a node process we start: unbuffered lines, one BLAS thread, no
     fault inherited from ours (a fault is only ever given on purpose, in `extra`)."""

@@ -12,7 +12,7 @@ import trio
 
 from devnet.attack import (SQUEEZENET_ROW_BYTES, connected_sybil, forged_digest, irresistible_offer,
                            job_without_ack, now_ms, public_key_of, push, squeezenet_job, until_result)
-from devnet.launcher import open_devnet
+from devnet.launcher import open_devnet, peak_rss_mb
 from node.buyer import Buyer, SubmitSpec
 from node.calibrate import reference_model_path
 from node.gossip import OfferGossip, bootstrap_peer_id
@@ -99,14 +99,6 @@ async def test_a_buyer_that_never_acks_gets_settle_first_after_its_credit_and_se
             assert isinstance(third, Delivered)
 
 
-def vm_hwm_mb(pid: int) -> float:
-    """The peak resident memory of a process (Linux), MiB."""
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
-
-
 async def test_a_provider_holds_at_most_its_request_budget_and_answers_busy_beyond_it(tmp_path):
     """With an 80 MiB budget, a 50 MiB request held (the provider awaits its buyer's ack)
     leaves no room for a second: that one is read, dropped, and answered `busy`; once the
@@ -116,7 +108,7 @@ async def test_a_provider_holds_at_most_its_request_budget_and_answers_busy_beyo
     async with open_devnet(1, root=tmp_path / "net", extra_args={0: ["--request-budget-mb", "80"]}) as net:
         provider = net.providers[0].ready
         pid = net.providers[0].process.pid
-        resting_mb = vm_hwm_mb(pid)
+        resting_mb = peak_rss_mb(pid)
         seed = secrets.token_bytes(32)
         key = SigningKey(seed)
         async with open_p2p_node(seed, ["/ip4/127.0.0.1/tcp/0"]) as p2p:
@@ -139,7 +131,7 @@ async def test_a_provider_holds_at_most_its_request_budget_and_answers_busy_beyo
                 if not (isinstance(third, Refused) and third.code == "busy"):
                     break
             assert isinstance(third, Delivered), third
-        peak_mb = vm_hwm_mb(pid)
+        peak_mb = peak_rss_mb(pid)
     assert peak_mb - resting_mb < 4 * 80, (resting_mb, peak_mb)
 
 
