@@ -519,16 +519,31 @@ def _reconcile_line(peer: str, r: dict) -> str:
     return line
 
 
+async def _sync_bootstraps(p2p, book, bootstraps: list[str], *, want=None) -> None:
+    """Fill `book` from each bootstrap's offers (matching `want`); one that does not
+    answer in 10 s is a line on stderr, not a crash."""
+    from protocol.errors import DecodeError
+
+    from .gossip import OfferGossip, bootstrap_peer_id
+    from .net import StreamClosed
+
+    gossip = OfferGossip(p2p, book)
+    for addr in bootstraps:
+        try:
+            with trio.fail_after(10):
+                await p2p.connect(bootstrap_peer_id(addr), [addr])
+                await gossip.sync_with(bootstrap_peer_id(addr), want=want)
+        except (ValueError, StreamClosed, DecodeError, trio.TooSlowError) as exc:
+            print(f"idlemesh: bootstrap {addr}: {exc}", file=sys.stderr)
+
+
 async def _reconcile(args, ledger, key) -> dict:
     """Exchange with PEER what each side holds for the other (node/settle.py): find it in
     a bootstrap's offer book, deliver every ack we hold for it, compare."""
-    from protocol.errors import DecodeError
     from protocol.settlement import Disagreement, Disagreements, sign_disagreements
 
-    from .gossip import OfferGossip, bootstrap_peer_id
     from .identity import load_key
     from .ledger import LedgerWriter
-    from .net import StreamClosed
     from .offers import OfferBook
     from .p2p import open_p2p_node
     from .settle import settle_with
@@ -536,14 +551,7 @@ async def _reconcile(args, ledger, key) -> dict:
     seed, _ = load_key(Path(args.home))
     book = OfferBook()
     async with open_p2p_node(seed, ["/ip4/127.0.0.1/tcp/0"]) as p2p:
-        gossip = OfferGossip(p2p, book)
-        for addr in args.bootstrap:
-            try:
-                with trio.fail_after(10):
-                    await p2p.connect(bootstrap_peer_id(addr), [addr])
-                    await gossip.sync_with(bootstrap_peer_id(addr))
-            except (ValueError, StreamClosed, DecodeError, trio.TooSlowError) as exc:
-                print(f"idlemesh: bootstrap {addr}: {exc}", file=sys.stderr)
+        await _sync_bootstraps(p2p, book, args.bootstrap)
         offer = next((e.offer for e in book.current(now_ms=SYSTEM_CLOCK.now_ms()) if e.offer.peer_id == args.peer), None)
         if offer is None:
             return {"sent": 0, "agreed": 0, "disagreements": [], "unpaid_work": [],
@@ -604,20 +612,12 @@ async def _offers_of(bootstraps: list[str], sha: str) -> list[dict]:
 
     from protocol.stream import OfferWant
 
-    from .gossip import OfferGossip, bootstrap_peer_id
     from .offers import OfferBook
     from .p2p import open_p2p_node
 
     book = OfferBook()
     async with open_p2p_node(secrets.token_bytes(32), ["/ip4/127.0.0.1/tcp/0"]) as p2p:
-        gossip = OfferGossip(p2p, book)
-        for addr in bootstraps:
-            try:
-                with trio.fail_after(10):
-                    await p2p.connect(bootstrap_peer_id(addr), [addr])
-                    await gossip.sync_with(bootstrap_peer_id(addr), want=OfferWant(models=(sha,)))
-            except Exception as exc:  # noqa: BLE001 - one unreachable bootstrap is a line, not a crash
-                print(f"idlemesh: bootstrap {addr}: {exc}", file=sys.stderr)
+        await _sync_bootstraps(p2p, book, bootstraps, want=OfferWant(models=(sha,)))
     out = []
     for entry in book.current(now_ms=SYSTEM_CLOCK.now_ms()):
         offer, listed = entry.offer, entry.offer.model(sha)
