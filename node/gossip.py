@@ -235,14 +235,14 @@ class OfferGossip:
                 payload = await stream.receive(max_bytes=SYNC_FRAME_BYTES, timeout_s=SYNC_TIMEOUT_S)
                 message = decode_message(payload, max_bytes=SYNC_FRAME_BYTES, expect=("offers",))
                 held = message.held_ms or (0,) * len(message.offers)
-                opened += [self._take(signed, "sync", peer=peer_id, held_ms=h) for signed, h in zip(message.offers, held)]
+                taken = [self._take(signed, "sync", peer=peer_id, held_ms=h) for signed, h in zip(message.offers, held)]
+                opened += taken
                 count += len(message.offers)
                 if pages == 1:
                     self._take_digests(message.digests, peer_id)
                 # The cursor is the last book entry of the page (the answerer's own offer,
                 # which leads the first page, is not in its book).
-                page = [o for o in opened[-len(message.offers):] if o is not None and o.peer_id != peer_id] \
-                    if message.offers else []
+                page = [o for o in taken if o is not None and o.peer_id != peer_id]
                 if not message.more or not page:
                     break
                 request = OfferSync((), want=want, after=max(o.peer_id for o in page))
