@@ -27,6 +27,7 @@ from protocol.signing import SigningKey, peer_id_from_public_key
 PICO = 10**12
 MAX_PRICE = 9_000_000  # pico-units of a larger price would not fit in SQLite's int64
 SCHEMA_VERSION = 2
+_NOTHING_OWED = {"unacked": 0, "unacked_s": 0.0, "rejected": 0, "rejected_s": 0.0}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS receipts (
@@ -380,25 +381,25 @@ class Ledger:
     def owed_by(self, buyer: str, *, rejected_since_ms: int) -> dict[str, float]:
         """A buyer's standing with us as its provider: compute seconds delivered and not
         acked (ever), and rejected since `rejected_since_ms`, with their counts."""
-        out = {"unacked": 0, "unacked_s": 0.0, "rejected": 0, "rejected_s": 0.0}
-        for status, n, compute_ms in self.db.execute(
-                "SELECT status, COUNT(*), COALESCE(SUM(compute_ms), 0) FROM receipts WHERE role = 'provider' "
-                "AND counterparty = ? AND (status = 'unacked' OR (status = 'rejected' AND applied_at_ms >= ?)) "
-                "GROUP BY status", (buyer, rejected_since_ms)):
-            out[status], out[f"{status}_s"] = n, compute_ms / 1000
-        return out
+        return self._owed(rejected_since_ms, buyer).get(buyer, dict(_NOTHING_OWED))
 
     def buyers_owing(self, *, rejected_since_ms: int, limit: int = 10) -> dict[str, dict[str, float]]:
         """The buyers that owe us most (unacked plus recently rejected compute seconds)."""
+        owed = self._owed(rejected_since_ms)
+        top = sorted(owed.items(), key=lambda kv: -(kv[1]["unacked_s"] + kv[1]["rejected_s"]))[:limit]
+        return {buyer: {k: round(v, 3) for k, v in row.items()} for buyer, row in top}
+
+    def _owed(self, rejected_since_ms: int, buyer: str | None = None) -> dict[str, dict[str, float]]:
+        query = ("SELECT counterparty, status, COUNT(*), COALESCE(SUM(compute_ms), 0) FROM receipts "
+                 "WHERE role = 'provider' AND (status = 'unacked' OR (status = 'rejected' AND applied_at_ms >= ?))")
+        args: tuple = (rejected_since_ms,)
+        if buyer is not None:
+            query, args = query + " AND counterparty = ?", args + (buyer,)
         out: dict[str, dict[str, float]] = {}
-        for buyer, status, n, compute_ms in self.db.execute(
-                "SELECT counterparty, status, COUNT(*), COALESCE(SUM(compute_ms), 0) FROM receipts "
-                "WHERE role = 'provider' AND (status = 'unacked' OR (status = 'rejected' AND applied_at_ms >= ?)) "
-                "GROUP BY counterparty, status", (rejected_since_ms,)):
-            row = out.setdefault(buyer, {"unacked": 0, "unacked_s": 0.0, "rejected": 0, "rejected_s": 0.0})
-            row[status], row[f"{status}_s"] = n, round(compute_ms / 1000, 3)
-        top = sorted(out.items(), key=lambda kv: -(kv[1]["unacked_s"] + kv[1]["rejected_s"]))[:limit]
-        return dict(top)
+        for counterparty, status, n, compute_ms in self.db.execute(query + " GROUP BY counterparty, status", args):
+            row = out.setdefault(counterparty, dict(_NOTHING_OWED))
+            row[status], row[f"{status}_s"] = n, compute_ms / 1000
+        return out
 
     def settled_with(self) -> dict[str, int]:
         """Jobs settled (accepted) with each counterparty, in either role: the evidence a
