@@ -353,8 +353,7 @@ class Buyer:
             # Acks a provider never confirmed (we crashed, it did, a stream broke) go first:
             # settling old jobs never waits for new ones.
             await self._deliver_pending_acks(p2p, current)
-            scores = provider_scores(self.ledger.reputation(), gossip.reputation, self.key.public_key,
-                                     self.ledger.settled_with())
+            scores = provider_scores(reputation, gossip.reputation, self.key.public_key, self.ledger.settled_with())
             trusted = [o for o in current if scores.get(o.peer_id, 0.5) >= spec.min_reputation]
             self.excluded = {o.peer_id: round(scores[o.peer_id], 3) for o in current if o not in trusted}
             offers = [o for o in trusted if o.available]
