@@ -247,14 +247,12 @@ def _bootstrap_run(args) -> int:
 
 
 def _model_input_names(model_path: str) -> list[str]:
-    import onnx
+    from .modelio import InputMismatch, signature_of_model
 
     try:
-        graph = onnx.load(model_path, load_external_data=False).graph
-    except Exception as exc:  # noqa: BLE001 - any parse failure: the buyer must name inputs
+        return [port.name for port in signature_of_model(Path(model_path)).inputs]
+    except InputMismatch as exc:
         raise SystemExit(f"idlemesh: cannot read {model_path} to name its inputs ({exc}); use --input NAME=X.npy")
-    initializers = {i.name for i in graph.initializer}
-    return [i.name for i in graph.input if i.name not in initializers]
 
 
 def _parse_inputs(values: list[str], model_path: str) -> dict[str, np.ndarray]:
