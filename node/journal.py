@@ -19,6 +19,9 @@ from protocol.lifecycle import STATES
 # Job states are the protocol's one vocabulary (protocol.lifecycle.STATES). Journals
 # written before version 2 said 'sent' for 'requested'; they are migrated on open.
 JOURNAL_VERSION = 2
+# A warm client's request is journalled as a batch of one whose inputs the application
+# holds: this marks its inputs path and solver, and `resume` passes it by.
+CLIENT_REQUEST = "client-request"
 STATE_CHECK = "state IN (" + ", ".join(f"'{s}'" for s in STATES) + ")"
 
 SCHEMA = """
@@ -132,9 +135,21 @@ class Journal:
         self.db.execute("COMMIT")
         return batch, job_ids
 
+    def new_request(self, job_id: str, *, model: str, model_sha256: str, max_price: float, now_ms: int) -> None:
+        """One request of a warm client (idlemesh.Client, the gateway): a batch of one job
+        whose inputs the application holds. It is never resumed (the application asks
+        again, and the ledger still makes sure nothing is paid twice); its row says what
+        was sent where."""
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("INSERT INTO batches VALUES (?,?,?,?,?,?,?,?,?)",
+                        (job_id[:16], now_ms, model, model_sha256, CLIENT_REQUEST, 1, max_price, CLIENT_REQUEST, ""))
+        self.db.execute("INSERT INTO jobs (job_id, batch_id, idx, state, updated_at_ms) VALUES (?,?,?,?,?)",
+                        (job_id, job_id[:16], 0, "pending", now_ms))
+        self.db.execute("COMMIT")
+
     def latest_unfinished(self) -> Batch | None:
         row = self.db.execute(
-            "SELECT b.* FROM batches b WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = b.batch_id "
+            f"SELECT b.* FROM batches b WHERE b.solver != '{CLIENT_REQUEST}' AND EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = b.batch_id "
             "AND j.state != 'settled') AND b.batch_id NOT IN (SELECT batch_id FROM discarded) "
             "ORDER BY b.created_at_ms DESC LIMIT 1").fetchone()
         return self._batch(row) if row else None
@@ -152,11 +167,12 @@ class Journal:
             "ORDER BY b.created_at_ms DESC, b.batch_id").fetchall()
         out = []
         for batch_id, created, model, count, out_dir, inputs, settled, failed, open_, discarded in rows:
-            inputs_path = Path(inputs)
+            inputs_path = Path(inputs) if inputs != CLIENT_REQUEST else None
             out.append({"batch": batch_id, "created_at_ms": created, "model": model, "jobs": count,
                         "settled": settled or 0, "failed": failed or 0, "unfinished": open_ or 0,
                         "discarded": bool(discarded), "out_dir": out_dir,
-                        "inputs_bytes": inputs_path.stat().st_size if inputs_path.exists() else 0})
+                        "inputs_bytes": inputs_path.stat().st_size if inputs_path and inputs_path.is_file() else 0,
+                        "client_request": inputs_path is None})
         return out
 
     def discard(self, batch_id: str, now_ms: int) -> None:

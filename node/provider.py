@@ -546,7 +546,6 @@ class Provider:
         now = self.clock.now_ms()
         await self.writer.apply(job.receipt.envelope_bytes, None, now_ms=now,
                           keep=(request.buyer, step.send[0], max(request.expires_at_ms, now + MIN_KEEP_RESULT_MS)))
-        await self.writer.prune_results(now_ms=now, max_bytes=KEPT_RESULTS_BYTES)
         self.jobs_done += 1
         self.metrics.jobs.labels("completed").inc()
         self.metrics.compute_seconds.inc(compute_ms / 1000)
@@ -554,6 +553,8 @@ class Provider:
         emit("job", job_id=request.job_id, buyer=peer, compute_ms=round(compute_ms, 3),
              energy_j=round(energy_j, 6), energy_source=energy_source)
         await self._send(stream, step)
+        # Off the buyer's path: bounding the kept results can wait until it has its answer.
+        await self.writer.prune_results(now_ms=now, max_bytes=KEPT_RESULTS_BYTES)
         await self._settle(stream, job, peer)
 
     async def _settle(self, stream: Stream, job: ProviderJob, peer: str) -> None:

@@ -583,3 +583,18 @@ def test_a_problem_file_may_leave_out_every_optional_field():
     assert problem.providers[0].slot_memory_mb == float("inf")
     assert problem_from_json(problem.to_json()) == problem  # "no limit" round-trips as null
     assert solve(problem).assignments[0].provider == "a"
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(deadlines=True, max_jobs=1))
+def test_one_job_is_placed_exactly_by_enumeration(problem):
+    # A warm client solves one job per request: the enumeration that replaces the flow
+    # there must give the brute-force optimum, deadlines and price ceilings included.
+    result = solve(problem)
+    assert check_result(problem, result) == []
+    placed, objective = brute_force(problem)
+    assert len(result.assignments) == placed
+    if placed:
+        assert result.optimal
+        assert math.isclose(result.objective, objective, rel_tol=1e-6, abs_tol=1e-6)
+        assert result.lower_bound <= result.objective * (1 + 1e-9) + 1e-9

@@ -1,0 +1,666 @@
+"""A warm buyer: one libp2p node, a live offer book, and the buyer's ledger and journal,
+opened once and used for many jobs at a time.
+
+Applications hold one open (`idlemesh.Client`, or `idlemesh.SyncClient` from threaded
+code) and call `infer` per request; the gateway (node.gateway) is one such application;
+`idlemesh submit` (node.buyer) runs its batches through one. Every job, whichever way
+it came, goes through `Client.attempt`: one attempt of one job on one provider, driven
+by the protocol's BuyerJob machine, with the journal written before the wire and the
+ledger before the ack, so a crash anywhere leaves both parties able to agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import numpy as np
+import trio
+
+from matcher import Job, Problem, Provider, Weights, solve
+from protocol.errors import DecodeError
+from protocol.job import BuyerJob, Delivered, ModelSent, Refused, Rejected
+from protocol.messages import JobRequest, Offer, Receipt
+from protocol.stream import OfferWant
+from protocol.tensors import Tensor
+from protocol.topics import JOB_PROTOCOL
+
+from .clock import SYSTEM_CLOCK, Clock
+from .faults import fault_point
+from .gossip import OfferGossip, bootstrap_peer_id
+from .identity import load_key
+from .journal import Journal
+from .ledger import Ledger, LedgerError, LedgerWriter
+from .modelio import InputMismatch, Signature, check_inputs, signature_of_model
+from .net import OpenNetwork, StreamClosed
+from .offers import OfferBook
+from .p2p import open_p2p_node
+from .reputation import own_digest, provider_scores
+from .settle import settle_with
+
+log = logging.getLogger("idlemesh.client")
+MODEL_UPLOAD_TIMEOUT_S = 120.0
+ACK_CONFIRM_TIMEOUT_S = 10.0  # for the provider's `settled`; without it the ack stays pending
+CLOSE_DRAIN_S = 2.0  # on close, how long confirmations still on their way are waited for
+JOB_TTL_MS = 10 * 60_000
+RETRY_PROVIDERS = 3  # the placed provider and up to two others, per job
+# The matcher sees at most this many offers, the best ranked (good receipts with us, then
+# held longest by the bootstrap): a swarm of fresh keys with irresistible offers costs a
+# request some failed dials, never every candidate.
+MAX_PLACEMENT_OFFERS = 64
+SYNC_ATTEMPTS = 5    # per bootstrap, 0.1 s apart and doubling: about 3 s before "cannot reach"
+EMPTY_BOOK_RETRIES_S = (0.5, 1.0, 2.0)  # waits before syncing again while every book is empty
+# A warm client's book follows gossip; a sync this often also picks up what gossip missed
+# (a mesh still forming, a bootstrap that restarted). Offers live 6-120 s.
+REFRESH_S = 15.0
+# Errors one attempt can end with; each fails the attempt (the next provider is tried),
+# never the client.
+ATTEMPT_ERRORS = (DecodeError, LedgerError, StreamClosed, trio.TooSlowError, OSError, ConnectionError)
+
+
+class ClientError(Exception):
+    """The request cannot go ahead; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model as the buyer sends it: its bytes, their hash, and its inputs and outputs."""
+
+    name: str
+    data: bytes = field(repr=False)
+    sha256: str
+    signature: Signature | None  # None only for bytes that are not ONNX (hostile tests)
+    path: Path | None = None
+
+    @classmethod
+    def from_path(cls, path: Path | str, name: str | None = None, *, read_signature: bool = True) -> "Model":
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ClientError(f"model {path}: {exc.strerror or exc}") from None
+        signature = None
+        if read_signature:
+            try:
+                signature = signature_of_model(data)
+            except InputMismatch as exc:
+                raise ClientError(f"{path.name}: {exc}") from None
+        return cls(name or path.stem, data, hashlib.sha256(data).hexdigest(), signature, path)
+
+    @property
+    def label(self) -> str:
+        return self.path.name if self.path else self.name
+
+
+@dataclass(frozen=True)
+class Work:
+    """What every attempt of one job sends: the model, the inputs and the terms."""
+
+    model: Model
+    tensors: tuple[Tensor, ...]
+    items: int  # rows along the batch axis
+    max_price: float
+    timeout_s: float
+
+    @classmethod
+    def prepare(cls, model: Model, inputs: dict[str, np.ndarray], *, max_price: float, timeout_s: float) -> "Work":
+        """Checked here, in milliseconds, against the model's own graph: a wrong input
+        never travels to a provider to be refused seconds later."""
+        try:
+            tensors = tuple(Tensor.from_array(name, np.asarray(array)) for name, array in inputs.items())
+        except DecodeError as exc:
+            raise ClientError(f"{model.label}: {exc}") from None
+        if model.signature is None:
+            items = max(1, tensors[0].shape[0] if tensors and tensors[0].shape else 1)
+        else:
+            try:
+                items, _ = check_inputs(model.signature, {t.name: (t.dtype, t.shape) for t in tensors})
+            except InputMismatch as exc:
+                raise ClientError(f"{model.label}: {exc}") from None
+        return cls(model, tensors, items, max_price, timeout_s)
+
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    index: int
+    provider: str = ""
+    state: str = "pending"  # protocol.lifecycle.STATES
+    latency_ms: float = 0.0
+    compute_ms: float = 0.0
+    overhead_ms: float = 0.0
+    energy_j: float = 0.0
+    energy_source: str = ""
+    price: float = 0.0
+    error: str = ""
+    output_path: str = ""
+    attempts: list[str] = field(default_factory=list)
+    spot_check: dict | None = None
+    # Latency on the device the provider is: the wall latency for a real machine; for a
+    # simulated one, its link's round trip + its queue + its compute, all at device speed.
+    device_latency_ms: float = 0.0
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class Inference:
+    """One request's answer: the outputs, and the receipt the provider signed and we
+    countersigned (already verified: its hashes match what we sent and got)."""
+
+    job_id: str
+    outputs: dict[str, np.ndarray]
+    receipt: Receipt
+    receipt_envelope: bytes  # the signed receipt, as the ledger holds it
+    outcome: JobOutcome
+
+    @property
+    def provider(self) -> str:
+        return self.outcome.provider
+
+    def to_json(self) -> dict:
+        """Everything but the outputs: what a script logs per request."""
+        return {**self.outcome.to_json(), "outputs": {k: list(v.shape) for k, v in self.outputs.items()}}
+
+
+def offers_to_problem(offers: list[Offer], model_sha: str, items: int, count: int, max_price: float,
+                      weights: Weights, job_ids: list[str], deadline_ms: float | None = None,
+                      own_backlog_ms: dict[str, float] | None = None) -> Problem:
+    """The matcher's view of `offers`. `own_backlog_ms`: per provider, the queue our own
+    jobs in flight there add to what its offer last said."""
+    providers = []
+    for offer in offers:
+        throughput = {m.sha256: m.items_per_s for m in offer.models}
+        if model_sha not in throughput and offer.open_models_items_per_s:
+            throughput[model_sha] = offer.open_models_items_per_s
+        providers.append(Provider(
+            id=offer.peer_id, arch=offer.device.arch, slots=offer.slots,
+            slot_memory_mb=offer.device.memory_mb / offer.slots, marginal_w=offer.power.marginal_w_per_slot,
+            carbon_g_per_kwh=offer.carbon_g_per_kwh, rtt_ms=offer.link_rtt_ms or 0.0,
+            backlog_ms=offer.backlog_ms + (own_backlog_ms or {}).get(offer.peer_id, 0.0),
+            price_per_s=offer.price_per_s, throughput=throughput))
+    jobs = tuple(Job(id=job_ids[i], model=model_sha, items=items, max_price=max_price, deadline_ms=deadline_ms)
+                 for i in range(count))
+    return Problem(tuple(providers), jobs, weights)
+
+
+class Client:
+    """A buyer kept open. Use as `async with Client(home, [bootstrap]) as client:` and
+    `await client.infer(model_path, {"input": array})`; many `infer` calls may run at
+    once. `clock` and `open_network` are what a MockClock test replaces."""
+
+    def __init__(self, home: Path | str, bootstrap: list[str], *, max_price: float = 1.0, solver: str = "optimal",
+                 weights: Weights = Weights(), job_timeout_s: float = 120.0, min_reputation: float = 0.25,
+                 listen: str = "/ip4/127.0.0.1/tcp/0", clock: Clock = SYSTEM_CLOCK,
+                 open_network: OpenNetwork = open_p2p_node):
+        if not bootstrap:
+            raise ClientError("give at least one bootstrap address")
+        for addr in bootstrap:
+            try:
+                bootstrap_peer_id(addr)
+            except ValueError as exc:
+                raise ClientError(f"bootstrap {exc}") from None
+        self.home = Path(home)
+        self.bootstrap = list(bootstrap)
+        self.max_price, self.solver, self.weights = max_price, solver, weights
+        self.job_timeout_s, self.min_reputation, self.listen = job_timeout_s, min_reputation, listen
+        self.clock = clock
+        self.open_network = open_network
+        # Where blocking work runs (ledger commits, journal writes): a worker thread, one
+        # call at a time (the journal's connection is not shared), so the trio loop keeps
+        # serving streams.
+        io_limiter = trio.CapacityLimiter(1)
+        self.offload = lambda fn, *args: trio.to_thread.run_sync(fn, *args, limiter=io_limiter)
+        self.seed, self.key = load_key(self.home)
+        self.ledger = Ledger(self.home / "ledger.sqlite", self.key.public_key)  # reads, on the trio thread
+        self.writer = LedgerWriter(self.home / "ledger.sqlite", self.key.public_key,
+                                   offload=lambda fn, *args: self.offload(fn, *args))
+        self.journal = Journal(self.home, any_thread=True)
+        self._models: dict[str, Model] = {}  # by name and by path
+        self.wanted: set[str] = set()  # model hashes whose offers the book asks for
+        self.in_flight: dict[str, list[float]] = {}  # provider -> each of our jobs there: its compute ms
+        self.unreachable: dict[str, str] = {}  # bootstrap address -> why, at the last sync
+        self.late_acks = {"delivered": 0, "pending": 0, "disagreements": []}
+        self.p2p = None
+        self.gossip: OfferGossip | None = None
+        self.book: OfferBook | None = None
+        self._nursery: trio.Nursery | None = None
+        self._confirming: set[trio.Event] = set()
+        self._reputation: dict = {}
+        self._closed = False
+
+    # --- models -----------------------------------------------------------------------
+
+    def add_model(self, path: Path | str, name: str | None = None, *, read_signature: bool = True) -> Model:
+        """Load a model once; later requests name it by `name` (default: the file's stem)
+        or by its path."""
+        model = Model.from_path(path, name, read_signature=read_signature)
+        self._models[model.name] = model
+        self._models[str(Path(path).resolve())] = model
+        self.wanted.add(model.sha256)
+        return model
+
+    def model(self, model: Model | str | Path) -> Model:
+        if isinstance(model, Model):
+            return model
+        found = self._models.get(str(model)) or self._models.get(str(Path(model).resolve()))
+        if found is not None:
+            return found
+        if not Path(model).is_file():
+            raise ClientError(f"unknown model {str(model)!r}: not a loaded model's name, and no such file")
+        return self.add_model(model)
+
+    def _label(self, model_sha: str) -> str:
+        return next((m.label for m in self._models.values() if m.sha256 == model_sha), "?")
+
+    # --- the session --------------------------------------------------------------------
+
+    async def __aenter__(self) -> "Client":
+        self._session = self.session()
+        return await self._session.__aenter__()
+
+    async def __aexit__(self, *exc_info) -> bool | None:
+        try:
+            return await self._session.__aexit__(*exc_info)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.ledger.close()
+            self.writer.close()
+            self.journal.close()
+
+    def _want(self) -> OfferWant | None:
+        # Only offers of our models, unless we owe some provider an ack (then every offer,
+        # to find it) or know no model yet.
+        if not self.wanted or self.ledger.pending_acks():
+            return None
+        return OfferWant(models=tuple(sorted(self.wanted)))
+
+    @asynccontextmanager
+    async def session(self, *, live: bool = True) -> AsyncIterator["Client"]:
+        """The node, the offer book and the background work that keeps them current.
+        `live`: follow gossip and sync now and again (a one-shot batch syncs once)."""
+        self._reputation = self.ledger.reputation()
+        standing = lambda pid: self._reputation.get(pid, {}).get("accepted", 0)  # noqa: E731
+        self.book = OfferBook(wanted=lambda offer: any(offer.items_per_s(sha) for sha in self.wanted),
+                              standing=standing)
+        async with self.open_network(self.seed, [self.listen]) as p2p:
+            self.p2p = p2p
+            self.gossip = OfferGossip(p2p, self.book, clock=self.clock)
+            self.gossip.own_digest = lambda: own_digest(self.key, self.ledger.reputation(), self.ledger.provider_keys(),
+                                                        now_ms=self.clock.now_ms())
+            await self.refresh(wait_for_offers=True)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if live:
+                    await nursery.start(self.gossip.run)
+                    nursery.start_soon(self._keep_fresh)
+                # Acks a provider never confirmed (we crashed, it did, a stream broke) go
+                # first: settling old jobs never waits for new ones.
+                await self.deliver_pending_acks()
+                try:
+                    yield self
+                    with trio.move_on_after(CLOSE_DRAIN_S):
+                        for confirming in list(self._confirming):
+                            await confirming.wait()
+                finally:
+                    nursery.cancel_scope.cancel()
+                    self._nursery = None
+
+    async def refresh(self, *, wait_for_offers: bool = False) -> None:
+        """Sync the offer book with every bootstrap. `wait_for_offers`: a bootstrap that
+        has just restarted holds no offers until providers reconnect (a second or two),
+        so ask again briefly before taking an empty book for an answer."""
+        want = self._want()
+        self.unreachable = {}
+        for addr in self.bootstrap:
+            error = await self._sync(addr, want)
+            if error:
+                self.unreachable[addr] = error
+        if not wait_for_offers:
+            return
+        for delay_s in EMPTY_BOOK_RETRIES_S:
+            if self.book.current(now_ms=self.clock.now_ms()) or len(self.unreachable) == len(self.bootstrap):
+                break
+            await trio.sleep(delay_s)
+            for addr in self.bootstrap:
+                if addr not in self.unreachable:
+                    await self._sync(addr, want)
+
+    async def _sync(self, addr: str, want: OfferWant | None) -> str | None:
+        """Take the bootstrap's offer book; None, or why it could not be reached."""
+        # A peer that reconnects under the same id (a second `submit` from the same home)
+        # can be refused while the remote still holds the old connection: retry briefly.
+        delay_s = 0.1
+        error = ""
+        for attempt in range(SYNC_ATTEMPTS):
+            try:
+                await self.p2p.connect(bootstrap_peer_id(addr), [addr])
+                await self.gossip.sync_with(bootstrap_peer_id(addr), want=want)
+                return None
+            except (StreamClosed, DecodeError, trio.TooSlowError) as exc:
+                error = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc).rsplit(": ", 1)[-1]
+                log.info("bootstrap %s (attempt %d): %s", addr, attempt + 1, exc)
+                await trio.sleep(delay_s)
+                delay_s *= 2
+        log.warning("bootstrap %s unreachable after %d attempts: %s", addr, SYNC_ATTEMPTS, error)
+        return error
+
+    async def _keep_fresh(self) -> None:
+        while True:
+            await trio.sleep(REFRESH_S)
+            await self.refresh()
+
+    async def share_digest(self) -> None:
+        """Our signed reputation digest rides on a last sync with each bootstrap."""
+        for addr in self.bootstrap:
+            with trio.move_on_after(5):
+                try:
+                    await self.gossip.sync_with(bootstrap_peer_id(addr))
+                except (StreamClosed, DecodeError) as exc:
+                    log.info("final sync with %s: %s", addr, exc)
+
+    async def deliver_pending_acks(self, offers: list[Offer] | None = None) -> None:
+        """Deliver every ack a provider in `offers` (default: the book) has not confirmed."""
+        pending = self.ledger.pending_acks()
+        if offers is None:
+            offers = self.current_offers()
+        for offer in offers:
+            if offer.peer_id not in pending:
+                continue
+            report = await settle_with(self.p2p, self.ledger, self.writer, offer.peer_id, offer.addrs,
+                                       clock=self.clock)
+            self.late_acks["delivered"] += report.agreed
+            self.late_acks["disagreements"] += report.disagreements
+            if report.error:
+                log.info("pending acks for %s stay pending: %s", offer.peer_id[-8:], report.error)
+        self.late_acks["pending"] = sum(len(v) for v in self.ledger.pending_acks().values())
+
+    # --- placement ----------------------------------------------------------------------
+
+    def current_offers(self) -> list[Offer]:
+        return [e.offer for e in self.book.current(now_ms=self.clock.now_ms())]
+
+    def scores(self) -> dict[str, float]:
+        return provider_scores(self._reputation, self.gossip.reputation, self.key.public_key,
+                               self.ledger.settled_with())
+
+    def ranked(self, offers: list[Offer]) -> list[Offer]:
+        """Best first: offers whose providers settled with us most, then those held longest."""
+        def rank(offer: Offer) -> tuple:
+            entry = self.book.entry(offer.peer_id)
+            return (-self.book.standing(offer.peer_id), entry.first_seen_ms if entry else 0, offer.peer_id)
+        return sorted(offers, key=rank)
+
+    def candidates(self, model_sha: str) -> list[Offer]:
+        """Offers that can run the model now, from providers we trust, best ranked first;
+        raises ClientError saying why there are none."""
+        current = self.current_offers()
+        scores = self.scores()
+        trusted = [o for o in current if scores.get(o.peer_id, 0.5) >= self.min_reputation]
+        available = [o for o in trusted if o.available]
+        able = [o for o in available if o.items_per_s(model_sha)]
+        if able:
+            return self.ranked(able)[:MAX_PLACEMENT_OFFERS]
+        if len(self.unreachable) == len(self.bootstrap):
+            raise ClientError("cannot reach " + "; ".join(f"bootstrap {a} ({e})" for a, e in self.unreachable.items()))
+        if not current:
+            raise ClientError(f"no offers at {', '.join(a for a in self.bootstrap if a not in self.unreachable)}: "
+                              "the bootstrap is up but no provider is selling through it")
+        if not trusted:
+            raise ClientError(f"all {len(current)} providers score under the minimum reputation "
+                              f"{self.min_reputation}")
+        if not available:
+            raise ClientError(f"all {len(trusted)} providers have withdrawn their capacity for now "
+                              "(idle-only or carbon ceiling)")
+        raise ClientError(f"no provider offers model {self._label(model_sha)} (sha256 {model_sha[:16]}...); "
+                          f"{len(available)} offers seen")
+
+    def own_backlog_ms(self) -> dict[str, float]:
+        """The queue our jobs in flight add at each provider, spread over its slots: the
+        matcher sees load its offers cannot show yet."""
+        out = {}
+        for pid, jobs in self.in_flight.items():
+            entry = self.book.entry(pid)
+            slots = entry.offer.slots if entry else 1
+            out[pid] = sum(jobs) / max(1, slots)
+        return out
+
+    def place(self, work: Work, job_id: str, offers: list[Offer], *, deadline_ms: float | None) -> list[Offer]:
+        """The matcher's choice for one job on the current state (offers, and our own
+        jobs in flight), then the other offers by rank as fallbacks."""
+        problem = offers_to_problem(offers, work.model.sha256, work.items, 1, work.max_price, self.weights,
+                                    [job_id], deadline_ms, own_backlog_ms=self.own_backlog_ms())
+        result = solve(problem, solver=self.solver)
+        if not result.assignments:
+            raise ClientError(result.unassigned[0].explain if result.unassigned else "no placement")
+        chosen = result.assignments[0].provider
+        return sorted(offers, key=lambda o: o.peer_id != chosen)
+
+    # --- requests -----------------------------------------------------------------------
+
+    async def infer(self, model: Model | str | Path, inputs: dict[str, np.ndarray], *,
+                    deadline_ms: float | None = None, max_price: float | None = None,
+                    timeout_s: float | None = None) -> Inference:
+        """Run one job on the market and return its outputs with the verified receipt.
+        A wrong input raises ClientError before anything is sent; a provider that fails
+        or vanishes is replaced by the next placement (up to RETRY_PROVIDERS)."""
+        if self._nursery is None:
+            raise ClientError("the client is not open (use `async with Client(...)`)")
+        found = self.model(model)
+        work = Work.prepare(found, inputs, max_price=self.max_price if max_price is None else max_price,
+                            timeout_s=timeout_s or self.job_timeout_s)
+        if found.sha256 not in self.wanted:
+            self.wanted.add(found.sha256)
+            await self.refresh()
+        job_id = secrets.token_hex(16)
+        new_request = partial(self.journal.new_request, job_id, model=found.label, model_sha256=found.sha256,
+                              max_price=work.max_price, now_ms=self.clock.now_ms())
+        outcome = JobOutcome(job_id, 0)
+        kept: dict[str, np.ndarray] = {}
+
+        def keep(outputs) -> str:
+            kept.update({t.name: t.to_array() for t in outputs})
+            return ""
+
+        tried: set[str] = set()
+        try:
+            while len(tried) < RETRY_PROVIDERS:
+                offers = [o for o in self.candidates(found.sha256) if o.peer_id not in tried]
+                if not offers:
+                    break
+                offer = self.place(work, job_id, offers, deadline_ms=deadline_ms)[0]
+                tried.add(offer.peer_id)
+                try:
+                    receipt, envelope = await self._nursery.start(partial(
+                        self.attempt, work, outcome, offer, keep=keep, new_request=new_request))
+                except (ClientError, *ATTEMPT_ERRORS) as exc:
+                    outcome.error = f"{type(exc).__name__}: {exc}"
+                    log.warning("job %s on %s: %s", job_id[:8], offer.peer_id[-8:], outcome.error)
+                    continue
+                finally:
+                    if outcome.attempts:
+                        new_request = None  # journalled by the first attempt
+                return Inference(job_id, kept, receipt, envelope, outcome)
+        except ClientError as exc:
+            outcome.error = outcome.error or str(exc)
+        outcome.state = "failed"
+        if outcome.attempts:
+            await self.offload(self.journal.failed, job_id, outcome.error, self.clock.now_ms())
+        raise ClientError(f"job {job_id[:8]} failed after {len(tried)} provider(s): {outcome.error}")
+
+    async def attempt(self, work: Work, outcome: JobOutcome, offer: Offer, *, keep: Callable[[tuple], str],
+                      new_request: Callable[[], None] | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """One attempt of one job on one provider, driven by the protocol's BuyerJob
+        machine. A provider that breaks the protocol fails this attempt (DecodeError),
+        never the caller. `keep(outputs)` stores the outputs (a file, or memory) and
+        returns their path; it runs before the ledger, so a paid job's outputs exist.
+        `new_request`: journals the job first (a warm client's first attempt). Once the
+        job is paid for and our ack sent, `task_status.started((receipt, envelope))`
+        lets the caller go on while this journals it settled and waits for the
+        provider's confirmation."""
+        request_sent_ms = self.clock.now_ms()
+        request = JobRequest(
+            job_id=outcome.job_id, buyer=self.key.public_key, provider=offer.provider,
+            model_sha256=work.model.sha256, model_name=work.model.name[:128], inputs=work.tensors,
+            items=work.items, max_price=work.max_price, issued_at_ms=request_sent_ms,
+            expires_at_ms=request_sent_ms + JOB_TTL_MS, timeout_ms=int(work.timeout_s * 1000))
+        job = BuyerJob.create(self.key, request, work.model.data)
+        started = self.clock.elapsed_s()
+        outcome.provider = offer.peer_id
+        outcome.attempts.append(offer.peer_id)
+        outcome.state = job.state
+        estimate_ms = 1000 * work.items / max(offer.items_per_s(work.model.sha256) or 1.0, 1e-9)
+        load = self.in_flight.setdefault(offer.peer_id, [])
+        load.append(estimate_ms)
+        paid = False
+        done = trio.Event()
+        self._confirming.add(done)
+        prepared: dict = {}
+        ready = trio.Event()
+
+        def prepare():
+            if new_request is not None:
+                new_request()
+            step = job.start()
+            self.journal.sent(outcome.job_id, offer.peer_id, self.clock.now_ms())
+            return step
+
+        async def prepare_aside() -> None:
+            # Off the trio thread, while the stream is negotiated: signing the request
+            # hashes every input byte, and the journal's row must be durable before
+            # the request goes on the wire. (It runs to its end even if the stream
+            # cannot be opened: a row says `requested` of a request never sent.)
+            try:
+                prepared["step"] = await self.offload(prepare)
+            except Exception as exc:  # noqa: BLE001 - handed to the attempt, raised there
+                prepared["error"] = exc
+            finally:
+                ready.set()
+
+        try:
+            with trio.fail_after(work.timeout_s + 30):
+                self._nursery.start_soon(prepare_aside)
+                async with self.p2p.open_stream(offer.peer_id, offer.addrs, JOB_PROTOCOL) as stream:
+                    await ready.wait()
+                    if "error" in prepared:
+                        raise prepared["error"]
+                    step = prepared["step"]
+                    while True:
+                        outcome.state = job.state
+                        event = step.events[0] if step.events else None
+                        if isinstance(event, (Delivered, Rejected, Refused)):
+                            break  # its ack goes only once our decision is durable, below
+                        if isinstance(event, ModelSent):
+                            fault_point("buyer-model-upload")
+                        for payload in step.send:
+                            await stream.send(payload, timeout_s=MODEL_UPLOAD_TIMEOUT_S)
+                        try:
+                            payload = await stream.receive(max_bytes=job.max_frame_bytes, timeout_s=work.timeout_s)
+                        except trio.TooSlowError:
+                            job.expire()
+                            outcome.state = job.state
+                            raise
+                        step = job.receive(payload, now_ms=self.clock.now_ms())
+                    if isinstance(event, Refused):
+                        raise ClientError(f"provider {offer.peer_id[-8:]} refused: {event.code}: {event.message}")
+                    if isinstance(event, Rejected):
+                        try:
+                            await self.writer.apply(event.receipt.envelope_bytes, event.ack, now_ms=self.clock.now_ms())
+                        except LedgerError as exc:
+                            log.warning("rejected receipt not recorded: %s", exc)
+                        for payload in step.send:
+                            with trio.move_on_after(ACK_CONFIRM_TIMEOUT_S):
+                                await stream.send(payload)
+                                await self._confirmation(stream, job)
+                        raise DecodeError(event.reason)
+                    # Outputs first, then the ledger, then the ack, then the journal: after a
+                    # crash at any point the ledger says whether the job was paid for, a paid
+                    # job's outputs exist, and our decision is durable before it is sent.
+                    fault_point("buyer-after-result")
+                    outcome.output_path = keep(event.outputs)
+                    applied = await self.writer.apply(event.receipt.envelope_bytes, event.ack,
+                                                      now_ms=self.clock.now_ms())
+                    if not applied.applied and (applied.status != "accepted" or self.ledger.receipt_bytes(
+                            outcome.job_id)[0] != event.receipt.envelope_bytes):
+                        # The ledger holds another receipt for this job (a rejected attempt,
+                        # or one paid to another provider): accepting this one would have
+                        # the provider count money our ledger never moves. No ack; the
+                        # attempt fails, and both sides agree that nothing was paid for it.
+                        raise LedgerError(f"job {outcome.job_id[:8]} already has a {applied.status} receipt "
+                                          "from another attempt")
+                    paid = True
+                    for payload in step.send:
+                        await stream.send(payload)
+                    fault_point("buyer-after-ack")
+                    job.settle()
+                    await self._settled(outcome, offer, event.receipt, started, task_status)
+                    with trio.move_on_after(ACK_CONFIRM_TIMEOUT_S):
+                        try:
+                            await self._confirmation(stream, job)
+                        except LedgerError as exc:  # the caller has gone on: this must not raise
+                            log.warning("job %s: confirmation not recorded: %s", outcome.job_id[:8], exc)
+        except (StreamClosed, trio.TooSlowError, OSError) as exc:
+            if not paid:
+                raise
+            # Paid and durable on our side: the job is settled here whatever became of
+            # the ack (the provider keeps its receipt unacked until it hears again).
+            log.info("job %s: settled; the ack did not reach %s: %s", outcome.job_id[:8], offer.peer_id[-8:], exc)
+            if job.state == "delivered":
+                job.settle()
+            if outcome.state != "settled":
+                await self._settled(outcome, offer, event.receipt, started, task_status)
+        finally:
+            load.remove(estimate_ms)
+            if not load:
+                self.in_flight.pop(offer.peer_id, None)
+            done.set()
+            self._confirming.discard(done)
+
+    async def _settled(self, outcome: JobOutcome, offer: Offer, signed, started_s: float, task_status) -> None:
+        latency_ms = (self.clock.elapsed_s() - started_s) * 1000
+        receipt = signed.receipt
+        outcome.state = "settled"
+        outcome.latency_ms = latency_ms
+        outcome.compute_ms = receipt.compute_ms
+        # Only comparable for real devices: a simulated one reports profile time, not wall time.
+        outcome.overhead_ms = latency_ms - receipt.compute_ms
+        outcome.energy_j = receipt.energy_j
+        outcome.device_latency_ms = latency_ms if receipt.energy_source != "simulated" else \
+            (offer.link_rtt_ms or 0.0) + receipt.queue_ms + receipt.compute_ms
+        outcome.energy_source = receipt.energy_source
+        outcome.price = receipt.price
+        task_status.started((receipt, signed.envelope_bytes))
+        # The ledger already holds the payment; the journal row follows off the caller's path.
+        await self.offload(self.journal.settled, outcome.job_id, outcome.output_path, self.clock.now_ms())
+
+    async def _confirmation(self, stream, job: BuyerJob) -> None:
+        """The provider's `settled` frame: it holds our ack durably, so we stop carrying
+        it. Without one (timeout, closed stream) the ack stays pending and is delivered
+        by the settle protocol when we next meet the provider."""
+        try:
+            payload = await stream.receive(max_bytes=job.max_frame_bytes, timeout_s=ACK_CONFIRM_TIMEOUT_S)
+            step = job.receive(payload, now_ms=self.clock.now_ms())
+        except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
+            log.info("job %s: no confirmation of our ack yet (%s); it stays pending", job.request.job_id[:8], exc)
+            return
+        (confirmed,) = step.events
+        held = self.ledger.status(job.request.job_id)
+        if held is not None and held[0] == confirmed.status:
+            await self.writer.ack_delivered(job.request.job_id, confirmed.status, now_ms=self.clock.now_ms())
+        else:
+            log.warning("job %s: the provider holds %s, we hold %s; `idlemesh settle` reconciles",
+                        job.request.job_id[:8], confirmed.status, held[0] if held else "nothing")
+
+
+__all__ = ["Client", "ClientError", "Inference", "JobOutcome", "Model", "Work", "offers_to_problem"]
