@@ -569,6 +569,56 @@ async def _reconcile(args, ledger, key) -> dict:
     return report
 
 
+def _gateway(args) -> int:
+    """The Open Inference Protocol v2 over the market, until Ctrl-C."""
+    from .client import Client, ClientError
+    from .gateway import Gateway
+
+    setup_logging_from_args(args, default="warning")
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        return _fail(args, f"error: --listen {args.listen}: give HOST:PORT, e.g. 127.0.0.1:8000", 2)
+    specs = []
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        specs.append((name, path) if sep else (None, item))
+
+    async def serve() -> None:
+        client = Client(Path(args.home), args.bootstrap, max_price=args.max_price, solver=args.solver,
+                        job_timeout_s=args.job_timeout_s, min_reputation=args.min_reputation)
+        models = {}
+        for name, path in specs:
+            model = client.add_model(path, name)
+            if model.signature is None or model.name in models:
+                raise ClientError(f"model {model.name}: " + ("given twice" if model.name in models else "not ONNX"))
+            models[model.name] = model
+        async with client:
+            gateway = Gateway(client, models)
+            async with trio.open_nursery() as nursery:
+                bound = await nursery.start(gateway.serve, host, int(port))
+                url = f"http://{bound[0]}:{bound[1]}"
+                offers = {name: len(client.current_offers()) and gateway._offered(m) for name, m in models.items()}
+                if args.json:
+                    print(json.dumps({"event": "ready", "role": "gateway", "url": url, "peer_id": client.key.peer_id,
+                                      "models": sorted(models), "offered": offers}), flush=True)
+                else:
+                    print(f"gateway: Open Inference Protocol v2 at {url}/v2 for "
+                          + ", ".join(f"{n} ({'offered' if ok else 'no offer yet'})" for n, ok in offers.items())
+                          + "; Ctrl-C stops", flush=True)
+
+    try:
+        trio.run(serve)
+    except ClientError as exc:
+        return _fail(args, f"error: {exc}", 2)
+    except OSError as exc:
+        return _fail(args, f"error: cannot listen on {args.listen}: {exc.strerror or exc}", 2)
+    except BaseException as exc:
+        if _interrupted(exc):
+            return 130
+        raise
+    return 0
+
+
 def _inspect(args) -> int:
     """A model's inputs and outputs; with --bootstrap, who offers it now, at what price
     and energy per item (each figure labelled with how the provider obtained it)."""
@@ -771,6 +821,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "what both ledgers hold, and sign the list of jobs they disagree on (repeatable)")
     se.add_argument("--json", action="store_true")
     se.set_defaults(func=_settle)
+    gw = sub.add_parser("gateway", help="serve the Open Inference Protocol v2 (KServe v2) REST API over the market")
+    gw.add_argument("--listen", default="127.0.0.1:8000", metavar="HOST:PORT")
+    gw.add_argument("--model", action="append", required=True, metavar="NAME=PATH.onnx",
+                    help="a model to serve under NAME (default: the file's stem); repeat for more")
+    gw.add_argument("--bootstrap", action="append", required=True)
+    gw.add_argument("--home", default=str(DEFAULT_HOME / "gateway"), help="the gateway's buyer identity, ledger, journal")
+    gw.add_argument("--max-price", type=float, default=1.0, help="price ceiling per job (a request's "
+                    "parameters.idlemesh_max_price may lower it)")
+    gw.add_argument("--solver", default="optimal")
+    gw.add_argument("--job-timeout-s", type=float, default=120.0, metavar="S")
+    gw.add_argument("--min-reputation", type=float, default=0.25)
+    gw.add_argument("--json", action="store_true", help="print the ready line as JSON")
+    gw.set_defaults(func=_gateway)
     ins = sub.add_parser("inspect", help="a model's inputs and outputs, and (with --bootstrap) who offers it now")
     ins.add_argument("model")
     ins.add_argument("--bootstrap", action="append", help="ask this bootstrap which providers offer the model")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -68,6 +69,10 @@ class ClientError(Exception):
     """The request cannot go ahead; the message says why, in one line."""
 
 
+class InputError(ClientError):
+    """The inputs do not fit the model: found locally, before anything was sent."""
+
+
 @dataclass(frozen=True)
 class Model:
     """A model as the buyer sends it: its bytes, their hash, and its inputs and outputs."""
@@ -115,14 +120,14 @@ class Work:
         try:
             tensors = tuple(Tensor.from_array(name, np.asarray(array)) for name, array in inputs.items())
         except DecodeError as exc:
-            raise ClientError(f"{model.label}: {exc}") from None
+            raise InputError(f"{model.label}: {exc}") from None
         if model.signature is None:
             items = max(1, tensors[0].shape[0] if tensors and tensors[0].shape else 1)
         else:
             try:
                 items, _ = check_inputs(model.signature, {t.name: (t.dtype, t.shape) for t in tensors})
             except InputMismatch as exc:
-                raise ClientError(f"{model.label}: {exc}") from None
+                raise InputError(f"{model.label}: {exc}") from None
         return cls(model, tensors, items, max_price, timeout_s)
 
 
@@ -663,4 +668,55 @@ class Client:
                         job.request.job_id[:8], confirmed.status, held[0] if held else "nothing")
 
 
-__all__ = ["Client", "ClientError", "Inference", "JobOutcome", "Model", "Work", "offers_to_problem"]
+class SyncClient:
+    """The warm client for threaded code: the Client runs in a trio loop on a thread of
+    its own; `infer` may be called from many threads at once. Use as a context manager,
+    or call close()."""
+
+    def __init__(self, home: Path | str, bootstrap: list[str], **options):
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._client: Client | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._main, home, bootstrap, options),
+                                        name="idlemesh-client", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    async def _main(self, home, bootstrap, options) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._stop = trio.Event()
+        try:
+            # Built on this thread: its SQLite connections belong to the trio loop's thread.
+            async with Client(home, bootstrap, **options) as client:
+                self._client = client
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor's caller
+            self._failure = exc
+        finally:
+            self._ready.set()
+
+    def add_model(self, path: Path | str, name: str | None = None) -> Model:
+        return trio.from_thread.run_sync(self._client.add_model, path, name, trio_token=self._token)
+
+    def infer(self, model: Model | str | Path, inputs: dict[str, np.ndarray], **terms) -> Inference:
+        """As Client.infer; blocks this thread until the answer (or ClientError)."""
+        if self._client is None or self._stop.is_set():
+            raise ClientError("the client is closed")
+        return trio.from_thread.run(partial(self._client.infer, model, inputs, **terms), trio_token=self._token)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+            self._thread.join()
+
+    def __enter__(self) -> "SyncClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+__all__ = ["SyncClient", "Client", "ClientError", "InputError", "Inference", "JobOutcome", "Model", "Work", "offers_to_problem"]

@@ -1,0 +1,233 @@
+"""Buyers as applications: the warm Client and the Open Inference Protocol gateway, on a
+real devnet, driven by an OIP client library that is not ours (tritonclient)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import trio
+
+from devnet.launcher import open_devnet
+from node.calibrate import reference_model_path
+from node.client import Client, ClientError, InputError, SyncClient
+from node.gateway import Gateway
+from node.oip import HEADER_LENGTH, OIPError, encode_infer_response, parse_infer_request
+
+MODEL = reference_model_path("squeezenet")  # seeded weights: outputs depend on the input
+
+
+def local_run(x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    return session.run(None, {"data_0": x})[0]
+
+
+def ledger_status(home) -> dict[str, str]:
+    db = sqlite3.connect(home / "ledger.sqlite")
+    try:
+        return dict(db.execute("SELECT receipt_id, status FROM receipts").fetchall())
+    finally:
+        db.close()
+
+
+def journal_jobs(home) -> int:
+    db = sqlite3.connect(home / "jobs.sqlite")
+    try:
+        return db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+    finally:
+        db.close()
+
+
+# --- the protocol's encoding (pure) ---------------------------------------------------
+
+def binary_request(inputs: dict[str, np.ndarray], **doc) -> tuple[bytes, int]:
+    items, blobs = [], []
+    for name, a in inputs.items():
+        blob = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes()
+        items.append({"name": name, "shape": list(a.shape), "datatype": {"float32": "FP32", "int64": "INT64",
+                                                                         "bool": "BOOL"}[a.dtype.name],
+                      "parameters": {"binary_data_size": len(blob)}})
+        blobs.append(blob)
+    head = json.dumps({"inputs": items, **doc}).encode()
+    return head + b"".join(blobs), len(head)
+
+
+def test_oip_requests_parse_from_json_and_binary_alike():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+    flags = np.array([True, False, True])
+    as_json = json.dumps({"id": "r1", "inputs": [
+        {"name": "x", "shape": [2, 3], "datatype": "FP32", "data": x.tolist()},
+        {"name": "f", "shape": [3], "datatype": "BOOL", "data": flags.tolist()}]}).encode()
+    body, head = binary_request({"x": x, "f": flags}, id="r1")
+    for parsed in (parse_infer_request(as_json, None), parse_infer_request(body, head)):
+        assert parsed.id == "r1" and parsed.outputs is None
+        np.testing.assert_array_equal(parsed.inputs["x"], x)
+        np.testing.assert_array_equal(parsed.inputs["f"], flags)
+        assert parsed.inputs["x"].dtype == np.float32 and parsed.inputs["f"].dtype == np.bool_
+
+
+@pytest.mark.parametrize("body, head, words", [
+    (b"{not json", None, "not JSON"),
+    (b'{"inputs": []}', None, "non-empty 'inputs'"),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "STRING", "data": [1, 2]}]}', None, "datatype"),
+    (b'{"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2]}]}', None, "do not fill"),
+    (b'{"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": []}]}', None, "non-negative"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": ["a"]}]}', None, "does not fit"),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32"}]}', None, "give 'data'"),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]}',
+     b"\x00" * 4, "runs past"),
+    (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}',
+     b"\x00" * 4, "do not make"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}',
+     b"\x00" * 9, "unclaimed"),
+    (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}', 999, "outside the body"),
+])
+def test_bad_oip_requests_get_a_400_that_says_what_is_wrong(body, head, words):
+    # `head`: None for plain JSON; bytes of binary data to follow the JSON; or a header
+    # length to send as it is.
+    if isinstance(head, bytes):
+        body, head = body + head, len(body)
+    with pytest.raises(OIPError) as caught:
+        parse_infer_request(body, head)
+    assert caught.value.status == 400 and words in str(caught.value)
+
+
+def test_oip_responses_carry_binary_outputs_after_the_json_header():
+    outputs = {"y": np.arange(4, dtype=np.float32).reshape(2, 2), "n": np.array([3], dtype=np.int64)}
+    request = parse_infer_request(json.dumps({"inputs": [{"name": "x", "shape": [1], "datatype": "FP32",
+                                                          "data": [0]}], "outputs": [
+        {"name": "y", "parameters": {"binary_data": True}}, {"name": "n"}]}).encode(), None)
+    headers, body = encode_infer_response("m", request, outputs, {"idlemesh_price": 1.5})
+    length = int(dict(headers)[HEADER_LENGTH])
+    doc = json.loads(body[:length])
+    assert doc["parameters"] == {"idlemesh_price": 1.5}
+    y, n = doc["outputs"]
+    assert y["parameters"]["binary_data_size"] == 16 and n["data"] == [3] and n["datatype"] == "INT64"
+    np.testing.assert_array_equal(np.frombuffer(body[length:], dtype="<f4").reshape(2, 2), outputs["y"])
+    with pytest.raises(OIPError, match="no output 'z'"):
+        encode_infer_response("m", parse_infer_request(
+            b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [0]}], "outputs": [{"name": "z"}]}',
+            None), outputs, {})
+
+
+# --- a real devnet ------------------------------------------------------------------
+
+def through_tritonclient(url: str, inputs: list[np.ndarray]) -> dict:
+    """An off-the-shelf OIP client, as an application would use it (blocking, in a thread)."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(url=url)
+    seen: dict = {"live": client.is_server_live(), "ready": client.is_server_ready(),
+                  "model_ready": client.is_model_ready("squeezenet"),
+                  "metadata": client.get_model_metadata("squeezenet"), "answers": []}
+    for i, x in enumerate(inputs):
+        tensor = httpclient.InferInput("data_0", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=i % 2 == 0)  # the binary extension, then plain JSON
+        wanted = [httpclient.InferRequestedOutput("softmaxout_1", binary_data=i % 2 == 0)]
+        result = client.infer("squeezenet", [tensor], outputs=wanted)
+        seen["answers"].append((result.as_numpy("softmaxout_1"), result.get_response()["parameters"]))
+    for name, shape in (("squeezenet", [1, 3, 224, 225]), ("no-such-model", [1, 3, 224, 224])):
+        wrong = httpclient.InferInput("data_0", shape, "FP32")
+        wrong.set_data_from_numpy(np.zeros(shape, dtype=np.float32))
+        try:
+            client.infer(name, [wrong])
+        except InferenceServerException as exc:
+            seen[name] = (exc.status(), exc.message())
+    client.close()
+    return seen
+
+
+async def raw_http(port: int, data: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        reply = b""
+        with trio.move_on_after(10):
+            while chunk := await stream.receive_some(65536):
+                reply += chunk
+    return reply
+
+
+async def test_an_oip_client_runs_inference_through_the_gateway_and_a_warm_client_serves_many_at_once(tmp_path):
+    rng = np.random.default_rng(11)
+    inputs = [rng.random((1, 3, 224, 224), dtype=np.float32) for _ in range(3)]
+    expected = [local_run(x) for x in inputs]
+    assert not np.allclose(expected[0], expected[1])  # the check below can fail
+    async with open_devnet(2, root=tmp_path / "net") as net:
+        home = tmp_path / "gateway"
+        client = Client(home, [net.bootstrap_addr])
+        model = client.add_model(MODEL)
+        async with client, trio.open_nursery() as nursery:
+            gateway = Gateway(client, {"squeezenet": model})
+            host, port = await nursery.start(gateway.serve, "127.0.0.1", 0)
+            seen = await trio.to_thread.run_sync(through_tritonclient, f"{host}:{port}", inputs)
+
+            # A wrong input is the buyer's own error, found before anything is sent:
+            # no journal row, no provider asked.
+            jobs_before = journal_jobs(home)
+            with pytest.raises(InputError, match="axis 2 must be 224, got 32"):
+                await client.infer(model, {"data_0": np.zeros((1, 3, 32, 224), dtype=np.float32)})
+            assert journal_jobs(home) == jobs_before
+
+            # Many requests in flight on one warm client, each its own verified job.
+            answers: list = [None] * 6
+
+            async def one(i: int) -> None:
+                answers[i] = await client.infer(model, {"data_0": inputs[i % 3]}, deadline_ms=60_000)
+
+            async with trio.open_nursery() as requests:
+                for i in range(6):
+                    requests.start_soon(one, i)
+
+            # Bad HTTP and bad JSON get the protocol's error shape; the gateway goes on.
+            garbage = await raw_http(port, b"\x16\x03\x01 not http at all\r\n\r\n")
+            bad_json = await raw_http(port, b"POST /v2/models/squeezenet/infer HTTP/1.1\r\nhost: x\r\n"
+                                            b"content-length: 5\r\nconnection: close\r\n\r\n{nope")
+            still = await raw_http(port, b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            nursery.cancel_scope.cancel()
+
+    assert seen["live"] and seen["ready"] and seen["model_ready"]
+    assert seen["metadata"]["inputs"] == [{"name": "data_0", "datatype": "FP32", "shape": [1, 3, 224, 224]}]
+    receipts = ledger_status(home)
+    for (outputs, params), want in zip(seen["answers"], expected):
+        np.testing.assert_allclose(outputs, want, rtol=1e-5, atol=1e-6)
+        # The receipt rides in the response: paid for once in the gateway's ledger.
+        assert receipts[params["idlemesh_receipt_id"]] == "accepted"
+        assert params["idlemesh_energy_source"] == "declared" and params["idlemesh_energy_j"] > 0
+        assert params["idlemesh_provider"] in {c.ready["peer_id"] for c in net.providers}
+    status, message = seen["squeezenet"]
+    assert status == "400" and "axis 3 must be 224, got 225" in message
+    assert seen["no-such-model"][0] == "404" and "unknown model 'no-such-model'" in seen["no-such-model"][1]
+
+    assert len({a.job_id for a in answers}) == 6
+    for i, answer in enumerate(answers):
+        np.testing.assert_allclose(answer.outputs["softmaxout_1"], expected[i % 3], rtol=1e-5, atol=1e-6)
+        assert receipts[answer.job_id] == "accepted" and answer.receipt.job_id == answer.job_id
+
+    assert garbage.startswith(b"HTTP/1.1 400") and b'"error"' in garbage
+    assert bad_json.startswith(b"HTTP/1.1 400") and b"not JSON" in bad_json
+    assert still.startswith(b"HTTP/1.1 200")
+
+
+async def test_the_sync_client_serves_threaded_code_and_says_why_it_cannot_start(tmp_path):
+    x = np.random.default_rng(5).random((1, 3, 224, 224), dtype=np.float32)
+    async with open_devnet(1, root=tmp_path / "net") as net:
+
+        def threaded() -> tuple:
+            with SyncClient(tmp_path / "sync", [net.bootstrap_addr]) as client:
+                first = client.infer(MODEL, {"data_0": x})
+                try:
+                    client.infer(MODEL, {"data": x})
+                except InputError as exc:
+                    wrong = str(exc)
+            return first, wrong
+
+        first, wrong = await trio.to_thread.run_sync(threaded)
+    np.testing.assert_allclose(first.outputs["softmaxout_1"], local_run(x), rtol=1e-5, atol=1e-6)
+    assert "model takes inputs ['data_0'], got ['data']" in wrong
+    with pytest.raises(ClientError, match="bootstrap"):
+        SyncClient(tmp_path / "sync2", ["/ip4/127.0.0.1/tcp/1"])
