@@ -53,6 +53,31 @@ class SubmitSpec:
     # Inputs are checked against the model's graph before anything is sent; only tests
     # that play a hostile buyer (sending models that are not ONNX at all) turn it off.
     check_inputs: bool = True
+    # Different inputs per job (submit --inputs): job i runs job_inputs[i]; then `inputs`
+    # and `count` are ignored.
+    job_inputs: list[dict[str, np.ndarray]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.job_inputs is not None:
+            self.count = len(self.job_inputs)
+            self.inputs = {}
+
+    def journalled_inputs(self) -> dict[str, np.ndarray]:
+        """What the journal stores: the one input set, or each job's under "INDEX:NAME"."""
+        if self.job_inputs is None:
+            return self.inputs
+        return {f"{i}:{name}": array for i, one in enumerate(self.job_inputs) for name, array in one.items()}
+
+
+def split_journalled_inputs(stored: dict[str, np.ndarray], count: int) -> tuple[dict, list | None]:
+    """The inverse of SubmitSpec.journalled_inputs: (inputs, job_inputs)."""
+    if not stored or not all(":" in key and key.partition(":")[0].isdigit() for key in stored):
+        return stored, None
+    per_job: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
+    for key, array in stored.items():
+        index, _, name = key.partition(":")
+        per_job[int(index)][name] = array
+    return {}, per_job
 
 
 def resume_spec(home: Path, bootstrap: list[str], batch: str = "latest", **overrides) -> SubmitSpec:
@@ -74,13 +99,15 @@ def resume_spec(home: Path, bootstrap: list[str], batch: str = "latest", **overr
         raise SubmitError(f"batch {found.batch_id}: model {found.model_path} is gone")
     if not found.inputs_path.exists():
         raise SubmitError(f"batch {found.batch_id}: its stored inputs are gone ({found.inputs_path})")
-    return SubmitSpec(model_path=found.model_path, inputs=found.load_inputs(), count=found.count,
+    inputs, job_inputs = split_journalled_inputs(found.load_inputs(), found.count)
+    return SubmitSpec(model_path=found.model_path, inputs=inputs, job_inputs=job_inputs, count=found.count,
                       bootstrap=bootstrap, home=home, out_dir=found.out_dir, max_price=found.max_price,
                       solver=found.solver, resume=found.batch_id, **overrides)
 
 
 class Buyer:
-    """One batch: the same input `count` times (or a resumed batch), placed together by
+    """One batch: the same input `count` times, or one job per input set (or a resumed
+    batch), placed together by
     the matcher and run through a Client, with spot checks after."""
 
     def __init__(self, spec: SubmitSpec, *, clock: Clock = SYSTEM_CLOCK, open_network: OpenNetwork = open_p2p_node):
@@ -96,7 +123,9 @@ class Buyer:
         client = self.client
         self.seed, self.key, self.ledger, self.journal = client.seed, client.key, client.ledger, client.journal
         model = client.add_model(spec.model_path, read_signature=spec.check_inputs)
-        self.work = Work.prepare(model, spec.inputs, max_price=spec.max_price, timeout_s=spec.job_timeout_s)
+        # Every job's inputs are checked here, before anything is sent.
+        self.works = [Work.prepare(model, inputs, max_price=spec.max_price, timeout_s=spec.job_timeout_s)
+                      for inputs in (spec.job_inputs if spec.job_inputs is not None else [spec.inputs])]
         self.model_sha = model.sha256
         if spec.resume:
             batch = self.journal.batch(spec.resume)
@@ -120,7 +149,10 @@ class Buyer:
     async def _run_one(self, outcome: JobOutcome, offer: Offer, *, out_dir: Path | None = None) -> None:
         """One attempt of one job on one provider (Client.attempt), its outputs kept as files."""
         keep = partial(self._write_outputs, outcome, out_dir=out_dir or self.spec.out_dir)
-        await self.client.attempt(self.work, outcome, offer, keep=keep)
+        await self.client.attempt(self._work(outcome.index), outcome, offer, keep=keep)
+
+    def _work(self, index: int) -> Work:
+        return self.works[index] if len(self.works) > 1 else self.works[0]
 
     def _write_outputs(self, outcome: JobOutcome, outputs, *, out_dir: Path) -> str:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +206,7 @@ class Buyer:
             job_ids = [r.job_id for r in rows]
         else:
             batch, job_ids = self.journal.new_batch(
-                model_path=spec.model_path, model_sha256=self.model_sha, inputs=spec.inputs, count=spec.count,
+                model_path=spec.model_path, model_sha256=self.model_sha, inputs=spec.journalled_inputs(), count=spec.count,
                 max_price=spec.max_price, solver=spec.solver, out_dir=spec.out_dir, now_ms=self.clock.now_ms())
             self.batch_id = batch.batch_id
             rows = self.journal.jobs(batch.batch_id)
@@ -199,7 +231,9 @@ class Buyer:
         self.offers = {o.peer_id: o for o in offers}
         job_ids, outcomes = self._journal_batch()
         todo = [j for j in job_ids if outcomes[j].state != "settled"]
-        problem = offers_to_problem(offers, self.model_sha, self.work.items, len(todo), spec.max_price,
+        index = {jid: outcomes[jid].index for jid in todo}
+        problem = offers_to_problem(offers, self.model_sha, [self._work(index[j]).items for j in todo], len(todo),
+                                    spec.max_price,
                                     spec.weights, todo, spec.deadline_ms)
         result = await self.offload(
             lambda: solve(problem, solver=spec.solver, clock=time.perf_counter))

@@ -272,6 +272,65 @@ def _parse_inputs(values: list[str], model_path: str) -> dict[str, np.ndarray]:
     return inputs
 
 
+def _split_rows(sets: list[dict[str, np.ndarray]], rows: int) -> list[dict[str, np.ndarray]]:
+    """Each input set cut along its leading axis into sets of `rows` rows (the last may be
+    shorter; the model's batch axis is checked later, locally)."""
+    if rows < 1:
+        raise SystemExit("idlemesh: --rows-per-job must be at least 1")
+    out = []
+    for one in sets:
+        lengths = {a.shape[0] if a.ndim else 0 for a in one.values()}
+        if len(lengths) != 1 or 0 in lengths:
+            raise SystemExit(f"idlemesh: cannot split inputs {sorted(one)} by rows: their leading axes differ "
+                             f"({sorted(lengths)}) or one is a scalar")
+        n = lengths.pop()
+        out += [{name: a[start:start + rows] for name, a in one.items()} for start in range(0, n, rows)]
+    return out
+
+
+def _load_batch(path: Path, model_path: str, rows: int | None) -> list[dict[str, np.ndarray]]:
+    """--inputs: an .npz or a directory, one input set per job (see the flag's help)."""
+    names = _model_input_names(model_path)
+
+    def load(file: Path):
+        try:
+            return np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"idlemesh: cannot load {file}: {exc}") from None
+
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))
+        if not files:
+            raise SystemExit(f"idlemesh: {path} holds no .npy or .npz files")
+        if {p.suffix for p in files} == {".npy"}:
+            if len(names) != 1:
+                raise SystemExit(f"idlemesh: the model takes inputs {names}: give a directory of .npz files, "
+                                 "each with arrays named after them")
+            sets = [{names[0]: load(p)} for p in files]
+        elif {p.suffix for p in files} == {".npz"}:
+            sets = []
+            for p in files:
+                with load(p) as data:
+                    sets.append({k: data[k] for k in data.files})
+        else:
+            raise SystemExit(f"idlemesh: {path} mixes .npy and .npz files; use one kind")
+    elif path.suffix == ".npz":
+        with load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+        if not arrays:
+            raise SystemExit(f"idlemesh: {path} holds no arrays")
+        if set(arrays) == set(names):
+            sets = [arrays]  # one named input set; --rows-per-job splits it
+        elif len(names) == 1:
+            sets = [{names[0]: arrays[k]} for k in sorted(arrays)]  # one job per array
+        else:
+            raise SystemExit(f"idlemesh: {path} holds {sorted(arrays)}; the model takes inputs {names}: name "
+                             "the arrays after them, or give a directory of .npz files")
+    else:
+        raise SystemExit(f"idlemesh: --inputs {path}: give an .npz file or a directory")
+    return _split_rows(sets, rows) if rows else sets
+
+
 def _submit(args) -> int:
     from .buyer import Buyer, SubmitError, SubmitSpec, resume_spec
 
@@ -281,21 +340,41 @@ def _submit(args) -> int:
             spec = resume_spec(Path(args.home), args.bootstrap, args.resume, spot_check=args.spot_check,
                                min_reputation=args.min_reputation, job_timeout_s=args.job_timeout_s)
         else:
-            if not args.model or not args.input:
-                return _fail(args, "error: give MODEL and --input (or --resume to finish a journalled batch)", 2)
+            if not args.model or bool(args.input) == bool(args.inputs):
+                return _fail(args, "error: give MODEL and either --input or --inputs (or --resume to finish a "
+                             "journalled batch)", 2)
             model = Path(args.model)
             if not model.exists():
                 return _fail(args, f"error: model file {model} not found", 2)
-            inputs = _parse_inputs(args.input, args.model)
-            spec = SubmitSpec(model_path=model, inputs=inputs, count=args.count, bootstrap=args.bootstrap,
+            if args.inputs:
+                inputs, job_inputs = {}, _load_batch(Path(args.inputs), args.model, args.rows_per_job)
+            else:
+                inputs = _parse_inputs(args.input, args.model)
+                job_inputs = _split_rows([inputs], args.rows_per_job) if args.rows_per_job else None
+            spec = SubmitSpec(model_path=model, inputs=inputs, job_inputs=job_inputs, count=args.count,
+                              bootstrap=args.bootstrap,
                               home=Path(args.home), out_dir=Path(args.out), max_price=args.max_price,
                               solver=args.solver, spot_check=args.spot_check, min_reputation=args.min_reputation,
                               job_timeout_s=args.job_timeout_s)
         buyer = Buyer(spec)
 
+        tally = {"settled": 0, "failed": 0}
+        total = spec.count
+        tty = sys.stderr.isatty()
+
         def progress(outcome) -> None:
             if args.events:  # one JSON line per finished job, for scripts watching a long batch
                 print(json.dumps({"event": "job", **outcome.to_json()}), flush=True)
+            tally["settled" if outcome.state == "settled" else "failed"] += 1
+            done = tally["settled"] + tally["failed"]
+            if args.json or args.events or total < 10:
+                return
+            # A long batch says how far it is: in place on a terminal, every tenth otherwise.
+            if tty or done % max(1, total // 10) == 0 or done == total:
+                start = "\r" if tty else ""
+                print(f"{start}  {done}/{total} jobs done: {tally['settled']} settled, "
+                      f"{tally['failed']} failed", end="" if tty and done < total else "\n", file=sys.stderr,
+                      flush=True)
 
         try:
             outcomes, summary = trio.run(lambda: buyer.run(on_progress=progress))
@@ -766,8 +845,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sm = sub.add_parser("submit", help="submit ONNX inference jobs")
     sm.add_argument("model", nargs="?", help="ONNX model file (not needed with --resume)")
-    sm.add_argument("--input", action="append", help="X.npy, or NAME=X.npy for a named input")
-    sm.add_argument("--count", type=int, default=1, help="number of jobs")
+    sm.add_argument("--input", action="append", help="X.npy, or NAME=X.npy for a named input: one input set, "
+                    "sent --count times")
+    sm.add_argument("--count", type=int, default=1, help="with --input: how many jobs run that same input "
+                    "(load tests, demos, spot-check material); default 1")
+    sm.add_argument("--inputs", metavar="NPZ_OR_DIR", help="different inputs, one job each: an .npz (one array per "
+                    "job for a one-input model, or arrays named after the inputs), or a directory of .npy files "
+                    "(one-input model) or .npz files (named inputs)")
+    sm.add_argument("--rows-per-job", type=int, metavar="R", help="split each input set along its leading "
+                    "(batch) axis into jobs of R rows")
     sm.add_argument("--bootstrap", action="append", required=True)
     sm.add_argument("--home", default=str(DEFAULT_HOME / "buyer"))
     sm.add_argument("--out", default="idlemesh-out")

@@ -175,11 +175,12 @@ class Inference:
         return {**self.outcome.to_json(), "outputs": {k: list(v.shape) for k, v in self.outputs.items()}}
 
 
-def offers_to_problem(offers: list[Offer], model_sha: str, items: int, count: int, max_price: float,
+def offers_to_problem(offers: list[Offer], model_sha: str, items: int | list[int], count: int, max_price: float,
                       weights: Weights, job_ids: list[str], deadline_ms: float | None = None,
                       own_backlog_ms: dict[str, float] | None = None) -> Problem:
-    """The matcher's view of `offers`. `own_backlog_ms`: per provider, the queue our own
-    jobs in flight there add to what its offer last said."""
+    """The matcher's view of `offers`. `items`: rows per job (one figure for all, or one
+    per job); `own_backlog_ms`: per provider, the queue our own jobs in flight there add
+    to what its offer last said."""
     providers = []
     for offer in offers:
         throughput = {m.sha256: m.items_per_s for m in offer.models}
@@ -191,7 +192,8 @@ def offers_to_problem(offers: list[Offer], model_sha: str, items: int, count: in
             carbon_g_per_kwh=offer.carbon_g_per_kwh, rtt_ms=offer.link_rtt_ms or 0.0,
             backlog_ms=offer.backlog_ms + (own_backlog_ms or {}).get(offer.peer_id, 0.0),
             price_per_s=offer.price_per_s, throughput=throughput))
-    jobs = tuple(Job(id=job_ids[i], model=model_sha, items=items, max_price=max_price, deadline_ms=deadline_ms)
+    rows = items if isinstance(items, list) else [items] * count
+    jobs = tuple(Job(id=job_ids[i], model=model_sha, items=rows[i], max_price=max_price, deadline_ms=deadline_ms)
                  for i in range(count))
     return Problem(tuple(providers), jobs, weights)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -213,9 +214,24 @@ async def test_an_oip_client_runs_inference_through_the_gateway_and_a_warm_clien
     assert still.startswith(b"HTTP/1.1 200")
 
 
-async def test_the_sync_client_serves_threaded_code_and_says_why_it_cannot_start(tmp_path):
+async def test_the_sync_client_serves_threaded_code_and_submit_takes_a_batch_of_different_inputs(tmp_path):
     x = np.random.default_rng(5).random((1, 3, 224, 224), dtype=np.float32)
+    rows = np.random.default_rng(6).random((3, 3, 224, 224), dtype=np.float32)
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    for i in range(2):
+        np.save(folder / f"img-{i}.npy", rows[i:i + 1])
+    np.savez(tmp_path / "rows.npz", data_0=rows)
     async with open_devnet(1, root=tmp_path / "net") as net:
+        submitted = {}
+        for name, source in (("dir", ["--inputs", str(folder)]),
+                             ("rows", ["--inputs", str(tmp_path / "rows.npz"), "--rows-per-job", "1"])):
+            done = await trio.run_process(
+                [sys.executable, "-m", "node.cli", "submit", str(MODEL), *source, "--bootstrap", net.bootstrap_addr,
+                 "--home", str(tmp_path / "cli"), "--out", str(tmp_path / name), "--json"],
+                capture_stdout=True, capture_stderr=True, check=False)
+            assert done.returncode == 0, done.stderr.decode()
+            submitted[name] = json.loads(done.stdout)
 
         def threaded() -> tuple:
             with SyncClient(tmp_path / "sync", [net.bootstrap_addr]) as client:
@@ -227,7 +243,31 @@ async def test_the_sync_client_serves_threaded_code_and_says_why_it_cannot_start
             return first, wrong
 
         first, wrong = await trio.to_thread.run_sync(threaded)
+    # One job per input, in input order, each with its own outputs.
+    for name, count in (("dir", 2), ("rows", 3)):
+        jobs = sorted(submitted[name]["jobs"], key=lambda job: job["index"])
+        assert [job["state"] for job in jobs] == ["settled"] * count
+        for i, job in enumerate(jobs):
+            np.testing.assert_allclose(np.load(job["output_path"]), local_run(rows[i:i + 1]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(first.outputs["softmaxout_1"], local_run(x), rtol=1e-5, atol=1e-6)
     assert "model takes inputs ['data_0'], got ['data']" in wrong
     with pytest.raises(ClientError, match="bootstrap"):
         SyncClient(tmp_path / "sync2", ["/ip4/127.0.0.1/tcp/1"])
+
+
+def test_a_batch_of_different_inputs_resumes_with_each_jobs_own_inputs(tmp_path):
+    from node.buyer import SubmitSpec, resume_spec
+    from node.journal import Journal
+
+    sets = [{"data_0": np.full((1, 3, 224, 224), i, dtype=np.float32)} for i in range(3)]
+    spec = SubmitSpec(model_path=MODEL, inputs={}, job_inputs=sets, count=0, bootstrap=[], home=tmp_path,
+                      out_dir=tmp_path / "out")
+    assert spec.count == 3
+    journal = Journal(tmp_path)
+    journal.new_batch(model_path=MODEL, model_sha256="0" * 64, inputs=spec.journalled_inputs(), count=spec.count,
+                      max_price=1.0, solver="optimal", out_dir=spec.out_dir, now_ms=1)
+    journal.close()
+    resumed = resume_spec(tmp_path, ["/ip4/127.0.0.1/tcp/1/p2p/x"])
+    assert resumed.count == 3 and resumed.inputs == {}
+    for mine, theirs in zip(sets, resumed.job_inputs):
+        np.testing.assert_array_equal(mine["data_0"], theirs["data_0"])
