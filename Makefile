@@ -22,6 +22,7 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python bench/matcher.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/executor.py
 	$(BIN)/python bench/trust.py
 

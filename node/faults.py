@@ -6,8 +6,9 @@ no-op. The points sit in the windows where settlement can go wrong: a random kil
 rarely lands in a window a few milliseconds wide, so the chaos test aims at them.
 
 Points: buyer-model-upload, buyer-after-result (verified, nothing written yet),
-buyer-after-ack (ledger written and ack sent, journal not yet), provider-before-ack
-(result sent, ack not yet received), provider-after-ack (ack applied, not confirmed).
+buyer-after-ack (ledger written and ack sent, journal not yet), provider-before-result
+(receipt and result durable, not yet sent), provider-before-ack (result sent, ack not yet
+received), provider-after-ack (ack applied, not confirmed).
 """
 
 from __future__ import annotations

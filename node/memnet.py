@@ -56,6 +56,8 @@ class MemoryStream:
     async def send(self, payload: bytes, *, timeout_s: float = 30.0) -> None:
         if self.send_delay_s:
             await trio.sleep(self.send_delay_s)
+        # As a real stream's write: a sender already cancelled sends nothing.
+        await trio.lowlevel.checkpoint_if_cancelled()
         try:
             self._outbox.send_nowait(payload)
         except (trio.ClosedResourceError, trio.BrokenResourceError):

@@ -552,6 +552,7 @@ class Provider:
         self.metrics.energy_joules.labels(energy_source).inc(energy_j)
         emit("job", job_id=request.job_id, buyer=peer, compute_ms=round(compute_ms, 3),
              energy_j=round(energy_j, 6), energy_source=energy_source)
+        fault_point("provider-before-result")  # durable, not yet sent
         await self._send(stream, step)
         # Off the buyer's path: bounding the kept results can wait until it has its answer.
         await self.writer.prune_results(now_ms=now, max_bytes=KEPT_RESULTS_BYTES)

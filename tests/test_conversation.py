@@ -455,7 +455,8 @@ async def test_a_buyer_gone_mid_upload_can_submit_the_same_job_again_at_once(tmp
         nursery.cancel_scope.cancel()
 
 
-async def test_a_result_kept_across_a_provider_restart_is_fetched_on_resume_not_run_again(tmp_path, autojump_clock):
+async def test_a_result_kept_across_a_provider_restart_is_fetched_on_resume_not_run_again(tmp_path, autojump_clock,
+                                                                                       monkeypatch):
     """The provider dies after its receipt and result are durable but before it sent
     them: the batch fails there; on `--resume` the restarted provider answers the same
     job with the stored bytes, without running it again."""
@@ -466,9 +467,11 @@ async def test_a_result_kept_across_a_provider_restart_is_fetched_on_resume_not_
         boot = await market.start_bootstrap()
         a = await market.start_provider("a", boot, marginal_w=10.0)
         buyer = make_buyer(tmp_path, market.network, market.clock, boot, count=1)
+        # Stopped once receipt and result are durable, before the result is sent: the
+        # cancellation lands at the send's first checkpoint.
+        monkeypatch.setattr("node.provider.fault_point",
+                            lambda name: market.stop("a") if name == "provider-before-result" else None)
         batch = market.run_buyer(buyer)
-        await a.executor.finished.wait()
-        market.stop("a")  # cancelled at its next checkpoint: the commit of receipt and result
         (outcome,), _ = await batch.result()
         assert outcome.state == "failed"
         kept = a.ledger.kept_result(outcome.job_id, now_ms=market.clock.now_ms())

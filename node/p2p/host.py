@@ -40,6 +40,9 @@ from libp2p.host.exceptions import StreamFailure
 from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.protocol_muxer.exceptions import MultiselectClientError, MultiselectCommunicatorError
+from libp2p.protocol_muxer.multiselect_client import (MULTISELECT_PROTOCOL_ID, PROTOCOL_NOT_FOUND_MSG,
+                                                      MultiselectClient)
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_V11
 from libp2p.pubsub.gossipsub import GossipSub
@@ -314,6 +317,35 @@ class P2PNode:
             await trio.sleep(RECONNECT_POLL_S)
 
 
+class PipelinedMultiselectClient(MultiselectClient):
+    """multistream-select with the handshake and the one protocol we ask for sent in one
+    go, then both answers read: one round trip per new stream instead of two. The
+    protocol allows it (the listener reads messages in order; go-libp2p and rust-libp2p
+    negotiate this way), and every stream we open names exactly one protocol. A warm
+    client opens a stream per job, so this is a round trip off every job."""
+
+    async def select_one_of(self, protocols, communicator, negotiate_timeout: int = 30):
+        if len(protocols) != 1:
+            return await super().select_one_of(protocols, communicator, negotiate_timeout)
+        (protocol,) = protocols
+        with trio.move_on_after(negotiate_timeout):
+            try:
+                await communicator.write(MULTISELECT_PROTOCOL_ID)
+                await communicator.write(protocol)
+                handshake = await communicator.read()
+                answer = await communicator.read()
+            except MultiselectCommunicatorError as exc:
+                raise MultiselectClientError(f"negotiating {protocol}: {exc}") from exc
+            if handshake != MULTISELECT_PROTOCOL_ID:
+                raise MultiselectClientError(f"multistream handshake answered {handshake!r}")
+            if answer == protocol:
+                return protocol
+            if answer == PROTOCOL_NOT_FOUND_MSG:
+                raise MultiselectClientError(f"the peer does not speak {protocol}")
+            raise MultiselectClientError(f"asked for {protocol}, the peer answered {answer!r}")
+        raise MultiselectClientError(f"negotiating {protocol} timed out after {negotiate_timeout}s")
+
+
 def _forget_failed_dial(host, peer_id: ID) -> None:
     cache = getattr(host.get_network(), "_negative_peer_cache", None)
     if cache is not None:
@@ -496,6 +528,7 @@ async def open_p2p_node(seed: bytes, listen_addrs: list[str]) -> AsyncIterator[P
         heartbeat_interval=1,
         spam_protection_enabled=False,
     )
+    host.multiselect_client = PipelinedMultiselectClient()
     _release_inbound_slots_on_close(host)
     _keep_own_and_connected_peers(host)
     pubsub = Pubsub(host, gossipsub, strict_signing=True)
