@@ -312,6 +312,9 @@ class Client:
                 if live:
                     await nursery.start(self.gossip.run)
                     nursery.start_soon(self._keep_fresh)
+                    # A bootstrap that restarts is dialled again within seconds, and its
+                    # book taken at once: gossip flows to us through it.
+                    p2p.keep_connected(self.bootstrap, on_connect=self._resync)
                 # Acks a provider never confirmed (we crashed, it did, a stream broke) go
                 # first: settling old jobs never waits for new ones.
                 await self.deliver_pending_acks()
@@ -362,6 +365,11 @@ class Client:
                 delay_s *= 2
         log.warning("bootstrap %s unreachable after %d attempts: %s", addr, SYNC_ATTEMPTS, error)
         return error
+
+    async def _resync(self, peer_id: str) -> None:
+        for addr in self.bootstrap:
+            if bootstrap_peer_id(addr) == peer_id:
+                await self._sync(addr, self._want())
 
     async def _keep_fresh(self) -> None:
         while True:
@@ -482,6 +490,12 @@ class Client:
 
         tried: set[str] = set()
         try:
+            try:
+                self.candidates(found.sha256)
+            except ClientError:
+                # Nothing current in the book (a bootstrap restarted, gossip lagged): ask
+                # again before saying no; a request never fails on a stale book alone.
+                await self.refresh(wait_for_offers=True)
             while len(tried) < RETRY_PROVIDERS:
                 offers = [o for o in self.candidates(found.sha256) if o.peer_id not in tried]
                 if not offers:

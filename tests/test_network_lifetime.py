@@ -222,3 +222,56 @@ async def test_losing_one_of_two_bootstraps_loses_nothing(tmp_path):
             assert [o.state for o in outcomes] == ["settled"] * 2, (label, [o.error for o in outcomes])
             for o in outcomes:
                 np.testing.assert_allclose(np.load(o.output_path), expected, rtol=1e-5, atol=1e-6)
+
+
+async def test_a_warm_client_stays_usable_across_offer_lifetimes_and_restarts(tmp_path):
+    """An application keeps one Client open for hours: its book follows gossip past every
+    offer lifetime, and a kill -9 of the bootstrap and of a provider costs it nothing
+    but the time they take to come back."""
+    from node.client import Client
+
+    x = np.random.default_rng(13).random((1, 3, 224, 224), dtype=np.float32)
+    expected = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"]).run(None, {"data_0": x})[0]
+    ttl = ["--offer-ttl-s", str(OFFER_TTL_S)]
+    ttl_ms = int(OFFER_TTL_S * 1000)
+
+    async def settles(client, n: int) -> set[str]:
+        answers = []
+
+        async def one() -> None:
+            answers.append(await client.infer(MODEL, {"data_0": x}))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(n):
+                nursery.start_soon(one)
+        for answer in answers:
+            np.testing.assert_allclose(answer.outputs["softmaxout_1"], expected, rtol=1e-5, atol=1e-6)
+        return {a.provider for a in answers}
+
+    async with open_devnet(2, root=tmp_path / "net", extra_args={0: ttl, 1: ttl}) as net:
+        ids = {c.ready["peer_id"] for c in net.providers}
+        async with Client(tmp_path / "app", [net.bootstrap_addr]) as client:
+            start_ms = _now_ms()
+            assert await settles(client, 2) <= ids
+            # Two lifetimes later every offer the client first took has expired; gossip
+            # brought it the refreshed ones without a sync.
+            await _all_refreshed_past(net.providers, start_ms + 2 * ttl_ms)
+            await _heard_by_gossip(net.bootstrap, ids, start_ms + ttl_ms)
+            held = {e.offer.peer_id: e.offer.issued_at_ms for e in client.book.current(now_ms=_now_ms())}
+            assert set(held) == ids and min(held.values()) >= start_ms + ttl_ms
+            assert await settles(client, 2) <= ids
+
+            # kill -9 the bootstrap and a provider; both come back on the same homes.
+            for child in (net.bootstrap, net.providers[0]):
+                child.process.send_signal(signal.SIGKILL)
+                await child.process.wait()
+            boot = await net.restart(net.bootstrap)
+            victim = await net.restart(net.providers[0])
+            await _wait_for(victim, lambda e: e.get("event") == "announced", "the restarted provider's announce")
+            back_ms = _now_ms()
+            await _all_refreshed_past(net.providers, back_ms)
+            await _heard_by_gossip(boot, ids, back_ms)
+            assert await settles(client, 4) <= ids
+        ledger = client.ledger.__class__(tmp_path / "app" / "ledger.sqlite", client.key.public_key)
+        assert [s for s, _ in ledger.db.execute("SELECT status, COUNT(*) FROM receipts GROUP BY status")] == ["accepted"]
+        ledger.close()
