@@ -14,6 +14,27 @@ import trio
 from node.cli import exit_status, setup_logging_from_args
 
 
+async def _serve_gateway(listen: str, net) -> None:
+    """An OIP gateway on the devnet's models, in this process, until Ctrl-C."""
+    from node.client import Client
+    from node.gateway import Gateway
+
+    from node.calibrate import reference_model_path
+
+    from .launcher import DEFAULT_MODELS
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"idlemesh: --gateway {listen}: give HOST:PORT, e.g. 127.0.0.1:8000")
+    client = Client(net.root / "gateway", [net.bootstrap_addr])
+    models = {name: client.add_model(reference_model_path(name)) for name in DEFAULT_MODELS}
+    async with client, trio.open_nursery() as nursery:
+        bound = await nursery.start(Gateway(client, models).serve, host, int(port))
+        print(f"gateway: Open Inference Protocol v2 at http://{bound[0]}:{bound[1]}/v2 for {', '.join(models)} "
+              "(e.g. tritonclient.http.InferenceServerClient)", file=sys.stderr, flush=True)
+        await trio.sleep_forever()
+
+
 def _devnet_up(args) -> int:
     from .launcher import open_devnet
 
@@ -44,6 +65,8 @@ def _devnet_up(args) -> int:
                     print(f"devnet up: idlemesh submit MODEL.onnx --input X.npy --bootstrap {net.bootstrap_addr}"
                           f"\nthe bootstrap (pid {boot.process.pid}) comes back with: idlemesh bootstrap run "
                           f"--home {boot.home} --listen {listen}\nCtrl-C stops every node.", file=sys.stderr, flush=True)
+                    if args.gateway:
+                        await _serve_gateway(args.gateway, net)
                     await trio.sleep_forever()
         return stopped_by["signal"]
 
@@ -100,6 +123,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     up.add_argument("-n", type=int, default=3)
     up.add_argument("--root", help="directory for node homes (default: a new temp dir)")
     up.add_argument("--fleet", help="fleet file (TOML) of simulated devices; e.g. devnet/fleets/default.toml")
+    up.add_argument("--gateway", metavar="HOST:PORT", help="also serve the Open Inference Protocol v2 for the "
+                    "devnet's models here (e.g. 127.0.0.1:8000)")
     up.set_defaults(func=_devnet_up)
     drun = dn.add_parser("run", help="replay a scenario trace with our matcher and each baseline; write a report")
     drun.add_argument("scenario", help="scenario file (TOML), e.g. devnet/scenarios/default.toml")

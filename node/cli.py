@@ -666,21 +666,28 @@ def _gateway(args) -> int:
         client = Client(Path(args.home), args.bootstrap, max_price=args.max_price, solver=args.solver,
                         job_timeout_s=args.job_timeout_s, min_reputation=args.min_reputation)
         models = {}
-        for name, path in specs:
-            model = client.add_model(path, name)
-            if model.signature is None or model.name in models:
-                raise ClientError(f"model {model.name}: " + ("given twice" if model.name in models else "not ONNX"))
-            models[model.name] = model
+        try:
+            for name, path in specs:
+                model = client.add_model(path, name)
+                if model.name in models:
+                    raise ClientError(f"model {model.name}: given twice")
+                models[model.name] = model
+        except ClientError:
+            client.close()
+            raise
         async with client:
             gateway = Gateway(client, models)
             async with trio.open_nursery() as nursery:
                 bound = await nursery.start(gateway.serve, host, int(port))
                 url = f"http://{bound[0]}:{bound[1]}"
-                offers = {name: len(client.current_offers()) and gateway._offered(m) for name, m in models.items()}
+                offers = {name: gateway.offered(m) for name, m in models.items()}
                 if args.json:
                     print(json.dumps({"event": "ready", "role": "gateway", "url": url, "peer_id": client.key.peer_id,
                                       "models": sorted(models), "offered": offers}), flush=True)
-                else:
+                for addr, why in client.unreachable.items():
+                    print(f"warning: cannot reach bootstrap {addr} ({why}); retrying, and /v2/health/ready says 503 "
+                          "until one answers", file=sys.stderr, flush=True)
+                if not args.json:
                     print(f"gateway: Open Inference Protocol v2 at {url}/v2 for "
                           + ", ".join(f"{n} ({'offered' if ok else 'no offer yet'})" for n, ok in offers.items())
                           + "; Ctrl-C stops", flush=True)

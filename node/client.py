@@ -368,8 +368,8 @@ class Client:
 
     async def _resync(self, peer_id: str) -> None:
         for addr in self.bootstrap:
-            if bootstrap_peer_id(addr) == peer_id:
-                await self._sync(addr, self._want())
+            if bootstrap_peer_id(addr) == peer_id and await self._sync(addr, self._want()) is None:
+                self.unreachable.pop(addr, None)
 
     async def _keep_fresh(self) -> None:
         while True:

@@ -170,13 +170,14 @@ class Gateway:
             if tail == [] and method == "GET":
                 return Reply.json(200, model_metadata(name, model.signature))
             if tail == ["ready"] and method == "GET":
-                ready = self._offered(model)
+                ready = self.offered(model)
                 return Reply.json(200 if ready else 503, {"name": name, "ready": ready})
             if tail == ["infer"] and method == "POST":
                 return await self.infer(name, model, headers, body)
         raise OIPError(404 if method in ("GET", "POST") else 405, f"no route {method} {target}")
 
-    def _offered(self, model: Model) -> bool:
+    def offered(self, model: Model) -> bool:
+        """Whether some provider in the book runs `model` now."""
         try:
             return bool(self.client.candidates(model.sha256))
         except ClientError:

@@ -217,3 +217,17 @@ def test_calibrate_checks_its_home_before_measuring():
     assert first_error_line(done) == ("idlemesh: home /dev/null/home is not writable: Not a directory; "
                                       "choose another with --home")
     assert "calibrating" not in done.stderr  # nothing was measured first
+
+
+def test_the_gateway_says_in_one_line_what_keeps_it_from_starting(tmp_path):
+    model = str(reference_model_path("squeezenet"))
+    boot = f"/ip4/127.0.0.1/tcp/1/p2p/{PEER}"
+    home = ["--home", str(tmp_path / "gw")]
+    cases = [
+        (["--listen", "nowhere", "--model", model], "error: --listen nowhere: give HOST:PORT, e.g. 127.0.0.1:8000"),
+        (["--model", str(tmp_path / "missing.onnx")], f"error: model {tmp_path / 'missing.onnx'}: No such file or directory"),
+        (["--model", f"a={model}", "--model", f"a={model}"], "error: model a: given twice"),
+    ]
+    for args, line in cases:
+        done = idlemesh("gateway", *args, "--bootstrap", boot, *home)
+        assert done.returncode == 2 and first_error_line(done) == line, done.stderr
