@@ -4,6 +4,7 @@ real devnet, driven by an OIP client library that is not ours (tritonclient)."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import sys
 
@@ -271,3 +272,50 @@ def test_a_batch_of_different_inputs_resumes_with_each_jobs_own_inputs(tmp_path)
     assert resumed.count == 3 and resumed.inputs == {}
     for mine, theirs in zip(sets, resumed.job_inputs):
         np.testing.assert_array_equal(mine["data_0"], theirs["data_0"])
+
+
+class _NoMarket:
+    """The gateway's HTTP layer alone: a client with no market behind it."""
+
+    p2p = None
+    unreachable: dict = {}
+    bootstrap = ["/ip4/127.0.0.1/tcp/1/p2p/x"]
+
+    def candidates(self, sha):
+        raise ClientError("no offers")
+
+    async def infer(self, *args, **kwargs):
+        raise ClientError("no provider offers model squeezenet")
+
+
+async def _exchange(requests: bytes) -> bytes:
+    from trio.testing import memory_stream_pair
+
+    from node.client import Model
+
+    model = Model.from_path(MODEL, "squeezenet")
+    ours, theirs = memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(Gateway(_NoMarket(), {"squeezenet": model}).serve_connection, ours)
+        await theirs.send_all(requests)
+        reply = b""
+        while chunk := await theirs.receive_some(65536):
+            reply += chunk
+    return reply
+
+
+async def test_the_gateways_http_keeps_connections_alive_and_refuses_what_it_cannot_take():
+    get = b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n"
+    meta = b"GET /v2/models/squeezenet/versions/1 HTTP/1.1\r\nhost: x\r\n\r\n"
+    infer = (b"POST /v2/models/squeezenet/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 76\r\n\r\n"
+             b'{"inputs":[{"name":"data_0","shape":[1],"datatype":"FP32","data":[0.5]}]}   ')
+    huge = b"POST /v2/models/squeezenet/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 999999999\r\n\r\n"
+    reply = await _exchange(get + meta + b"DELETE /v2 HTTP/1.1\r\nhost: x\r\n\r\n" + infer + huge)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)
+    # Five requests on one connection, answered in order; the one whose body is too big
+    # is refused before it is read, and the connection closes after it.
+    assert statuses == [b"200", b"200", b"405", b"503", b"413"]
+    assert b'"platform":"onnxruntime_onnx"' in reply and b"no provider offers model squeezenet" in reply
+    assert reply.rstrip().endswith(b'"}') and b"connection: close" in reply.lower()
+    ready = await _exchange(b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert ready.startswith(b"HTTP/1.1 503") and b'"ready":false' in ready
