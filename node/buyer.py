@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -17,10 +15,9 @@ import trio
 from matcher import Weights, solve
 from protocol.errors import DecodeError
 from protocol.messages import Offer, SignedReceipt
-from protocol.settlement import Dispute, sign_dispute
 from protocol.signing import peer_id_from_public_key
 
-from .client import RETRY_PROVIDERS, Client, ClientError, JobOutcome, Work, offers_to_problem
+from .client import RETRY_PROVIDERS, Client, ClientError, JobOutcome, Work, chosen_for_check, offers_to_problem
 from .clock import SYSTEM_CLOCK, Clock
 from .journal import CLIENT_REQUEST, Journal
 from .ledger import LedgerError
@@ -285,76 +282,25 @@ class Buyer:
         self._outcomes = [outcomes[j] for j in job_ids]
 
     async def _spot_check(self, offers: list[Offer]) -> None:
-        """Re-run a fraction of settled jobs on a different provider and compare outputs.
-        On a mismatch a third provider breaks the tie, and the one that disagrees with
-        the other two gets a signed dispute; with no third provider the mismatch is
-        reported as inconclusive, never pinned on anyone. Which jobs are checked hashes
-        the job id: reproducible, and not something a provider can predict."""
+        """Re-run a fraction of settled jobs on a different provider and compare outputs
+        (Client.spot_check); the re-runs' outputs are kept under OUT/spot-checks."""
         spec = self.spec
         tally = {"checked": 0, "disputes": 0, "inconclusive": 0}
-        able = [o for o in offers if o.items_per_s(self.model_sha)]
         for outcome in list(self._outcomes):
-            if outcome.state != "settled" or not outcome.output_path:
+            if outcome.state != "settled" or not outcome.output_path or not chosen_for_check(
+                    outcome.job_id, spec.spot_check):
                 continue
-            if int(hashlib.sha256(bytes.fromhex(outcome.job_id)).hexdigest()[:8], 16) / 2**32 >= spec.spot_check:
-                continue
-            others = [o for o in able if o.peer_id != outcome.provider]
-            check = await self._rerun(outcome, others)
-            if check is None:
-                continue
-            tally["checked"] += 1
-            diff, agree = _compare(Path(outcome.output_path), Path(check.output_path), spec.atol, spec.rtol)
-            outcome.spot_check = {"by": check.provider, "max_abs_diff": diff, "agree": agree}
-            if agree:
-                continue
-            third = await self._rerun(outcome, [o for o in others if o.peer_id != check.provider])
-            if third is None:
-                tally["inconclusive"] += 1
-                outcome.spot_check["verdict"] = "inconclusive: no third provider to break the tie"
-                continue
-            _, original_ok = _compare(Path(outcome.output_path), Path(third.output_path), spec.atol, spec.rtol)
-            _, check_ok = _compare(Path(check.output_path), Path(third.output_path), spec.atol, spec.rtol)
-            if original_ok == check_ok:
-                tally["inconclusive"] += 1
-                outcome.spot_check["verdict"] = "inconclusive: the tie-break agrees with both or neither"
-                continue
-            outlier = check if original_ok else outcome
-            tally["disputes"] += 1
-            self._dispute(outlier, third, diff)
-            outcome.spot_check["verdict"] = f"disputed {outlier.provider}"
-            log.warning("job %s: provider %s disagrees with two others (by up to %.3g): disputed",
-                        outcome.job_id[:8], outlier.provider[-8:], diff)
+            keep = partial(self._write_outputs, out_dir=spec.out_dir / "spot-checks")
+            verdict = await self.client.spot_check(self._work(outcome.index), outcome,
+                                                   load_outputs(Path(outcome.output_path)), offers, keep=keep,
+                                                   tally=tally, atol=spec.atol, rtol=spec.rtol)
+            if verdict is not None:
+                outcome.spot_check = verdict
         self._summary["spot_checks"] = tally
 
-    async def _rerun(self, outcome: JobOutcome, candidates: list[Offer]) -> JobOutcome | None:
-        for offer in candidates[:2]:
-            rerun = JobOutcome(secrets.token_hex(16), outcome.index)
-            try:
-                await self._run_one(rerun, offer, out_dir=self.spec.out_dir / "spot-checks")
-                return rerun
-            except (SubmitError, DecodeError, StreamClosed, trio.TooSlowError, OSError) as exc:
-                log.warning("spot check of %s on %s failed: %s", outcome.job_id[:8], offer.peer_id[-8:], exc)
-        return None
 
-    def _dispute(self, outlier: JobOutcome, witness: JobOutcome, diff: float) -> None:
-        bad = SignedReceipt.parse(self.ledger.receipt_bytes(outlier.job_id)[0])
-        good = SignedReceipt.parse(self.ledger.receipt_bytes(witness.job_id)[0])
-        dispute = Dispute(outlier.job_id, bad.receipt.provider, bad.body_sha256, good.receipt.provider,
-                          good.body_sha256, diff, self.spec.atol, self.clock.now_ms())
-        self.ledger.record_dispute(sign_dispute(self.key, dispute), dispute, now_ms=self.clock.now_ms())
-
-
-def _load_outputs(path: Path) -> list[np.ndarray]:
+def load_outputs(path: Path) -> list[np.ndarray]:
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
             return [data[k] for k in sorted(data.files)]
     return [np.load(path, allow_pickle=False)]
-
-
-def _compare(a: Path, b: Path, atol: float, rtol: float) -> tuple[float, bool]:
-    left, right = _load_outputs(a), _load_outputs(b)
-    if len(left) != len(right) or any(x.shape != y.shape for x, y in zip(left, right)):
-        return float("inf"), False
-    diff = max((float(np.max(np.abs(x.astype(np.float64) - y))) if x.size else 0.0) for x, y in zip(left, right))
-    agree = all(np.allclose(x, y, atol=atol, rtol=rtol) for x, y in zip(left, right))
-    return diff, agree

@@ -664,7 +664,8 @@ def _gateway(args) -> int:
 
     async def serve() -> None:
         client = Client(Path(args.home), args.bootstrap, max_price=args.max_price, solver=args.solver,
-                        job_timeout_s=args.job_timeout_s, min_reputation=args.min_reputation)
+                        job_timeout_s=args.job_timeout_s, min_reputation=args.min_reputation,
+                        spot_check=args.spot_check)
         models = {}
         try:
             for name, path in specs:
@@ -925,6 +926,8 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--solver", default="optimal")
     gw.add_argument("--job-timeout-s", type=float, default=120.0, metavar="S")
     gw.add_argument("--min-reputation", type=float, default=0.25)
+    gw.add_argument("--spot-check", type=float, default=0.0, metavar="FRACTION",
+                    help="re-run this fraction of requests on a second provider after answering, and compare")
     gw.add_argument("--json", action="store_true", help="print the ready line as JSON")
     gw.set_defaults(func=_gateway)
     ins = sub.add_parser("inspect", help="a model's inputs and outputs, and (with --bootstrap) who offers it now")

@@ -27,7 +27,8 @@ import trio
 from matcher import Job, Problem, Provider, Weights, solve
 from protocol.errors import DecodeError
 from protocol.job import BuyerJob, Delivered, ModelSent, Refused, Rejected
-from protocol.messages import JobRequest, Offer, Receipt
+from protocol.messages import JobRequest, Offer, Receipt, SignedReceipt
+from protocol.settlement import Dispute, sign_dispute
 from protocol.stream import OfferWant
 from protocol.tensors import Tensor
 from protocol.topics import JOB_PROTOCOL
@@ -205,8 +206,11 @@ class Client:
 
     def __init__(self, home: Path | str, bootstrap: list[str], *, max_price: float = 1.0, solver: str = "optimal",
                  weights: Weights = Weights(), job_timeout_s: float = 120.0, min_reputation: float = 0.25,
-                 listen: str = "/ip4/127.0.0.1/tcp/0", clock: Clock = SYSTEM_CLOCK,
+                 listen: str = "/ip4/127.0.0.1/tcp/0", spot_check: float = 0.0, clock: Clock = SYSTEM_CLOCK,
                  open_network: OpenNetwork = open_p2p_node):
+        """`spot_check`: the fraction of requests run again on a second provider, after
+        the answer is returned, and compared (Client.spot_check); a provider that
+        disagrees with two others is disputed, and reputation then leaves it out."""
         if not bootstrap:
             raise ClientError("give at least one bootstrap address")
         for addr in bootstrap:
@@ -218,6 +222,7 @@ class Client:
         self.bootstrap = list(bootstrap)
         self.max_price, self.solver, self.weights = max_price, solver, weights
         self.job_timeout_s, self.min_reputation, self.listen = job_timeout_s, min_reputation, listen
+        self.spot_check_fraction = spot_check
         self.clock = clock
         self.open_network = open_network
         # Where blocking work runs (ledger commits, journal writes): a worker thread, one
@@ -242,6 +247,8 @@ class Client:
         self._confirming: set[trio.Event] = set()
         self._reputation: dict = {}
         self._closed = False
+        self.spot_checks = {"checked": 0, "disputes": 0, "inconclusive": 0}
+        self._checking: set[trio.Event] = set()
 
     # --- models -----------------------------------------------------------------------
 
@@ -320,12 +327,18 @@ class Client:
                 await self.deliver_pending_acks()
                 try:
                     yield self
-                    with trio.move_on_after(CLOSE_DRAIN_S):
-                        for confirming in list(self._confirming):
-                            await confirming.wait()
+                    await self.drain(CLOSE_DRAIN_S)
                 finally:
                     nursery.cancel_scope.cancel()
                     self._nursery = None
+
+    async def drain(self, timeout_s: float = 60.0) -> None:
+        """Until the work that goes on after answers (confirmations of our acks, spot
+        checks) is done, or `timeout_s`. Closing waits CLOSE_DRAIN_S for it; what is left
+        then is picked up later (a pending ack is delivered at the next meeting)."""
+        with trio.move_on_after(timeout_s):
+            while self._confirming or self._checking:
+                await next(iter(self._confirming or self._checking)).wait()
 
     async def refresh(self, *, wait_for_offers: bool = False) -> None:
         """Sync the offer book with every bootstrap. `wait_for_offers`: a bootstrap that
@@ -512,6 +525,8 @@ class Client:
                 finally:
                     if outcome.attempts:
                         new_request = None  # journalled by the first attempt
+                if chosen_for_check(job_id, self.spot_check_fraction):
+                    self._nursery.start_soon(self._check_aside, work, outcome, dict(kept))
                 return Inference(job_id, kept, receipt, envelope, outcome)
         except ClientError as exc:
             outcome.error = outcome.error or str(exc)
@@ -665,6 +680,81 @@ class Client:
         # The ledger already holds the payment; the journal row follows off the caller's path.
         await self.offload(self.journal.settled, outcome.job_id, outcome.output_path, self.clock.now_ms())
 
+    # --- spot checks --------------------------------------------------------------------
+
+    async def spot_check(self, work: Work, outcome: JobOutcome, outputs: list[np.ndarray], offers: list[Offer], *,
+                         keep: Callable | None = None, tally: dict | None = None, atol: float = 1e-4,
+                         rtol: float = 1e-3) -> dict | None:
+        """Run the settled job `outcome` again on another provider and compare outputs. On
+        a mismatch a third provider breaks the tie, and the one that disagrees with the
+        other two gets a signed dispute; with no third provider the mismatch is reported
+        as inconclusive, never pinned on anyone. `keep(outcome, tensors)` stores each
+        re-run's outputs (files for submit); None when no other provider could run it."""
+        tally = self.spot_checks if tally is None else tally
+        others = [o for o in offers if o.peer_id != outcome.provider]
+        check = await self._rerun(work, outcome, others, keep)
+        if check is None:
+            return None
+        tally["checked"] += 1
+        checked, check_outputs = check
+        diff, agree = compare_outputs(outputs, check_outputs, atol, rtol)
+        verdict = {"by": checked.provider, "max_abs_diff": diff, "agree": agree}
+        if agree:
+            return verdict
+        third = await self._rerun(work, outcome, [o for o in others if o.peer_id != checked.provider], keep)
+        if third is None:
+            tally["inconclusive"] += 1
+            return {**verdict, "verdict": "inconclusive: no third provider to break the tie"}
+        witness, third_outputs = third
+        _, original_ok = compare_outputs(outputs, third_outputs, atol, rtol)
+        _, check_ok = compare_outputs(check_outputs, third_outputs, atol, rtol)
+        if original_ok == check_ok:
+            tally["inconclusive"] += 1
+            return {**verdict, "verdict": "inconclusive: the tie-break agrees with both or neither"}
+        outlier = checked if original_ok else outcome
+        tally["disputes"] += 1
+        self._dispute(outlier, witness, diff, atol)
+        log.warning("job %s: provider %s disagrees with two others (by up to %.3g): disputed",
+                    outcome.job_id[:8], outlier.provider[-8:], diff)
+        return {**verdict, "verdict": f"disputed {outlier.provider}"}
+
+    async def _check_aside(self, work: Work, outcome: JobOutcome, outputs: dict[str, np.ndarray]) -> None:
+        """A warm client's spot check, after the caller has its answer: never raises."""
+        ordered = [outputs[name] for name in sorted(outputs, key=lambda n: n.replace("/", "_"))]
+        done = trio.Event()
+        self._checking.add(done)
+        try:
+            await self.spot_check(work, outcome, ordered, self.candidates(work.model.sha256))
+        except (ClientError, LedgerError) as exc:
+            log.info("spot check of %s not done: %s", outcome.job_id[:8], exc)
+        finally:
+            self._checking.discard(done)
+            done.set()
+
+    async def _rerun(self, work: Work, outcome: JobOutcome, candidates: list[Offer],
+                     keep: Callable | None) -> tuple[JobOutcome, list[np.ndarray]] | None:
+        for offer in candidates[:2]:
+            rerun = JobOutcome(secrets.token_hex(16), outcome.index)
+            arrays: list[np.ndarray] = []
+
+            def kept(tensors, rerun=rerun, arrays=arrays) -> str:
+                arrays[:] = [t.to_array() for t in sorted(tensors, key=lambda t: t.name.replace("/", "_"))]
+                return keep(rerun, tensors) if keep else ""
+
+            try:
+                await self.attempt(work, rerun, offer, keep=kept)
+                return rerun, arrays
+            except (ClientError, *ATTEMPT_ERRORS) as exc:
+                log.warning("spot check of %s on %s failed: %s", outcome.job_id[:8], offer.peer_id[-8:], exc)
+        return None
+
+    def _dispute(self, outlier: JobOutcome, witness: JobOutcome, diff: float, atol: float) -> None:
+        bad = SignedReceipt.parse(self.ledger.receipt_bytes(outlier.job_id)[0])
+        good = SignedReceipt.parse(self.ledger.receipt_bytes(witness.job_id)[0])
+        dispute = Dispute(outlier.job_id, bad.receipt.provider, bad.body_sha256, good.receipt.provider,
+                          good.body_sha256, diff, atol, self.clock.now_ms())
+        self.ledger.record_dispute(sign_dispute(self.key, dispute), dispute, now_ms=self.clock.now_ms())
+
     async def _confirmation(self, stream, job: BuyerJob) -> None:
         """The provider's `settled` frame: it holds our ack durably, so we stop carrying
         it. Without one (timeout, closed stream) the ack stays pending and is delivered
@@ -682,6 +772,21 @@ class Client:
         else:
             log.warning("job %s: the provider holds %s, we hold %s; `idlemesh settle` reconciles",
                         job.request.job_id[:8], confirmed.status, held[0] if held else "nothing")
+
+
+def chosen_for_check(job_id: str, fraction: float) -> bool:
+    """Which jobs are spot-checked: a hash of the job id, so the choice is reproducible
+    and not something a provider can predict."""
+    return int(hashlib.sha256(bytes.fromhex(job_id)).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+def compare_outputs(left: list[np.ndarray], right: list[np.ndarray], atol: float, rtol: float) -> tuple[float, bool]:
+    """The largest difference, and whether every output agrees within |a-b| <= atol + rtol*|b|."""
+    if len(left) != len(right) or any(x.shape != y.shape for x, y in zip(left, right)):
+        return float("inf"), False
+    diff = max((float(np.max(np.abs(x.astype(np.float64) - y))) if x.size else 0.0) for x, y in zip(left, right))
+    agree = all(np.allclose(x, y, atol=atol, rtol=rtol) for x, y in zip(left, right))
+    return diff, agree
 
 
 class SyncClient:

@@ -9,6 +9,7 @@ import numpy as np
 from devnet.launcher import open_devnet
 from node.calibrate import reference_model_path
 from node.buyer import Buyer, SubmitSpec
+from node.client import Client
 from node.reputation import ReputationBook, own_digest, provider_scores, score
 from protocol.signing import SigningKey
 
@@ -41,6 +42,16 @@ async def test_spot_checks_dispute_a_lying_provider_and_reputation_then_excludes
         assert liar in summary2["excluded_by_reputation"]
         assert liar not in {o.provider for o in outcomes2}
         assert [o.state for o in outcomes2] == ["settled"] * 3
+
+        # A warm client spot-checks the same way, after each answer has been returned.
+        async with Client(tmp_path / "app", [net.bootstrap_addr], spot_check=1.0) as client:
+            answers = [await client.infer(MODEL, {"data_0": x}) for _ in range(4)]
+            await client.drain()
+            tally = dict(client.spot_checks)
+        assert tally["checked"] == 4 and tally["inconclusive"] == 0
+        assert tally["disputes"] >= sum(a.provider == liar for a in answers)
+        db = sqlite3.connect(tmp_path / "app" / "ledger.sqlite")
+        assert {r[0] for r in db.execute("SELECT provider FROM disputes")} <= {liar}
 
 
 def test_reputation_digests_count_capped_and_signed():
