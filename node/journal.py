@@ -215,8 +215,15 @@ class Journal:
                         "WHERE job_id = ? AND state != 'settled'", (provider, now_ms, job_id))
 
     def settled(self, job_id: str, output_path: str, now_ms: int) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
         self.db.execute("UPDATE jobs SET state = 'settled', output_path = ?, error = '', updated_at_ms = ? "
                         "WHERE job_id = ?", (output_path, now_ms, job_id))
+        # A warm client's request is done with once paid for (the ledger holds its
+        # receipt): its rows go, so a gateway's journal does not grow with every request.
+        if self.db.execute("DELETE FROM batches WHERE batch_id = ? AND solver = ?",
+                           (job_id[:16], CLIENT_REQUEST)).rowcount:
+            self.db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+        self.db.execute("COMMIT")
 
     def failed(self, job_id: str, error: str, now_ms: int) -> None:
         self.db.execute("UPDATE jobs SET state = 'failed', error = ?, updated_at_ms = ? "

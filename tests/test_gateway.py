@@ -184,6 +184,9 @@ async def test_an_oip_client_runs_inference_through_the_gateway_and_a_warm_clien
             async with trio.open_nursery() as requests:
                 for i in range(6):
                     requests.start_soon(one, i)
+            # Paid requests leave nothing in the journal: a gateway's does not grow per request.
+            await client.drain()
+            assert journal_jobs(home) == 0
 
             # Bad HTTP and bad JSON get the protocol's error shape; the gateway goes on.
             garbage = await raw_http(port, b"\x16\x03\x01 not http at all\r\n\r\n")
