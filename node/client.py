@@ -481,16 +481,16 @@ class Client:
                     deadline_ms: float | None = None, max_price: float | None = None,
                     timeout_s: float | None = None) -> Inference:
         """Run one job on the market and return its outputs with the verified receipt.
-        A wrong input raises ClientError before anything is sent; a provider that fails
+        A wrong input raises InputError before anything is sent; a provider that fails
         or vanishes is replaced by the next placement (up to RETRY_PROVIDERS)."""
         if self._nursery is None:
             raise ClientError("the client is not open (use `async with Client(...)`)")
+        wanted_before = set(self.wanted)
         found = self.model(model)
         work = Work.prepare(found, inputs, max_price=self.max_price if max_price is None else max_price,
                             timeout_s=timeout_s or self.job_timeout_s)
-        if found.sha256 not in self.wanted:
-            self.wanted.add(found.sha256)
-            await self.refresh()
+        if found.sha256 not in wanted_before:
+            await self.refresh()  # the bootstraps' offers of a model we had not asked for
         job_id = secrets.token_hex(16)
         new_request = partial(self.journal.new_request, job_id, model=found.label, model_sha256=found.sha256,
                               max_price=work.max_price, now_ms=self.clock.now_ms())
