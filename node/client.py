@@ -27,10 +27,10 @@ import trio
 from matcher import Job, Problem, Provider, Weights, solve
 from protocol.errors import DecodeError
 from protocol.job import BuyerJob, Delivered, ModelSent, Refused, Rejected
-from protocol.messages import JobRequest, Offer, Receipt, SignedReceipt
+from protocol.messages import MAX_INPUTS, MAX_REQUEST_BYTES, JobRequest, Offer, Receipt, SignedReceipt
 from protocol.settlement import Dispute, sign_dispute
-from protocol.stream import OfferWant
-from protocol.tensors import Tensor
+from protocol.stream import MAX_MODEL_BYTES, OfferWant
+from protocol.tensors import MAX_TENSOR_BYTES, Tensor
 from protocol.topics import JOB_PROTOCOL
 
 from .clock import SYSTEM_CLOCK, Clock
@@ -88,6 +88,9 @@ class Model:
     def from_path(cls, path: Path | str, name: str | None = None, *, read_signature: bool = True) -> "Model":
         path = Path(path)
         try:
+            if path.stat().st_size > MAX_MODEL_BYTES:
+                raise ClientError(f"model {path}: {path.stat().st_size / 2**20:.0f} MiB; providers take models "
+                                  f"up to {MAX_MODEL_BYTES >> 20} MiB")
             data = path.read_bytes()
         except OSError as exc:
             raise ClientError(f"model {path}: {exc.strerror or exc}") from None
@@ -118,6 +121,7 @@ class Work:
     def prepare(cls, model: Model, inputs: dict[str, np.ndarray], *, max_price: float, timeout_s: float) -> "Work":
         """Checked here, in milliseconds, against the model's own graph: a wrong input
         never travels to a provider to be refused seconds later."""
+        _check_sizes(model, inputs)
         try:
             tensors = tuple(Tensor.from_array(name, np.asarray(array)) for name, array in inputs.items())
         except DecodeError as exc:
@@ -130,6 +134,28 @@ class Work:
             except InputMismatch as exc:
                 raise InputError(f"{model.label}: {exc}") from None
         return cls(model, tensors, items, max_price, timeout_s)
+
+
+# What one job may carry (protocol.messages): checked here, so an input too big for a
+# request frame is a local error, not a stream the provider drops.
+REQUEST_SLACK_BYTES = 1 << 20  # the request's other fields and the envelope, with room to spare
+
+
+def _check_sizes(model: Model, inputs: dict[str, np.ndarray]) -> None:
+    if len(inputs) > MAX_INPUTS:
+        raise InputError(f"{model.label}: {len(inputs)} inputs; a job carries at most {MAX_INPUTS}")
+    total = 0
+    for name, array in inputs.items():
+        size = np.asarray(array).nbytes
+        total += size
+        if size > MAX_TENSOR_BYTES:
+            raise InputError(f"{model.label}: input {name} is {size / 2**20:.1f} MiB; a job carries at most "
+                             f"{MAX_TENSOR_BYTES >> 20} MiB per tensor: split it along the batch axis "
+                             "(submit --rows-per-job)")
+    if total > MAX_REQUEST_BYTES - REQUEST_SLACK_BYTES:
+        raise InputError(f"{model.label}: inputs of {total / 2**20:.1f} MiB do not fit one job's "
+                         f"{MAX_REQUEST_BYTES >> 20} MiB request: split them along the batch axis "
+                         "(submit --rows-per-job)")
 
 
 @dataclass

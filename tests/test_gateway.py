@@ -322,3 +322,15 @@ async def test_the_gateways_http_keeps_connections_alive_and_refuses_what_it_can
     assert reply.rstrip().endswith(b'"}') and b"connection: close" in reply.lower()
     ready = await _exchange(b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
     assert ready.startswith(b"HTTP/1.1 503") and b'"ready":false' in ready
+
+
+def test_inputs_too_big_for_one_job_are_a_local_error_that_says_how_to_split_them():
+    from node.client import Model, Work
+
+    model = Model.from_path(MODEL)
+    big = np.zeros((70, 1 << 18), dtype=np.float32)  # 70 MiB in one tensor
+    with pytest.raises(InputError, match=r"input data_0 is 70.0 MiB; .* at most 64 MiB per tensor: split"):
+        Work.prepare(model, {"data_0": big}, max_price=1.0, timeout_s=10)
+    many = {f"x{i}": np.zeros(1, dtype=np.float32) for i in range(17)}
+    with pytest.raises(InputError, match="17 inputs; a job carries at most 16"):
+        Work.prepare(model, many, max_price=1.0, timeout_s=10)
