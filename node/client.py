@@ -304,7 +304,11 @@ class Client:
 
     async def __aenter__(self) -> "Client":
         self._session = self.session()
-        return await self._session.__aenter__()
+        try:
+            return await self._session.__aenter__()
+        except BaseException:
+            self.close()
+            raise
 
     async def __aexit__(self, *exc_info) -> bool | None:
         try:
