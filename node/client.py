@@ -355,6 +355,7 @@ class Client:
                 # Acks a provider never confirmed (we crashed, it did, a stream broke) go
                 # first: settling old jobs never waits for new ones.
                 await self.deliver_pending_acks()
+                await self._close_interrupted_requests()
                 try:
                     yield self
                     await self.drain(CLOSE_DRAIN_S)
@@ -369,6 +370,17 @@ class Client:
         with trio.move_on_after(timeout_s):
             while self._confirming or self._checking:
                 await next(iter(self._confirming or self._checking)).wait()
+
+    async def _close_interrupted_requests(self) -> None:
+        """Requests this client was serving when it stopped: paid for (the ledger holds
+        the receipt) they are settled; otherwise nothing was paid and they failed. Their
+        applications asked and are gone; the ledger, not the journal, is what settles."""
+        for row in await self.offload(self.journal.open_requests):
+            if self.ledger.has(row.job_id):
+                await self.offload(self.journal.settled, row.job_id, "", self.clock.now_ms())
+            else:
+                await self.offload(self.journal.failed, row.job_id, "the client stopped before this request was "
+                                   "paid for; nothing was paid", self.clock.now_ms())
 
     async def refresh(self, *, wait_for_offers: bool = False) -> None:
         """Sync the offer book with every bootstrap. `wait_for_offers`: a bootstrap that

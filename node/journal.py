@@ -147,6 +147,15 @@ class Journal:
                         (job_id, job_id[:16], 0, "pending", now_ms))
         self.db.execute("COMMIT")
 
+    def open_requests(self) -> list[JournalJob]:
+        """A warm client's requests not settled nor failed: what it was doing when it
+        stopped (a crash, a kill)."""
+        rows = self.db.execute(
+            "SELECT j.job_id, j.idx, j.state, j.provider, j.attempts, j.output_path FROM jobs j JOIN batches b "
+            "ON b.batch_id = j.batch_id WHERE b.solver = ? AND j.state NOT IN ('settled', 'failed')",
+            (CLIENT_REQUEST,)).fetchall()
+        return [JournalJob(*row) for row in rows]
+
     def latest_unfinished(self) -> Batch | None:
         row = self.db.execute(
             f"SELECT b.* FROM batches b WHERE b.solver != '{CLIENT_REQUEST}' AND EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = b.batch_id "

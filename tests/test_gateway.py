@@ -334,3 +334,61 @@ def test_inputs_too_big_for_one_job_are_a_local_error_that_says_how_to_split_the
     many = {f"x{i}": np.zeros(1, dtype=np.float32) for i in range(17)}
     with pytest.raises(InputError, match="17 inputs; a job carries at most 16"):
         Work.prepare(model, many, max_price=1.0, timeout_s=10)
+
+
+async def _start_gateway(home, bootstrap: str, env: dict | None = None):
+    import os
+    import subprocess
+
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "node.cli", "gateway", "--listen", "127.0.0.1:0", "--model", f"squeezenet={MODEL}",
+         "--bootstrap", bootstrap, "--home", str(home), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    line = b""
+    with trio.fail_after(60):
+        while not line.endswith(b"\n"):
+            chunk = await process.stdout.receive_some(1)
+            assert chunk, "the gateway exited before it was ready"
+            line += chunk
+    return process, json.loads(line)
+
+
+def _rows(db_path, query: str, *args) -> list:
+    db = sqlite3.connect(db_path)
+    try:
+        return db.execute(query, args).fetchall()
+    finally:
+        db.close()
+
+
+async def test_a_gateway_killed_mid_request_settles_what_was_paid_and_nothing_else_when_it_comes_back(tmp_path):
+    x = np.random.default_rng(9).random((1, 3, 224, 224), dtype=np.float32)
+    body, head = binary_request({"data_0": x})
+    request = (b"POST /v2/models/squeezenet/infer HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+               + f"content-length: {len(body)}\r\n{HEADER_LENGTH}: {head}\r\n\r\n".encode() + body)
+    async with open_devnet(1, root=tmp_path / "net") as net:
+        provider_ledger = net.providers[0].home / "ledger.sqlite"
+        for point, paid in (("buyer-after-ack", True), ("buyer-after-result", False)):
+            home = tmp_path / point
+            gateway, ready = await _start_gateway(home, net.bootstrap_addr, {"IDLEMESH_FAULT": f"{point}:kill"})
+            reply = await raw_http(int(ready["url"].rsplit(":", 1)[1]), request)
+            assert await gateway.wait() < 0 and reply == b""  # killed mid-request: no answer
+            ((job_id, state),) = _rows(home / "jobs.sqlite", "SELECT job_id, state FROM jobs")
+            assert state == "requested"
+            # The same home again: what the kill left is settled before it serves anyone.
+            gateway, _ = await _start_gateway(home, net.bootstrap_addr)
+            gateway.terminate()
+            await gateway.wait()
+            ours = dict(_rows(home / "ledger.sqlite", "SELECT receipt_id, status FROM receipts"))
+            theirs = dict(_rows(provider_ledger, "SELECT receipt_id, status FROM receipts WHERE receipt_id = ?",
+                                job_id))
+            journal = _rows(home / "jobs.sqlite", "SELECT state, error FROM jobs")
+            if paid:
+                # Paid and acked before the kill: both ledgers say accepted, the ack is
+                # confirmed, and the journal keeps nothing.
+                assert ours == {job_id: "accepted"} and theirs == {job_id: "accepted"} and journal == []
+                assert _rows(home / "ledger.sqlite", "SELECT receipt_id FROM acks_delivered") == [(job_id,)]
+            else:
+                # Killed with the result in hand, before paying: nothing was paid on either side.
+                assert ours == {} and theirs == {job_id: "unacked"}
+                assert journal == [("failed", "the client stopped before this request was paid for; nothing was paid")]
