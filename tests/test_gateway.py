@@ -375,10 +375,9 @@ async def test_a_gateway_killed_mid_request_settles_what_was_paid_and_nothing_el
             assert await gateway.wait() < 0 and reply == b""  # killed mid-request: no answer
             ((job_id, state),) = _rows(home / "jobs.sqlite", "SELECT job_id, state FROM jobs")
             assert state == "requested"
-            # The same home again: what the kill left is settled before it serves anyone.
-            gateway, _ = await _start_gateway(home, net.bootstrap_addr)
-            gateway.terminate()
-            await gateway.wait()
+            # The same home opened again: what the kill left is settled before it serves anyone.
+            async with Client(home, [net.bootstrap_addr]):
+                pass
             ours = dict(_rows(home / "ledger.sqlite", "SELECT receipt_id, status FROM receipts"))
             theirs = dict(_rows(provider_ledger, "SELECT receipt_id, status FROM receipts WHERE receipt_id = ?",
                                 job_id))
