@@ -14,6 +14,7 @@ from pathlib import Path
 import trio
 
 from node.calibrate import reference_model_path
+from tests.processes import start_node
 
 REPO = Path(__file__).resolve().parents[1]
 PEER = "12D3KooWSBKwL4Njx1h8drSoK58Wz5QkEQsKmMRvrwRoHtKYuoAL"  # a valid peer id nobody runs
@@ -36,16 +37,7 @@ def free_port() -> int:
 
 
 async def _start_bootstrap(home: Path, port: int):
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "node.cli", "bootstrap", "run", "--home", str(home), "--listen",
-         f"/ip4/127.0.0.1/tcp/{port}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO)
-    line = b""
-    with trio.fail_after(60):
-        while not line.endswith(b"\n"):
-            chunk = await process.stdout.receive_some(1)
-            assert chunk, "the bootstrap exited before ready"
-            line += chunk
-    return process, json.loads(line)
+    return await start_node("bootstrap", "run", "--home", str(home), "--listen", f"/ip4/127.0.0.1/tcp/{port}")
 
 
 async def test_a_taken_port_an_address_without_peer_id_and_an_unwritable_home_are_one_line_errors(tmp_path):

@@ -18,6 +18,7 @@ from node.calibrate import reference_model_path
 from node.client import Client, ClientError, InputError, SyncClient
 from node.gateway import Gateway
 from node.oip import HEADER_LENGTH, OIPError, encode_infer_response, parse_infer_request
+from tests.processes import start_node
 
 MODEL = reference_model_path("squeezenet")  # seeded weights: outputs depend on the input
 
@@ -337,20 +338,8 @@ def test_inputs_too_big_for_one_job_are_a_local_error_that_says_how_to_split_the
 
 
 async def _start_gateway(home, bootstrap: str, env: dict | None = None):
-    import os
-    import subprocess
-
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "node.cli", "gateway", "--listen", "127.0.0.1:0", "--model", f"squeezenet={MODEL}",
-         "--bootstrap", bootstrap, "--home", str(home), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
-    line = b""
-    with trio.fail_after(60):
-        while not line.endswith(b"\n"):
-            chunk = await process.stdout.receive_some(1)
-            assert chunk, "the gateway exited before it was ready"
-            line += chunk
-    return process, json.loads(line)
+    return await start_node("gateway", "--listen", "127.0.0.1:0", "--model", f"squeezenet={MODEL}",
+                            "--bootstrap", bootstrap, "--home", str(home), "--json", env=env)
 
 
 def _rows(db_path, query: str, *args) -> list:
