@@ -17,11 +17,12 @@ from protocol.errors import DecodeError
 from protocol.messages import Offer, SignedReceipt
 from protocol.signing import peer_id_from_public_key
 
-from .client import RETRY_PROVIDERS, Client, ClientError, JobOutcome, Work, chosen_for_check, offers_to_problem
+from .client import (ATTEMPT_ERRORS, RETRY_PROVIDERS, Client, ClientError, JobOutcome, Work, chosen_for_check,
+                     offers_to_problem, output_key)
 from .clock import SYSTEM_CLOCK, Clock
 from .journal import CLIENT_REQUEST, Journal
 from .ledger import LedgerError
-from .net import OpenNetwork, StreamClosed
+from .net import OpenNetwork
 from .p2p import open_p2p_node
 
 log = logging.getLogger("idlemesh.buyer")
@@ -104,8 +105,8 @@ def resume_spec(home: Path, bootstrap: list[str], batch: str = "latest", **overr
 
 class Buyer:
     """One batch: the same input `count` times, or one job per input set (or a resumed
-    batch), placed together by
-    the matcher and run through a Client, with spot checks after."""
+    batch), placed together by the matcher and run through a Client, with spot checks
+    after."""
 
     def __init__(self, spec: SubmitSpec, *, clock: Clock = SYSTEM_CLOCK, open_network: OpenNetwork = open_p2p_node):
         """`clock` and `open_network` are what a test under MockClock replaces
@@ -161,7 +162,7 @@ class Buyer:
         else:
             out_path = stem.with_suffix(".npz")
             tmp = stem.with_suffix(".tmp.npz")
-            np.savez(tmp, **{t.name.replace("/", "_"): t.to_array() for t in outputs})
+            np.savez(tmp, **{output_key(t.name): t.to_array() for t in outputs})
         os.replace(tmp, out_path)
         return str(out_path)
 
@@ -259,8 +260,7 @@ class Buyer:
                         await self._run_one(outcome, self.offers[pid])
                         outcome.error = ""
                         break
-                    except (SubmitError, DecodeError, LedgerError, StreamClosed, trio.TooSlowError, OSError,
-                            ConnectionError) as exc:
+                    except (SubmitError, *ATTEMPT_ERRORS) as exc:
                         outcome.error = f"{type(exc).__name__}: {exc}"
                         if not isinstance(exc, (SubmitError, DecodeError, LedgerError)):
                             vanished.add(pid)

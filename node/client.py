@@ -271,7 +271,8 @@ class Client:
         self.book: OfferBook | None = None
         self._nursery: trio.Nursery | None = None
         self._confirming: set[trio.Event] = set()
-        self._reputation: dict = {}
+        self._reputation: dict = {}  # our own receipts' verdicts per provider (_read_standing)
+        self._settled_with: dict[str, int] = {}
         self._closed = False
         self.spot_checks = {"checked": 0, "disputes": 0, "inconclusive": 0}
         self._checking: set[trio.Event] = set()
@@ -334,7 +335,6 @@ class Client:
     async def session(self, *, live: bool = True) -> AsyncIterator["Client"]:
         """The node, the offer book and the background work that keeps them current.
         `live`: follow gossip and sync now and again (a one-shot batch syncs once)."""
-        self._reputation = self.ledger.reputation()
         standing = lambda pid: self._reputation.get(pid, {}).get("accepted", 0)  # noqa: E731
         self.book = OfferBook(wanted=lambda offer: any(offer.items_per_s(sha) for sha in self.wanted),
                               standing=standing)
@@ -386,6 +386,7 @@ class Client:
         """Sync the offer book with every bootstrap. `wait_for_offers`: a bootstrap that
         has just restarted holds no offers until providers reconnect (a second or two),
         so ask again briefly before taking an empty book for an answer."""
+        self._read_standing()
         want = self._want()
         self.unreachable = {}
         for addr in self.bootstrap:
@@ -401,6 +402,13 @@ class Client:
             for addr in self.bootstrap:
                 if addr not in self.unreachable:
                     await self._sync(addr, want)
+
+    def _read_standing(self) -> None:
+        """What our own ledger says of each provider (verdicts, and jobs settled with each
+        peer, which weigh its digests): read at every refresh and after a dispute, not
+        per request, since both aggregate every receipt we hold."""
+        self._reputation = self.ledger.reputation()
+        self._settled_with = self.ledger.settled_with()
 
     async def _sync(self, addr: str, want: OfferWant | None) -> str | None:
         """Take the bootstrap's offer book; None, or why it could not be reached."""
@@ -462,8 +470,7 @@ class Client:
         return [e.offer for e in self.book.current(now_ms=self.clock.now_ms())]
 
     def scores(self) -> dict[str, float]:
-        return provider_scores(self._reputation, self.gossip.reputation, self.key.public_key,
-                               self.ledger.settled_with())
+        return provider_scores(self._reputation, self.gossip.reputation, self.key.public_key, self._settled_with)
 
     def ranked(self, offers: list[Offer]) -> list[Offer]:
         """Best first: offers whose providers settled with us most, then those held longest."""
@@ -506,16 +513,16 @@ class Client:
             out[pid] = sum(jobs) / max(1, slots)
         return out
 
-    def place(self, work: Work, job_id: str, offers: list[Offer], *, deadline_ms: float | None) -> list[Offer]:
+    def place(self, work: Work, job_id: str, offers: list[Offer], *, deadline_ms: float | None) -> Offer:
         """The matcher's choice for one job on the current state (offers, and our own
-        jobs in flight), then the other offers by rank as fallbacks."""
+        jobs in flight)."""
         problem = offers_to_problem(offers, work.model.sha256, work.items, 1, work.max_price, self.weights,
                                     [job_id], deadline_ms, own_backlog_ms=self.own_backlog_ms())
         result = solve(problem, solver=self.solver)
         if not result.assignments:
             raise ClientError(result.unassigned[0].explain if result.unassigned else "no placement")
         chosen = result.assignments[0].provider
-        return sorted(offers, key=lambda o: o.peer_id != chosen)
+        return next(o for o in offers if o.peer_id == chosen)
 
     # --- requests -----------------------------------------------------------------------
 
@@ -555,7 +562,7 @@ class Client:
                 offers = [o for o in self.candidates(found.sha256) if o.peer_id not in tried]
                 if not offers:
                     break
-                offer = self.place(work, job_id, offers, deadline_ms=deadline_ms)[0]
+                offer = self.place(work, job_id, offers, deadline_ms=deadline_ms)
                 tried.add(offer.peer_id)
                 try:
                     receipt, envelope = await self._nursery.start(partial(
@@ -587,12 +594,12 @@ class Client:
         job is paid for and our ack sent, `task_status.started((receipt, envelope))`
         lets the caller go on while this journals it settled and waits for the
         provider's confirmation."""
-        request_sent_ms = self.clock.now_ms()
+        issued_ms = self.clock.now_ms()
         request = JobRequest(
             job_id=outcome.job_id, buyer=self.key.public_key, provider=offer.provider,
             model_sha256=work.model.sha256, model_name=work.model.name[:128], inputs=work.tensors,
-            items=work.items, max_price=work.max_price, issued_at_ms=request_sent_ms,
-            expires_at_ms=request_sent_ms + JOB_TTL_MS, timeout_ms=int(work.timeout_s * 1000))
+            items=work.items, max_price=work.max_price, issued_at_ms=issued_ms,
+            expires_at_ms=issued_ms + JOB_TTL_MS, timeout_ms=int(work.timeout_s * 1000))
         job = BuyerJob.create(self.key, request, work.model.data)
         started = self.clock.elapsed_s()
         outcome.provider = offer.peer_id
@@ -762,7 +769,7 @@ class Client:
 
     async def _check_aside(self, work: Work, outcome: JobOutcome, outputs: dict[str, np.ndarray]) -> None:
         """A warm client's spot check, after the caller has its answer: never raises."""
-        ordered = [outputs[name] for name in sorted(outputs, key=lambda n: n.replace("/", "_"))]
+        ordered = [outputs[name] for name in sorted(outputs, key=output_key)]
         done = trio.Event()
         self._checking.add(done)
         try:
@@ -780,7 +787,7 @@ class Client:
             arrays: list[np.ndarray] = []
 
             def kept(tensors, rerun=rerun, arrays=arrays) -> str:
-                arrays[:] = [t.to_array() for t in sorted(tensors, key=lambda t: t.name.replace("/", "_"))]
+                arrays[:] = [t.to_array() for t in sorted(tensors, key=lambda t: output_key(t.name))]
                 return keep(rerun, tensors) if keep else ""
 
             try:
@@ -796,6 +803,7 @@ class Client:
         dispute = Dispute(outlier.job_id, bad.receipt.provider, bad.body_sha256, good.receipt.provider,
                           good.body_sha256, diff, atol, self.clock.now_ms())
         self.ledger.record_dispute(sign_dispute(self.key, dispute), dispute, now_ms=self.clock.now_ms())
+        self._read_standing()  # the disputed provider is scored down from the next request on
 
     async def _confirmation(self, stream, job: BuyerJob) -> None:
         """The provider's `settled` frame: it holds our ack durably, so we stop carrying
@@ -814,6 +822,12 @@ class Client:
         else:
             log.warning("job %s: the provider holds %s, we hold %s; `idlemesh settle` reconciles",
                         job.request.job_id[:8], confirmed.status, held[0] if held else "nothing")
+
+
+def output_key(name: str) -> str:
+    """An output's name as a file key (submit writes outputs under it), and so the order
+    in which spot checks compare a job's outputs: every side must sort by this."""
+    return name.replace("/", "_")
 
 
 def chosen_for_check(job_id: str, fraction: float) -> bool:

@@ -48,6 +48,12 @@ async def test_spot_checks_dispute_a_lying_provider_and_reputation_then_excludes
             answers = [await client.infer(MODEL, {"data_0": x}) for _ in range(4)]
             await client.drain()
             tally = dict(client.spot_checks)
+            # The open client itself leaves the disputed liar out from then on.
+            assert client.scores()[liar] < 0.25
+            after = await client.infer(MODEL, {"data_0": x})
+            await client.drain()
+        assert any(a.provider == liar for a in answers), "the most efficient provider (the liar) should get work"
+        assert after.provider != liar
         assert tally["checked"] == 4 and tally["inconclusive"] == 0
         assert tally["disputes"] >= sum(a.provider == liar for a in answers)
         db = sqlite3.connect(tmp_path / "app" / "ledger.sqlite")
