@@ -60,7 +60,6 @@ class Gateway:
     def __init__(self, client: Client, models: dict[str, Model]):
         self.client = client
         self.models = models
-        self.served = {"requests": 0, "infer_ok": 0, "infer_failed": 0, "bad_requests": 0}
 
     # --- HTTP -------------------------------------------------------------------------
 
@@ -74,8 +73,8 @@ class Gateway:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         try:
             while True:
-                reply, request = await self._read_and_route(conn, stream)
-                if request is None and reply is None:
+                reply = await self._read_and_route(conn, stream)
+                if reply is None:
                     return
                 await self._send(conn, stream, reply)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -95,21 +94,20 @@ class Gateway:
             with trio.fail_after(timeout_s):
                 conn.receive_data(await stream.receive_some(RECEIVE_CHUNK))
 
-    async def _read_and_route(self, conn: h11.Connection, stream) -> tuple[Reply | None, h11.Request | None]:
+    async def _read_and_route(self, conn: h11.Connection, stream) -> Reply | None:
+        """The reply to the next request; None when the connection is done with."""
         try:
             event = await self._next_event(conn, stream, IDLE_KEEPALIVE_S)
         except trio.TooSlowError:
-            return None, None
+            return None
         except h11.RemoteProtocolError as exc:
-            return Reply.error(exc.error_status_hint, f"malformed HTTP: {exc}"), h11.Request(method="GET", target="/",
-                                                                                          headers=[("host", "x")])
-        if isinstance(event, h11.ConnectionClosed) or not isinstance(event, h11.Request):
-            return None, None
-        self.served["requests"] += 1
+            return Reply.error(exc.error_status_hint, f"malformed HTTP: {exc}")
+        if not isinstance(event, h11.Request):
+            return None
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return Reply.error(413, f"a body of {length} bytes is over this gateway's {MAX_BODY_BYTES} bytes"), event
+            return Reply.error(413, f"a body of {length} bytes is over this gateway's {MAX_BODY_BYTES} bytes")
         body = bytearray()
         try:
             while True:
@@ -117,22 +115,19 @@ class Gateway:
                 if isinstance(part, h11.Data):
                     body += part.data
                     if len(body) > MAX_BODY_BYTES:
-                        return Reply.error(413, f"the body is over this gateway's {MAX_BODY_BYTES} bytes"), event
+                        return Reply.error(413, f"the body is over this gateway's {MAX_BODY_BYTES} bytes")
                 elif isinstance(part, h11.EndOfMessage):
                     break
                 else:
-                    return None, None
+                    return None
         except trio.TooSlowError:
-            return Reply.error(408, f"the request body did not arrive within {READ_TIMEOUT_S:g} s"), event
+            return Reply.error(408, f"the request body did not arrive within {READ_TIMEOUT_S:g} s")
         except h11.RemoteProtocolError as exc:
-            return Reply.error(exc.error_status_hint, f"malformed HTTP: {exc}"), event
+            return Reply.error(exc.error_status_hint, f"malformed HTTP: {exc}")
         try:
-            reply = await self.route(event.method.decode(), event.target.decode("latin-1"), headers, bytes(body))
+            return await self.route(event.method.decode(), event.target.decode("latin-1"), headers, bytes(body))
         except OIPError as exc:
-            reply = Reply.error(exc.status, str(exc))
-        if reply.status >= 400:
-            self.served["bad_requests" if reply.status < 500 else "infer_failed"] += 1
-        return reply, event
+            return Reply.error(exc.status, str(exc))
 
     async def _send(self, conn: h11.Connection, stream, reply: Reply) -> None:
         headers = [*reply.headers, ("content-length", str(len(reply.body))), ("server", f"idlemesh/{__version__}")]
@@ -199,7 +194,6 @@ class Gateway:
             raise OIPError(400, str(exc)) from None
         except ClientError as exc:
             raise OIPError(503, str(exc)) from None
-        self.served["infer_ok"] += 1
         outcome = answer.outcome
         receipt = {"receipt_id": answer.job_id, "provider": outcome.provider, "energy_j": outcome.energy_j,
                    "energy_source": outcome.energy_source, "price": outcome.price,

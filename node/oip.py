@@ -23,8 +23,7 @@ DATATYPES = {"BOOL": "bool", "UINT8": "uint8", "INT8": "int8", "INT16": "int16",
 DATATYPE_OF = {v: k for k, v in DATATYPES.items()}
 HEADER_LENGTH = "inference-header-content-length"
 MAX_BODY_BYTES = 64 * 1024 * 1024 + 1024 * 1024  # the provider's tensor cap, plus the JSON around it
-# Where the receipt goes in a response's parameters (and, in the same words, its headers).
-RECEIPT_PARAMETERS = ("receipt_id", "provider", "energy_j", "energy_source", "price", "compute_ms", "latency_ms")
+# Our names in a request's and a response's parameters (the receipt goes there) start so.
 PARAMETER_PREFIX = "idlemesh_"
 
 
