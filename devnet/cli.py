@@ -14,29 +14,34 @@ import trio
 from node.cli import exit_status, setup_logging_from_args
 
 
-async def _serve_gateway(listen: str, net) -> None:
+async def _serve_gateway(host: str, port: int, net) -> None:
     """An OIP gateway on the devnet's models, in this process, until Ctrl-C."""
+    from node.calibrate import reference_model_path
     from node.client import Client
     from node.gateway import Gateway
 
-    from node.calibrate import reference_model_path
-
     from .launcher import DEFAULT_MODELS
 
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise SystemExit(f"idlemesh: --gateway {listen}: give HOST:PORT, e.g. 127.0.0.1:8000")
     client = Client(net.root / "gateway", [net.bootstrap_addr])
     models = {name: client.add_model(reference_model_path(name)) for name in DEFAULT_MODELS}
     async with client, trio.open_nursery() as nursery:
-        bound = await nursery.start(Gateway(client, models).serve, host, int(port))
+        bound = await nursery.start(Gateway(client, models).serve, host, port)
         print(f"gateway: Open Inference Protocol v2 at http://{bound[0]}:{bound[1]}/v2 for {', '.join(models)} "
               "(e.g. tritonclient.http.InferenceServerClient)", file=sys.stderr, flush=True)
         await trio.sleep_forever()
 
 
 def _devnet_up(args) -> int:
+    from node.gateway import parse_listen
+
     from .launcher import open_devnet
+
+    gateway = None
+    if args.gateway:
+        try:
+            gateway = parse_listen(args.gateway)  # checked before any node starts
+        except ValueError as exc:
+            raise SystemExit(f"idlemesh: --gateway {exc}") from None
 
     fleet = None
     if args.fleet:
@@ -65,8 +70,8 @@ def _devnet_up(args) -> int:
                     print(f"devnet up: idlemesh submit MODEL.onnx --input X.npy --bootstrap {net.bootstrap_addr}"
                           f"\nthe bootstrap (pid {boot.process.pid}) comes back with: idlemesh bootstrap run "
                           f"--home {boot.home} --listen {listen}\nCtrl-C stops every node.", file=sys.stderr, flush=True)
-                    if args.gateway:
-                        await _serve_gateway(args.gateway, net)
+                    if gateway:
+                        await _serve_gateway(*gateway, net)
                     await trio.sleep_forever()
         return stopped_by["signal"]
 

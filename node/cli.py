@@ -651,12 +651,13 @@ async def _reconcile(args, ledger, key) -> dict:
 def _gateway(args) -> int:
     """The Open Inference Protocol v2 over the market, until Ctrl-C."""
     from .client import Client, ClientError
-    from .gateway import Gateway
+    from .gateway import Gateway, parse_listen
 
     setup_logging_from_args(args, default="warning")
-    host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        return _fail(args, f"error: --listen {args.listen}: give HOST:PORT, e.g. 127.0.0.1:8000", 2)
+    try:
+        host, port = parse_listen(args.listen)
+    except ValueError as exc:
+        return _fail(args, f"error: --listen {exc}", 2)
     specs = []
     for item in args.model:
         name, sep, path = item.partition("=")
@@ -679,7 +680,7 @@ def _gateway(args) -> int:
         async with client:
             gateway = Gateway(client, models)
             async with trio.open_nursery() as nursery:
-                bound = await nursery.start(gateway.serve, host, int(port))
+                bound = await nursery.start(gateway.serve, host, port)
                 url = f"http://{bound[0]}:{bound[1]}"
                 offers = {name: gateway.offered(m) for name, m in models.items()}
                 if args.json:

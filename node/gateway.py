@@ -39,6 +39,14 @@ RECEIVE_CHUNK = 256 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT, as `--listen` and `devnet up --gateway` take it; ValueError says the form."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{text}: give HOST:PORT, e.g. 127.0.0.1:8000")
+    return host, int(port)
+
+
 @dataclass
 class Reply:
     status: int
