@@ -20,7 +20,7 @@ from protocol.lifecycle import STATES
 # written before version 2 said 'sent' for 'requested'; they are migrated on open.
 JOURNAL_VERSION = 2
 # A warm client's request is journalled as a batch of one whose inputs the application
-# holds: this marks its inputs path and solver, and `resume` passes it by.
+# holds (no inputs path): this is its solver, and `resume` passes it by.
 CLIENT_REQUEST = "client-request"
 STATE_CHECK = "state IN (" + ", ".join(f"'{s}'" for s in STATES) + ")"
 
@@ -142,7 +142,7 @@ class Journal:
         was sent where."""
         self.db.execute("BEGIN IMMEDIATE")
         self.db.execute("INSERT INTO batches VALUES (?,?,?,?,?,?,?,?,?)",
-                        (job_id[:16], now_ms, model, model_sha256, CLIENT_REQUEST, 1, max_price, CLIENT_REQUEST, ""))
+                        (job_id[:16], now_ms, model, model_sha256, "", 1, max_price, CLIENT_REQUEST, ""))
         self.db.execute("INSERT INTO jobs (job_id, batch_id, idx, state, updated_at_ms) VALUES (?,?,?,?,?)",
                         (job_id, job_id[:16], 0, "pending", now_ms))
         self.db.execute("COMMIT")
@@ -158,9 +158,10 @@ class Journal:
 
     def latest_unfinished(self) -> Batch | None:
         row = self.db.execute(
-            f"SELECT b.* FROM batches b WHERE b.solver != '{CLIENT_REQUEST}' AND EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = b.batch_id "
-            "AND j.state != 'settled') AND b.batch_id NOT IN (SELECT batch_id FROM discarded) "
-            "ORDER BY b.created_at_ms DESC LIMIT 1").fetchone()
+            "SELECT b.* FROM batches b WHERE b.solver != ? AND EXISTS (SELECT 1 FROM jobs j "
+            "WHERE j.batch_id = b.batch_id AND j.state != 'settled') "
+            "AND b.batch_id NOT IN (SELECT batch_id FROM discarded) "
+            "ORDER BY b.created_at_ms DESC LIMIT 1", (CLIENT_REQUEST,)).fetchone()
         return self._batch(row) if row else None
 
     def is_discarded(self, batch_id: str) -> bool:
@@ -169,19 +170,19 @@ class Journal:
     def summaries(self) -> list[dict]:
         """Every batch, newest first, with its jobs counted by state and its stored inputs."""
         rows = self.db.execute(
-            "SELECT b.batch_id, b.created_at_ms, b.model_path, b.count, b.out_dir, b.inputs_path, "
+            "SELECT b.batch_id, b.created_at_ms, b.model_path, b.count, b.out_dir, b.inputs_path, b.solver, "
             "SUM(j.state = 'settled'), SUM(j.state = 'failed'), SUM(j.state NOT IN ('settled', 'failed')), "
             "b.batch_id IN (SELECT batch_id FROM discarded) "
             "FROM batches b LEFT JOIN jobs j ON j.batch_id = b.batch_id GROUP BY b.batch_id "
             "ORDER BY b.created_at_ms DESC, b.batch_id").fetchall()
         out = []
-        for batch_id, created, model, count, out_dir, inputs, settled, failed, open_, discarded in rows:
-            inputs_path = Path(inputs) if inputs != CLIENT_REQUEST else None
+        for batch_id, created, model, count, out_dir, inputs, solver, settled, failed, open_, discarded in rows:
+            inputs_path = Path(inputs) if inputs else None  # a warm client's request stores none
             out.append({"batch": batch_id, "created_at_ms": created, "model": model, "jobs": count,
                         "settled": settled or 0, "failed": failed or 0, "unfinished": open_ or 0,
                         "discarded": bool(discarded), "out_dir": out_dir,
                         "inputs_bytes": inputs_path.stat().st_size if inputs_path and inputs_path.is_file() else 0,
-                        "client_request": inputs_path is None})
+                        "client_request": solver == CLIENT_REQUEST})
         return out
 
     def discard(self, batch_id: str, now_ms: int) -> None:
