@@ -195,9 +195,11 @@ class Gateway:
         for key, value in terms.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
                 raise OIPError(400, f"parameter {PARAMETER_PREFIX + key} must be a positive number")
+        # A request may lower the gateway's price ceiling, never raise it: the operator pays.
+        max_price = min(terms["max_price"] or self.client.max_price, self.client.max_price)
         try:
             answer = await self.client.infer(model, request.inputs, deadline_ms=terms["deadline_ms"],
-                                             max_price=terms["max_price"])
+                                             max_price=max_price)
         except InputError as exc:
             raise OIPError(400, str(exc)) from None
         except ClientError as exc:

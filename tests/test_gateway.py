@@ -284,11 +284,14 @@ class _NoMarket:
     p2p = None
     unreachable: dict = {}
     bootstrap = ["/ip4/127.0.0.1/tcp/1/p2p/x"]
+    max_price = 1.0
+    asked: list[dict] = []
 
     def candidates(self, sha):
         raise ClientError("no offers")
 
-    async def infer(self, *args, **kwargs):
+    async def infer(self, *args, **terms):
+        self.asked.append(terms)
         raise ClientError("no provider offers model squeezenet")
 
 
@@ -380,3 +383,15 @@ async def test_a_gateway_killed_mid_request_settles_what_was_paid_and_nothing_el
                 # Killed with the result in hand, before paying: nothing was paid on either side.
                 assert ours == {} and theirs == {job_id: "unacked"}
                 assert journal == [("failed", "the client stopped before this request was paid for; nothing was paid")]
+
+
+async def test_a_request_may_lower_the_gateways_price_ceiling_but_not_raise_it():
+    def infer(price: float, last: bool = False) -> bytes:
+        body = json.dumps({"inputs": [{"name": "data_0", "shape": [1], "datatype": "FP32", "data": [0.5]}],
+                           "parameters": {"idlemesh_max_price": price}}).encode()
+        return (b"POST /v2/models/squeezenet/infer HTTP/1.1\r\nhost: x\r\n" + (b"connection: close\r\n" if last else b"")
+                + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+
+    _NoMarket.asked.clear()
+    await _exchange(infer(0.25) + infer(50.0, last=True))
+    assert [terms["max_price"] for terms in _NoMarket.asked] == [0.25, 1.0]
