@@ -710,18 +710,15 @@ def _gateway(args) -> int:
 def _inspect(args) -> int:
     """A model's inputs and outputs; with --bootstrap, who offers it now, at what price
     and energy per item (each figure labelled with how the provider obtained it)."""
-    import hashlib
-
-    from .modelio import InputMismatch, signature_of_model
+    from .client import ClientError, Model
 
     path = Path(args.model)
     try:
-        data = path.read_bytes()
-        signature = signature_of_model(data)
-    except (OSError, InputMismatch) as exc:
-        return _fail(args, f"error: {path}: {exc}", 2)
-    sha = hashlib.sha256(data).hexdigest()
-    report = {"model": str(path), "sha256": sha, **signature.to_json()}
+        model = Model.from_path(path)
+    except ClientError as exc:
+        return _fail(args, f"error: {exc}", 2)
+    sha = model.sha256
+    report = {"model": str(path), "sha256": sha, **model.signature.to_json()}
     if args.bootstrap:
         report["offers"] = trio.run(_offers_of, args.bootstrap, sha)
     if args.json:
