@@ -136,6 +136,9 @@ class Gateway:
             return await self.route(event.method.decode(), event.target.decode("latin-1"), headers, bytes(body))
         except OIPError as exc:
             return Reply.error(exc.status, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: one 500, never the whole gateway
+            log.exception("request %s %s failed", event.method.decode(), event.target.decode("latin-1"))
+            return Reply.error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     async def _send(self, conn: h11.Connection, stream, reply: Reply) -> None:
         headers = [*reply.headers, ("content-length", str(len(reply.body))), ("server", f"idlemesh/{__version__}")]

@@ -9,6 +9,7 @@ Binary extension: https://github.com/triton-inference-server/server/blob/main/do
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +82,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
             raise OIPError(400, f"{where} is given twice")
         shape = _shape(item.get("shape"), where)
         dtype = _dtype(item.get("datatype"), where)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # Python ints: a crafted shape cannot wrap around to a small count
         params = item.get("parameters") or {}
         if not isinstance(params, dict):
             raise OIPError(400, f"{where}: parameters must be an object")

@@ -80,6 +80,9 @@ def test_oip_requests_parse_from_json_and_binary_alike():
     (b'{"inputs": [{"name": "x", "shape": [-1], "datatype": "FP32", "data": []}]}', None, "non-negative"),
     (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": ["a"]}]}', None, "does not fit"),
     (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32"}]}', None, "give 'data'"),
+    # 2**62 x 4 wraps to 0 in int64: an empty list must not pass for it
+    (b'{"inputs": [{"name": "x", "shape": [4611686018427387904, 4], "datatype": "FP32", "data": []}]}', None,
+     "0 values do not fill"),
     (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]}',
      b"\x00" * 4, "runs past"),
     (b'{"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]}',
@@ -395,3 +398,16 @@ async def test_a_request_may_lower_the_gateways_price_ceiling_but_not_raise_it()
     _NoMarket.asked.clear()
     await _exchange(infer(0.25) + infer(50.0, last=True))
     assert [terms["max_price"] for terms in _NoMarket.asked] == [0.25, 1.0]
+
+
+async def test_a_failure_inside_one_request_is_a_500_and_the_gateway_goes_on(monkeypatch):
+    async def broken(*args, **terms):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(_NoMarket, "infer", broken)
+    body = b'{"inputs":[{"name":"data_0","shape":[1],"datatype":"FP32","data":[0.5]}]}'
+    reply = await _exchange(b"POST /v2/models/squeezenet/infer HTTP/1.1\r\nhost: x\r\n"
+                            + f"content-length: {len(body)}\r\n\r\n".encode() + body
+                            + b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", reply) == [b"500", b"200"]
+    assert b"internal error: RuntimeError: a bug" in reply
