@@ -553,12 +553,9 @@ class Provider:
         emit("job", job_id=request.job_id, buyer=peer, compute_ms=round(compute_ms, 3),
              energy_j=round(energy_j, 6), energy_source=energy_source)
         fault_point("provider-before-result")  # durable, not yet sent
-        try:
-            await self._send(stream, step)
-        finally:
-            # Off the buyer's path, but after every kept result, sent or not: the bound
-            # holds against buyers that vanish before the answer.
-            await self.writer.prune_results(now_ms=now, max_bytes=KEPT_RESULTS_BYTES)
+        await self._send(stream, step)
+        # Off the buyer's path: bounding the kept results can wait until it has its answer.
+        await self.writer.prune_results(now_ms=now, max_bytes=KEPT_RESULTS_BYTES)
         await self._settle(stream, job, peer)
 
     async def _settle(self, stream: Stream, job: ProviderJob, peer: str) -> None:
