@@ -26,6 +26,7 @@ from protocol.stream import (
 from protocol.topics import JOB_PROTOCOL, OFFERS_TOPIC, SETTLE_PROTOCOL
 
 from . import modelcheck
+from .admission import REPUBLISH_MIN_INTERVAL_S, DeviceQueue, expected_ms, worth_republishing
 from .calibrate import (
     DEFAULT_MODELS, PowerFigures, Profile, calibrate, load_profile, merge_profiles, power_figures,
     reference_model_path, save_profile,
@@ -123,6 +124,12 @@ class Provider:
         self._claimed: set[str] = set()  # jobs being uploaded or run: a second stream for one is `busy`
         self.request_budget = ByteBudget(int(config.request_budget_mb * 1024 * 1024))
         self._running: set[str] = set()  # jobs accepted and not yet finished
+        # The queue buyers see in our offer and the deadline admission (shared with the
+        # devnet simulator); a job holds a device slot from its start to its end.
+        self.queue = DeviceQueue(config.slots)
+        self._device_slots = trio.Semaphore(max(1, config.slots))
+        self._queue_moved = trio.Event()
+        self._published_backlog_ms = 0.0
         self._signed_offer: bytes | None = None
         self.offer_log: dict = {}  # our current offer: issued/expires, publishes, last error
         self.seen_by: dict[str, dict] = {}  # bootstrap peer id -> what its book holds of ours
@@ -203,7 +210,7 @@ class Provider:
     def build_offer(self) -> Offer:
         c, power = self.config, self.power
         issued = self.clock.now_ms()
-        backlog_ms = 1000.0 * len(self._running) / max(1, c.slots)  # crude: a second per queued job
+        backlog_ms = self.queue.wait_ms(issued)
         open_rate = min((m.items_per_s for m in self.models), default=None) if c.open_models else None
         return Offer(
             provider=self.key.public_key, peer_id=self.key.peer_id, addrs=tuple(self.p2p.listen_addrs),
@@ -223,6 +230,7 @@ class Provider:
         # Never into our own book: gossip validates our own publishes against it.
         offer = self.build_offer()
         self._signed_offer = sign_offer(self.key, offer)
+        self._published_backlog_ms = offer.backlog_ms
         self.offer_log.update(issued_at_ms=offer.issued_at_ms, expires_at_ms=offer.expires_at_ms)
         return self._signed_offer
 
@@ -298,6 +306,20 @@ class Provider:
         while True:
             await self._publish_now()
             await trio.sleep(self.refresh_s)
+
+    async def _follow_queue(self) -> None:
+        """Sign and publish the offer again when the queue moved enough, at most once per
+        REPUBLISH_MIN_INTERVAL_S: buyers place on the load we really have, not on what
+        the last periodic refresh said."""
+        while True:
+            await self._queue_moved.wait()
+            self._queue_moved = trio.Event()
+            if worth_republishing(self._published_backlog_ms, self.queue.wait_ms(self.clock.now_ms())):
+                await self._publish_now()
+                await trio.sleep(REPUBLISH_MIN_INTERVAL_S)
+
+    def _queue_changed(self) -> None:
+        self._queue_moved.set()
 
     async def _announce_to(self, gossip: OfferGossip, peer_id: str) -> None:
         # Push our offer straight to each bootstrap peer on (re)connect: a fresh buyer
@@ -470,6 +492,11 @@ class Provider:
                 self.count("price", peer, step.events[0].message)
                 await self._send(stream, step)
                 return
+            late = self.queue.admit(request.job_id, expected_ms(request.items, capability.items_per_s),
+                                    self.clock.now_ms(), deadline_ms=request.deadline_ms)
+            if late:
+                return await self._refuse(stream, job, peer, "deadline", late)
+            self._queue_changed()
             # Claimed from here until it is run or refused: a second stream for the same
             # job is `busy`, and a buyer that dies mid-upload can submit again at once.
             self._claimed.add(request.job_id)
@@ -489,6 +516,8 @@ class Provider:
                 await self._run_job(stream, job, peer)
             finally:
                 self._claimed.discard(request.job_id)
+                self.queue.finish(request.job_id)
+                self._queue_changed()
         except FrameRefused as exc:
             await self._refuse(stream, job, peer, "busy", f"{exc.length} bytes do not fit in the "
                                f"{self.request_budget.capacity >> 20} MiB of requests this provider holds at once; "
@@ -514,11 +543,15 @@ class Provider:
         try:
             await self._send(stream, job.accept(len(self._running) - 1))
             emit("accepted", job_id=request.job_id, buyer=peer)
-            started_ms = self.clock.now_ms()
-            result = await self.executor.run(request.model_sha256, request.inputs,
-                                             timeout_s=request.timeout_ms / 1000)
+            async with self._device_slots:
+                started_ms = self.clock.now_ms()
+                self.queue.start(request.job_id, started_ms)
+                result = await self.executor.run(request.model_sha256, request.inputs,
+                                                 timeout_s=request.timeout_ms / 1000)
         finally:
             self._running.discard(request.job_id)
+            self.queue.finish(request.job_id)
+            self._queue_changed()
         outputs = tuple(result.outputs)
         if self.config.fault_output_noise:
             # Devnet fault injection: a provider that returns wrong numbers under a
@@ -651,6 +684,7 @@ class Provider:
                 p2p.keep_connected(self.config.bootstrap,
                                    on_connect=lambda pid: self._announce_to(gossip, pid))
                 nursery.start_soon(self._advertise)
+                nursery.start_soon(self._follow_queue)
                 nursery.start_soon(self._check_visibility, gossip)
                 nursery.start_soon(self._watch_policy)
                 for addr, why in (await p2p.first_dials(self.config.bootstrap)).items():

@@ -233,15 +233,22 @@ class JobRequest:
     issued_at_ms: int
     expires_at_ms: int
     timeout_ms: int = 60_000
+    # The time the buyer still allows for queue and compute, counted from when the
+    # provider reads the request (relative, so no two clocks need to agree). A provider
+    # that cannot finish within it refuses at once (`deadline`). None: no deadline.
+    deadline_ms: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "job_id": self.job_id, "buyer": self.buyer, "provider": self.provider,
             "model_sha256": self.model_sha256, "model_name": self.model_name,
             "inputs": [t.to_wire() for t in self.inputs], "items": self.items,
             "max_price": self.max_price, "issued_at_ms": self.issued_at_ms,
             "expires_at_ms": self.expires_at_ms, "timeout_ms": self.timeout_ms,
         }
+        if self.deadline_ms is not None:  # absent, not nil: requests without one keep their bytes
+            wire["deadline_ms"] = self.deadline_ms
+        return wire
 
     @classmethod
     def from_wire(cls, value: Any, path: str = "job") -> "JobRequest":
@@ -259,6 +266,7 @@ class JobRequest:
             max_price=f.float("max_price", min=0.0, max=1e9),
             issued_at_ms=issued, expires_at_ms=expires,
             timeout_ms=f.int("timeout_ms", min=1, max=3_600_000, default=60_000),
+            deadline_ms=f.float("deadline_ms", min=0.0, max=3.6e6, default=None),
         )
 
 

@@ -44,6 +44,7 @@ ERROR_CODES = (
     "bad-input",        # inputs do not fit the model
     "price",            # the job would cost more than its ceiling
     "busy",             # no slot before the request expires, or no room for its bytes now
+    "deadline",         # its queue and compute would exceed the request's deadline_ms
     "settle-first",     # the buyer's unacked or rejected work is over the provider's credit
     "execution-failed", # onnxruntime failed on this model and input
     "timeout",          # the job ran past its timeout
