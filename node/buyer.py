@@ -17,13 +17,13 @@ from protocol.errors import DecodeError
 from protocol.messages import Offer, SignedReceipt
 from protocol.signing import peer_id_from_public_key
 
-from .client import (ATTEMPT_ERRORS, RETRY_PROVIDERS, Client, ClientError, JobOutcome, Work, chosen_for_check,
-                     offers_to_problem, output_key)
+from .client import ATTEMPT_ERRORS, Client, ClientError, JobOutcome, Work, chosen_for_check, output_key
 from .clock import SYSTEM_CLOCK, Clock
 from .journal import CLIENT_REQUEST, Journal
 from .ledger import LedgerError
 from .net import OpenNetwork
 from .p2p import open_p2p_node
+from .placement import RETRY_PROVIDERS, offers_to_problem, remaining_deadline_ms, retry_offers
 
 log = logging.getLogger("idlemesh.buyer")
 # What went wrong with a submission; the same kind as the warm client's one-line errors.
@@ -144,10 +144,13 @@ class Buyer:
     def offload(self, run) -> None:
         self.client.offload = run
 
-    async def _run_one(self, outcome: JobOutcome, offer: Offer, *, out_dir: Path | None = None) -> None:
-        """One attempt of one job on one provider (Client.attempt), its outputs kept as files."""
+    async def _run_one(self, outcome: JobOutcome, offer: Offer, *, out_dir: Path | None = None,
+                       submitted_s: float | None = None) -> None:
+        """One attempt of one job on one provider (Client.attempt), its outputs kept as
+        files; the job's deadline counts from `submitted_s`."""
         keep = partial(self._write_outputs, outcome, out_dir=out_dir or self.spec.out_dir)
-        await self.client.attempt(self._work(outcome.index), outcome, offer, keep=keep)
+        await self.client.attempt(self._work(outcome.index), outcome, offer, keep=keep,
+                                  deadline_ms=self.spec.deadline_ms, submitted_s=submitted_s)
 
     def _work(self, index: int) -> Work:
         return self.works[index] if len(self.works) > 1 else self.works[0]
@@ -242,22 +245,38 @@ class Buyer:
         lanes: dict[tuple[str, int], list] = {}
         for a in sorted(result.assignments, key=lambda a: (a.provider, a.slot, a.position)):
             lanes.setdefault((a.provider, a.slot), []).append(a.job)
-        able = [o.peer_id for o in offers if o.items_per_s(self.model_sha)]
+        able = [o for o in offers if o.items_per_s(self.model_sha)]
         vanished: set[str] = set()
+        submitted_s = self.clock.elapsed_s()
+
+        def replace(jid: str, tried: set[str]) -> str | None:
+            """Where a failed job goes next: the matcher's choice on the current state
+            (our jobs in flight included) among providers not yet tried for it; one that
+            vanished earlier in this batch only if nobody else can take it."""
+            candidates = retry_offers(able, tried, vanished)
+            if not candidates:
+                return None
+            left_ms = remaining_deadline_ms(spec.deadline_ms, 1000 * (self.clock.elapsed_s() - submitted_s), 0.0)
+            try:
+                return self.client.place(self._work(outcomes[jid].index), jid, candidates, deadline_ms=left_ms).peer_id
+            except ClientError as exc:
+                outcomes[jid].error += f"; no other provider can take it: {exc}"
+                return None
 
         async def run_lane(provider_id: str, jobs: list[str]) -> None:
             for jid in jobs:
                 outcome = outcomes[jid]
-                # A provider this job was sent to before a restart may hold its result;
-                # then the placed one; then others, if one fails or vanishes mid-job.
+                # A provider this job was sent to before a restart may hold its result: it
+                # goes first, then the placed one; then the matcher's next choice, if one
+                # fails or vanishes mid-job.
                 earlier = [outcome.provider] if outcome.provider in self.offers else []
-                candidates = list(dict.fromkeys(earlier + [provider_id] + able))
-                # A provider that vanished earlier in this batch goes last (its offer may
-                # still be current): no job waits on a dead peer when others are up.
-                candidates = sorted(candidates, key=lambda p: p in vanished)[:RETRY_PROVIDERS + len(earlier)]
-                for pid in candidates:
+                queue = list(dict.fromkeys(earlier + [provider_id]))
+                tried: set[str] = set()
+                while queue:
+                    pid = queue.pop(0)
+                    tried.add(pid)
                     try:
-                        await self._run_one(outcome, self.offers[pid])
+                        await self._run_one(outcome, self.offers[pid], submitted_s=submitted_s)
                         outcome.error = ""
                         break
                     except (SubmitError, *ATTEMPT_ERRORS) as exc:
@@ -265,6 +284,8 @@ class Buyer:
                         if not isinstance(exc, (SubmitError, DecodeError, LedgerError)):
                             vanished.add(pid)
                         log.warning("job %s on %s: %s", jid[:8], pid[-8:], outcome.error)
+                    if not queue and len(tried) < RETRY_PROVIDERS + len(earlier):
+                        queue = [p for p in [replace(jid, tried)] if p is not None]
                 if outcome.error:
                     outcome.state = "failed"
                     await self.offload(self.journal.failed, jid, outcome.error, self.clock.now_ms())

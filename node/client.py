@@ -24,7 +24,7 @@ from typing import AsyncIterator, Callable
 import numpy as np
 import trio
 
-from matcher import Job, Problem, Provider, Weights, solve
+from matcher import Weights
 from protocol.errors import DecodeError
 from protocol.job import BuyerJob, Delivered, ModelSent, Refused, Rejected
 from protocol.messages import MAX_INPUTS, MAX_REQUEST_BYTES, JobRequest, Offer, Receipt, SignedReceipt
@@ -43,6 +43,8 @@ from .modelio import InputMismatch, Signature, check_inputs, signature_of_model
 from .net import OpenNetwork, StreamClosed
 from .offers import OfferBook
 from .p2p import open_p2p_node
+from .placement import (RETRY_PROVIDERS, NoPlacement, offers_to_problem, own_backlog_ms, place_one,
+                        remaining_deadline_ms, retry_offers)
 from .reputation import own_digest, provider_scores
 from .settle import settle_with
 
@@ -51,7 +53,6 @@ MODEL_UPLOAD_TIMEOUT_S = 120.0
 ACK_CONFIRM_TIMEOUT_S = 10.0  # for the provider's `settled`; without it the ack stays pending
 CLOSE_DRAIN_S = 2.0  # on close, how long confirmations still on their way are waited for
 JOB_TTL_MS = 10 * 60_000
-RETRY_PROVIDERS = 3  # the placed provider and up to two others, per job
 # The matcher sees at most this many offers, the best ranked (good receipts with us, then
 # held longest by the bootstrap): a swarm of fresh keys with irresistible offers costs a
 # request some failed dials, never every candidate.
@@ -200,29 +201,6 @@ class Inference:
     def to_json(self) -> dict:
         """Everything but the outputs: what a script logs per request."""
         return {**self.outcome.to_json(), "outputs": {k: list(v.shape) for k, v in self.outputs.items()}}
-
-
-def offers_to_problem(offers: list[Offer], model_sha: str, items: int | list[int], count: int, max_price: float,
-                      weights: Weights, job_ids: list[str], deadline_ms: float | None = None,
-                      own_backlog_ms: dict[str, float] | None = None) -> Problem:
-    """The matcher's view of `offers`. `items`: rows per job (one figure for all, or one
-    per job); `own_backlog_ms`: per provider, the queue our own jobs in flight there add
-    to what its offer last said."""
-    providers = []
-    for offer in offers:
-        throughput = {m.sha256: m.items_per_s for m in offer.models}
-        if model_sha not in throughput and offer.open_models_items_per_s:
-            throughput[model_sha] = offer.open_models_items_per_s
-        providers.append(Provider(
-            id=offer.peer_id, arch=offer.device.arch, slots=offer.slots,
-            slot_memory_mb=offer.device.memory_mb / offer.slots, marginal_w=offer.power.marginal_w_per_slot,
-            carbon_g_per_kwh=offer.carbon_g_per_kwh, rtt_ms=offer.link_rtt_ms or 0.0,
-            backlog_ms=offer.backlog_ms + (own_backlog_ms or {}).get(offer.peer_id, 0.0),
-            price_per_s=offer.price_per_s, throughput=throughput))
-    rows = items if isinstance(items, list) else [items] * count
-    jobs = tuple(Job(id=job_ids[i], model=model_sha, items=rows[i], max_price=max_price, deadline_ms=deadline_ms)
-                 for i in range(count))
-    return Problem(tuple(providers), jobs, weights)
 
 
 class Client:
@@ -504,25 +482,20 @@ class Client:
                           f"{len(available)} offers seen")
 
     def own_backlog_ms(self) -> dict[str, float]:
-        """The queue our jobs in flight add at each provider, spread over its slots: the
-        matcher sees load its offers cannot show yet."""
-        out = {}
-        for pid, jobs in self.in_flight.items():
-            entry = self.book.entry(pid)
-            slots = entry.offer.slots if entry else 1
-            out[pid] = sum(jobs) / max(1, slots)
-        return out
+        """The queue our jobs in flight add at each provider: the matcher sees load its
+        offers cannot show yet."""
+        slots = {pid: e.offer.slots for pid in self.in_flight if (e := self.book.entry(pid)) is not None}
+        return own_backlog_ms(self.in_flight, slots)
 
     def place(self, work: Work, job_id: str, offers: list[Offer], *, deadline_ms: float | None) -> Offer:
         """The matcher's choice for one job on the current state (offers, and our own
         jobs in flight)."""
-        problem = offers_to_problem(offers, work.model.sha256, work.items, 1, work.max_price, self.weights,
-                                    [job_id], deadline_ms, own_backlog_ms=self.own_backlog_ms())
-        result = solve(problem, solver=self.solver)
-        if not result.assignments:
-            raise ClientError(result.unassigned[0].explain if result.unassigned else "no placement")
-        chosen = result.assignments[0].provider
-        return next(o for o in offers if o.peer_id == chosen)
+        try:
+            return place_one(offers, model_sha=work.model.sha256, items=work.items, max_price=work.max_price,
+                             weights=self.weights, solver=self.solver, job_id=job_id, deadline_ms=deadline_ms,
+                             own_backlog=self.own_backlog_ms())
+        except NoPlacement as exc:
+            raise ClientError(str(exc)) from None
 
     # --- requests -----------------------------------------------------------------------
 
@@ -551,6 +524,7 @@ class Client:
             return ""
 
         tried: set[str] = set()
+        submitted_s = self.clock.elapsed_s()
         try:
             try:
                 self.candidates(found.sha256)
@@ -559,14 +533,16 @@ class Client:
                 # again before saying no; a request never fails on a stale book alone.
                 await self.refresh(wait_for_offers=True)
             while len(tried) < RETRY_PROVIDERS:
-                offers = [o for o in self.candidates(found.sha256) if o.peer_id not in tried]
+                offers = retry_offers(self.candidates(found.sha256), tried)
                 if not offers:
                     break
-                offer = self.place(work, job_id, offers, deadline_ms=deadline_ms)
+                left_ms = remaining_deadline_ms(deadline_ms, 1000 * (self.clock.elapsed_s() - submitted_s), 0.0)
+                offer = self.place(work, job_id, offers, deadline_ms=left_ms)
                 tried.add(offer.peer_id)
                 try:
                     receipt, envelope = await self._nursery.start(partial(
-                        self.attempt, work, outcome, offer, keep=keep, new_request=new_request))
+                        self.attempt, work, outcome, offer, keep=keep, new_request=new_request,
+                        deadline_ms=deadline_ms, submitted_s=submitted_s))
                 except (ClientError, *ATTEMPT_ERRORS) as exc:
                     outcome.error = f"{type(exc).__name__}: {exc}"
                     log.warning("job %s on %s: %s", job_id[:8], offer.peer_id[-8:], outcome.error)
@@ -585,21 +561,27 @@ class Client:
         raise ClientError(f"job {job_id[:8]} failed after {len(tried)} provider(s): {outcome.error}")
 
     async def attempt(self, work: Work, outcome: JobOutcome, offer: Offer, *, keep: Callable[[tuple], str],
-                      new_request: Callable[[], None] | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                      new_request: Callable[[], None] | None = None, deadline_ms: float | None = None,
+                      submitted_s: float | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """One attempt of one job on one provider, driven by the protocol's BuyerJob
         machine. A provider that breaks the protocol fails this attempt (DecodeError),
         never the caller. `keep(outputs)` stores the outputs (a file, or memory) and
         returns their path; it runs before the ledger, so a paid job's outputs exist.
-        `new_request`: journals the job first (a warm client's first attempt). Once the
+        `new_request`: journals the job first (a warm client's first attempt).
+        `deadline_ms`, counted from `submitted_s` (clock.elapsed_s()): what is left of it
+        goes in the request, and a provider that cannot finish in time refuses at once.
+        Once the
         job is paid for and our ack sent, `task_status.started((receipt, envelope))`
         lets the caller go on while this journals it settled and waits for the
         provider's confirmation."""
         issued_ms = self.clock.now_ms()
+        elapsed_ms = 0.0 if submitted_s is None else 1000 * (self.clock.elapsed_s() - submitted_s)
         request = JobRequest(
             job_id=outcome.job_id, buyer=self.key.public_key, provider=offer.provider,
             model_sha256=work.model.sha256, model_name=work.model.name[:128], inputs=work.tensors,
             items=work.items, max_price=work.max_price, issued_at_ms=issued_ms,
-            expires_at_ms=issued_ms + JOB_TTL_MS, timeout_ms=int(work.timeout_s * 1000))
+            expires_at_ms=issued_ms + JOB_TTL_MS, timeout_ms=int(work.timeout_s * 1000),
+            deadline_ms=remaining_deadline_ms(deadline_ms, elapsed_ms, offer.link_rtt_ms))
         job = BuyerJob.create(self.key, request, work.model.data)
         started = self.clock.elapsed_s()
         outcome.provider = offer.peer_id

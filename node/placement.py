@@ -1,0 +1,82 @@
+"""Where one buyer sends a job, and where it goes when that fails (pure: no clock, no
+I/O). The warm client, `submit`'s batches and the devnet simulator (devnet/simulate.py)
+all place and re-place through these functions, so the simulator's buyers decide exactly
+as the real ones do.
+
+A job is placed by the matcher on the current state: the offers held now (whose backlog
+follows each provider's queue) plus the queue our own jobs in flight add there, which
+no offer can show yet. A job that fails on one provider is placed again the same way
+among the providers not yet tried, up to RETRY_PROVIDERS in all; a provider that
+vanished earlier is used only when nobody else can take the job.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+from matcher import Job, Problem, Provider, Weights, solve
+from protocol.messages import Offer
+
+RETRY_PROVIDERS = 3  # the placed provider and up to two others, per job
+
+
+class NoPlacement(Exception):
+    """No offer can take the job; the message says why (the matcher's explanation)."""
+
+
+def offers_to_problem(offers: list[Offer], model_sha: str, items: int | list[int], count: int, max_price: float,
+                      weights: Weights, job_ids: list[str], deadline_ms: float | None = None,
+                      own_backlog_ms: Mapping[str, float] | None = None) -> Problem:
+    """The matcher's view of `offers`. `items`: rows per job (one figure for all, or one
+    per job); `own_backlog_ms`: per provider, the queue our own jobs in flight there add
+    to what its offer last said."""
+    providers = []
+    for offer in offers:
+        throughput = {m.sha256: m.items_per_s for m in offer.models}
+        if model_sha not in throughput and offer.open_models_items_per_s:
+            throughput[model_sha] = offer.open_models_items_per_s
+        providers.append(Provider(
+            id=offer.peer_id, arch=offer.device.arch, slots=offer.slots,
+            slot_memory_mb=offer.device.memory_mb / offer.slots, marginal_w=offer.power.marginal_w_per_slot,
+            carbon_g_per_kwh=offer.carbon_g_per_kwh, rtt_ms=offer.link_rtt_ms or 0.0,
+            backlog_ms=offer.backlog_ms + (own_backlog_ms or {}).get(offer.peer_id, 0.0),
+            price_per_s=offer.price_per_s, throughput=throughput))
+    rows = items if isinstance(items, list) else [items] * count
+    jobs = tuple(Job(id=job_ids[i], model=model_sha, items=rows[i], max_price=max_price, deadline_ms=deadline_ms)
+                 for i in range(count))
+    return Problem(tuple(providers), jobs, weights)
+
+
+def own_backlog_ms(in_flight: Mapping[str, Sequence[float]], slots: Mapping[str, int]) -> dict[str, float]:
+    """The queue our jobs in flight (their expected compute ms, per provider) add at each
+    provider, spread over its slots."""
+    return {pid: sum(jobs) / max(1, slots.get(pid, 1)) for pid, jobs in in_flight.items() if jobs}
+
+
+def place_one(offers: list[Offer], *, model_sha: str, items: int, max_price: float, weights: Weights, solver: str,
+              job_id: str, deadline_ms: float | None, own_backlog: Mapping[str, float] | None = None) -> Offer:
+    """The matcher's choice for one job among `offers`; NoPlacement says why none fits.
+    No clock reaches the matcher: the same state gives the same choice."""
+    problem = offers_to_problem(offers, model_sha, items, 1, max_price, weights, [job_id], deadline_ms,
+                                own_backlog_ms=own_backlog)
+    result = solve(problem, solver=solver)
+    if not result.assignments:
+        raise NoPlacement(result.unassigned[0].explain if result.unassigned else "no placement")
+    chosen = result.assignments[0].provider
+    return next(o for o in offers if o.peer_id == chosen)
+
+
+def retry_offers(offers: Iterable[Offer], tried: set[str], vanished: set[str] = frozenset()) -> list[Offer]:
+    """The offers a failed job may be placed on next: none already tried for it; one
+    whose provider vanished earlier only when there is nothing else."""
+    fresh = [o for o in offers if o.peer_id not in tried]
+    alive = [o for o in fresh if o.peer_id not in vanished]
+    return alive or fresh
+
+
+def remaining_deadline_ms(deadline_ms: float | None, elapsed_ms: float, rtt_ms: float | None) -> float | None:
+    """What a request tells its provider of the deadline: the time left once what has
+    passed since the job was submitted and the link's round trip are taken off."""
+    if deadline_ms is None:
+        return None
+    return max(0.0, deadline_ms - elapsed_ms - (rtt_ms or 0.0))
