@@ -80,40 +80,72 @@ def _devnet_up(args) -> int:
     return exit_status(signum)
 
 
-def _devnet_run(args) -> int:
-    from .fleet import FleetError, load_fleet
-    from .report import write_report
-    from .run import run_scenario
+def _load_trace(args):
+    """The scenario and fleet a run or simulation uses, with the command line's overrides."""
+    from node.calibrate import model_name
+
+    from .fleet import DEFAULT_FLEET, FleetError, load_fleet, model_speed
     from .scenario import ScenarioError, load_scenario
 
-    setup_logging_from_args(args)
     try:
         scenario = load_scenario(Path(args.scenario))
         if args.providers:
             scenario.providers = args.providers
         if args.solver:
             scenario.solvers = args.solver
-        fleet_path = Path(args.fleet) if args.fleet else None
-        from .fleet import DEFAULT_FLEET
-        fleet_name = load_fleet(fleet_path or scenario.fleet or DEFAULT_FLEET).name
+        fleet = load_fleet(Path(args.fleet) if args.fleet else scenario.fleet or DEFAULT_FLEET)
+        for path in scenario.models:
+            model_speed(fleet, model_name(path))  # every model of the trace has a rate on this fleet
+        scenario.check_sizes()
     except (ScenarioError, FleetError) as exc:
         raise SystemExit(f"idlemesh: {exc}") from None
+    return scenario, fleet
+
+
+def _print_report(report: dict, out: Path, mode: str) -> None:
+    for name, s in report["solvers"].items():
+        p50 = s["latency_ms_p50"]
+        print(f"{name:14} lost {s['jobs_lost']}  late {s['deadline_misses']}  settled {s['settled']}/{s['jobs']}  "
+              f"{s['energy_j_per_submitted_job']:.4f} J/submitted job  "
+              f"p50 {p50 if isinstance(p50, str) else f'{p50 or 0:.0f} ms'}"
+              + (f"  applied twice {s['receipts_applied_twice']}" if mode == "run" else ""))
+    for name, c in report["ours_vs"].items():
+        print(f"ours vs {name}: {c['energy']} (simulated); misses + losses {c['misses_and_losses_ours']} vs "
+              f"{c['misses_and_losses_theirs']}")
+    print(f"report: {out / 'index.html'} and {out / 'report.json'}")
+
+
+def _devnet_run(args) -> int:
+    from .report import write_report
+    from .run import run_scenario
+
+    setup_logging_from_args(args)
+    scenario, fleet = _load_trace(args)
     out = Path(args.out or f"devnet-report-{scenario.name}")
     say = (lambda line: print(line, file=sys.stderr, flush=True))
-    runs = trio.run(lambda: run_scenario(scenario, out / "runs", fleet_path=fleet_path, say=say))
-    report = write_report(scenario, fleet_name, runs, out)
+    runs = trio.run(lambda: run_scenario(scenario, out / "runs", fleet=fleet, say=say))
+    report = write_report(scenario, fleet, runs, out, mode="run")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        for name, s in report["solvers"].items():
-            print(f"{name:14} settled {s['settled']}/{s['jobs']}  {s['energy_j_per_job']:.4f} J/job  "
-                  f"p50 {s['latency_ms_p50'] or 0:.0f} ms  misses {s['deadline_misses']}  lost {s['jobs_lost']}  "
-                  f"applied twice {s['receipts_applied_twice']}")
-        for name, c in report["ours_vs"].items():
-            print(f"ours vs {name}: {100 * (c['energy_saving'] or 0):.0f}% less energy per job (simulated)")
-        print(f"report: {out / 'index.html'} and {out / 'report.json'}")
+        _print_report(report, out, "run")
     lost = sum(report["jobs_lost"].values()) + sum(report["receipts_applied_twice"].values())
     return 0 if lost == 0 else 1
+
+
+def _devnet_simulate(args) -> int:
+    from .report import write_report
+    from .simulate import simulate
+
+    scenario, fleet = _load_trace(args)
+    out = Path(args.out or f"devnet-simulation-{scenario.name}")
+    runs = simulate(scenario, fleet, say=lambda line: print(line, file=sys.stderr, flush=True))
+    report = write_report(scenario, fleet, runs, out, mode="simulate")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_report(report, out, "simulate")
+    return 0
 
 
 def _devnet_demo(args) -> int:
@@ -138,6 +170,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     drun.add_argument("--solver", action="append", help="run only these solvers (repeatable)")
     drun.add_argument("--out", help="report directory (default devnet-report-<scenario>)")
     drun.add_argument("--json", action="store_true")
+    sim = dn.add_parser("simulate", help="replay a scenario in virtual time (deterministic, seconds): where the "
+                                         "solvers' energy is compared")
+    sim.add_argument("scenario", help="scenario file (TOML), e.g. devnet/scenarios/default.toml")
+    sim.add_argument("--fleet", help="fleet file (overrides the scenario's)")
+    sim.add_argument("--providers", type=int, help="number of providers (overrides the scenario's)")
+    sim.add_argument("--solver", action="append", help="simulate only these solvers (repeatable)")
+    sim.add_argument("--out", help="report directory (default devnet-simulation-<scenario>)")
+    sim.add_argument("--json", action="store_true", help="print report.json")
+    sim.set_defaults(func=_devnet_simulate)
     drun.set_defaults(func=_devnet_run)
     demo = dn.add_parser("demo", help="start a devnet, submit jobs, print receipts, stop")
     demo.add_argument("-n", type=int, default=3)

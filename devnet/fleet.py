@@ -6,6 +6,8 @@ Format (see devnet/fleets/default.toml, which cites its sources):
     [[devices]]   name, arch (cuda/arm64/x86_64), slots, idle_w, busy_w, resnet50_img_s,
                   memory_mb, price_per_s, source
     [[providers]] device, region, link_ms (one-way delay added on the wire), count (default 1)
+    [[models]]    name, speed_vs_resnet50 (items/s relative to resnet50's), source  (optional;
+                  the reference models have built-in figures, MODEL_SPEED_VS_RESNET50)
 
 Any file in this format works; errors name the table, the entry and the key.
 """
@@ -18,6 +20,16 @@ from pathlib import Path
 
 from protocol.messages import ARCHES
 DEFAULT_FLEET = Path(__file__).parent / "fleets" / "default.toml"
+# A device's rate for a model is its published resnet50 rate times the model's speed
+# relative to resnet50. These ratios were measured once on the 2-core bench machine
+# (onnxruntime CPU, one thread, batch 1, the seeded reference models) and are fixed
+# here, so no run depends on how fast or busy the machine running it is. They are
+# CPU ratios: a GPU's may differ, and a fleet file can override them ([[models]]).
+MODEL_SPEED_VS_RESNET50 = {
+    "resnet50": 1.0, "squeezenet": 9.9, "shufflenet": 17.0, "densenet121": 1.2, "inception_v1": 1.7,
+    "inception_v2": 2.2, "bvlc_alexnet": 2.1, "zfnet512": 1.0, "vgg19": 0.21,
+}
+MODEL_SPEED_SOURCE = "measured on the 2-core bench machine, onnxruntime CPU, batch 1 (devnet/fleet.py)"
 
 
 class FleetError(ValueError):
@@ -61,12 +73,22 @@ class Fleet:
     name: str
     path: Path
     members: tuple[Member, ...]
+    model_speeds: tuple[tuple[str, float], ...] = ()  # the file's [[models]], over the built-in ratios
 
     def pick(self, n: int) -> list[Member]:
         """n providers: the fleet's members in order, repeated as needed."""
         if not self.members:
             raise FleetError(f"{self.path}: no [[providers]]")
         return [self.members[i % len(self.members)] for i in range(n)]
+
+
+def model_speed(fleet: Fleet, name: str) -> float:
+    """The model's items/s relative to resnet50 on this fleet's devices."""
+    speed = dict(fleet.model_speeds).get(name, MODEL_SPEED_VS_RESNET50.get(name))
+    if speed is None:
+        raise FleetError(f"{fleet.path}: model {name!r} has no built-in speed; add [[models]] name = {name!r}, "
+                         "speed_vs_resnet50 = <its items/s over resnet50's> to the fleet file")
+    return speed
 
 
 def _get(table: dict, key: str, kind, where: str, *, minimum: float | None = None, default=None):
@@ -119,5 +141,9 @@ def load_fleet(path: Path) -> Fleet:
         member = Member(devices[device_name], regions[region_name], _get(p, "link_ms", float, where, minimum=0.0,
                                                                           default=0.0))
         members.extend([member] * _get(p, "count", int, where, minimum=1, default=1))
+    speeds = []
+    for i, m in enumerate(data.get("models", [])):
+        where = f"{path}: models[{i}]"
+        speeds.append((_get(m, "name", str, where), _get(m, "speed_vs_resnet50", float, where, minimum=1e-9)))
     name = data.get("meta", {}).get("name", Path(path).stem)
-    return Fleet(str(name), Path(path), tuple(members))
+    return Fleet(str(name), Path(path), tuple(members), tuple(speeds))

@@ -202,12 +202,13 @@ def fleet_provider_args(member, home: Path, bootstrap: str, models: list[Path], 
 async def open_devnet(n_providers: int, *, root: Path | None = None, models: list[Path] | None = None,
                       progress=None, timeout_s: float = 120.0,
                       extra_args: dict[int, list[str]] | None = None, fleet=None,
-                      n_bootstraps: int = 1, extra_env: dict[int, dict[str, str]] | None = None
-                      ) -> AsyncIterator[Devnet]:
+                      n_bootstraps: int = 1, extra_env: dict[int, dict[str, str]] | None = None,
+                      host: tuple[dict[str, float], float] | None = None) -> AsyncIterator[Devnet]:
     """A running devnet; every child is stopped when the block exits, however it exits.
     With a fleet (devnet/fleet.py) the providers are its simulated devices. With several
     bootstraps, each later one keeps a connection to the first, and every provider is
-    given all of their addresses."""
+    given all of their addresses. `host`: host_profile(models), measured once by a
+    caller that opens several devnets (else measured here)."""
     root = root or Path(tempfile.mkdtemp(prefix="idlemesh-devnet-"))
     models = models or [reference_model_path(m) for m in DEFAULT_MODELS]
     say = progress or (lambda text: None)
@@ -228,8 +229,10 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
                 say(f"{name} ready at {addrs[-1]}")
             bootstrap_addr = addrs[0]
             if fleet is not None:
-                say("measuring this machine once, to scale the fleet's published throughput")
-                host_rates, host_resnet50 = await trio.to_thread.run_sync(host_profile, models)
+                if host is None:
+                    say("measuring this machine once, to scale the fleet's published throughput")
+                    host = await trio.to_thread.run_sync(host_profile, models)
+                host_rates, host_resnet50 = host
                 members = fleet.pick(n_providers)
             for i in range(n_providers):
                 home = root / f"provider-{i}"

@@ -20,9 +20,10 @@ import numpy as np
 import trio
 
 from node.buyer import Buyer, SubmitError, SubmitSpec
+from node.calibrate import model_name
 
 from .fleet import DEFAULT_FLEET, Fleet, load_fleet
-from .launcher import open_devnet
+from .launcher import host_profile, open_devnet
 from .scenario import Arrival, Fault, Scenario
 
 
@@ -41,6 +42,9 @@ class JobRecord:
     deadline_ms: float | None
     attempts: int
     error: str = ""
+    wasted_energy_j: float = 0.0  # spent on attempts nobody paid for (simulate knows; run does not)
+    model: str = ""
+    items: int = 0
 
     @property
     def missed(self) -> bool:
@@ -54,6 +58,11 @@ class SolverRun:
     faults: list[dict] = field(default_factory=list)
     receipts_applied_twice: int = 0
     wall_s: float = 0.0
+
+
+def job_timeout_s(deadline_ms: float | None) -> float:
+    """How long a scenario's buyer waits for one attempt before placing the job again."""
+    return max(5.0, 4 * (deadline_ms or 2000) / 1000)
 
 
 def _inputs(model: Path, items: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -99,13 +108,15 @@ def _applied_twice(provider_homes: list[Path], buyer_homes: list[Path]) -> int:
     return twice
 
 
-async def run_solver(scenario: Scenario, fleet: Fleet, solver: str, root: Path, say) -> SolverRun:
+async def run_solver(scenario: Scenario, fleet: Fleet, solver: str, root: Path, say, host=None) -> SolverRun:
     run = SolverRun(solver)
     rng = np.random.default_rng(scenario.seed)
     inputs = [_inputs(a.model, a.items, rng) for a in scenario.arrivals]
     async with open_devnet(scenario.providers, root=root / "net", models=scenario.models, fleet=fleet,
-                           progress=lambda t: say("  " + t)) as net:
-        devices = {c.ready["peer_id"]: m.device.name for c, m in zip(net.providers, fleet.pick(scenario.providers))}
+                           progress=lambda t: say("  " + t), host=host) as net:
+        # Named as in the report: the provider's index in the scenario, then its device.
+        devices = {c.ready["peer_id"]: f"{i}: {m.device.name}"
+                   for i, (c, m) in enumerate(zip(net.providers, fleet.pick(scenario.providers)))}
         carbon = {c.ready["peer_id"]: m.region.carbon_g_per_kwh
                   for c, m in zip(net.providers, fleet.pick(scenario.providers))}
         buyer_homes = []
@@ -117,7 +128,7 @@ async def run_solver(scenario: Scenario, fleet: Fleet, solver: str, root: Path, 
             await trio.sleep_until(t0 + arrival.at_s)
             home = root / "buyers" / f"arrival-{index:04d}"  # one identity per arrival, as separate users
             buyer_homes.append(home)
-            timeout_s = max(5.0, 4 * (arrival.deadline_ms or 2000) / 1000)
+            timeout_s = job_timeout_s(arrival.deadline_ms)
             spec = SubmitSpec(model_path=arrival.model, inputs=inputs[index], count=arrival.count,
                               bootstrap=[net.bootstrap_addr], home=home, out_dir=root / "out" / f"{index:04d}",
                               solver=solver, weights=scenario.weights, deadline_ms=arrival.deadline_ms,
@@ -127,13 +138,14 @@ async def run_solver(scenario: Scenario, fleet: Fleet, solver: str, root: Path, 
             except SubmitError as exc:
                 for _ in range(arrival.count):
                     run.jobs.append(JobRecord(index, "", "failed", "", "", 0.0, "", 0.0, 0.0, 0.0,
-                                              arrival.deadline_ms, 0, str(exc)))
+                                              arrival.deadline_ms, 0, str(exc), model=model_name(arrival.model),
+                                              items=arrival.items))
                 return
             for o in outcomes:
                 run.jobs.append(JobRecord(
                     index, o.job_id, o.state, o.provider, devices.get(o.provider, "?"), o.energy_j, o.energy_source,
                     o.energy_j / 3.6e6 * carbon.get(o.provider, 0.0), o.device_latency_ms, o.latency_ms,
-                    arrival.deadline_ms, len(o.attempts), o.error))
+                    arrival.deadline_ms, len(o.attempts), o.error, model=model_name(arrival.model), items=arrival.items))
 
         async with trio.open_nursery() as nursery:
             for fault in scenario.faults:
@@ -146,13 +158,17 @@ async def run_solver(scenario: Scenario, fleet: Fleet, solver: str, root: Path, 
     return run
 
 
-async def run_scenario(scenario: Scenario, out: Path, *, fleet_path: Path | None = None,
+async def run_scenario(scenario: Scenario, out: Path, *, fleet: Fleet | None = None,
                        say: Callable[[str], None] = print) -> list[SolverRun]:
-    fleet = load_fleet(fleet_path or scenario.fleet or DEFAULT_FLEET)
+    fleet = fleet or load_fleet(scenario.fleet or DEFAULT_FLEET)
+    # One measurement of this machine for every solver: each devnet measuring its own
+    # would scale each solver's devices (and energy) by a different, noisy yardstick.
+    say("measuring this machine once, to scale the fleet's published throughput for every solver")
+    host = await trio.to_thread.run_sync(host_profile, scenario.models)
     runs = []
     for solver in scenario.solvers:
         say(f"[{solver}] fresh devnet of {scenario.providers} providers from fleet '{fleet.name}'")
-        run = await run_solver(scenario, fleet, solver, out / solver, say)
+        run = await run_solver(scenario, fleet, solver, out / solver, say, host=host)
         settled = sum(j.state == "settled" for j in run.jobs)
         say(f"[{solver}] {settled}/{len(run.jobs)} settled, {sum(j.energy_j for j in run.jobs):.3f} J "
             f"(simulated), {sum(j.missed for j in run.jobs)} deadline misses, {run.wall_s:.1f} s")

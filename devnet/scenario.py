@@ -86,6 +86,29 @@ class Scenario:
     def job_count(self) -> int:
         return sum(a.count for a in self.arrivals)
 
+    def check_sizes(self) -> None:
+        """Every job's inputs fit one request (what the buyer checks before sending):
+        a job too big for a frame is refused here, naming the rows that would fit."""
+        from node.client import REQUEST_SLACK_BYTES
+        from node.modelio import InputMismatch, signature_of_model
+        from protocol.messages import MAX_REQUEST_BYTES
+        from protocol.tensors import MAX_TENSOR_BYTES
+
+        for model in self.models:
+            try:
+                ports = signature_of_model(model).inputs
+            except InputMismatch as exc:
+                raise ScenarioError(f"{model}: {exc}") from None
+            row_bytes = [int(np.prod([d if isinstance(d, int) else 1 for d in p.shape[1:]])) *
+                         np.dtype(p.dtype or "float32").itemsize for p in ports]
+            fits = min(MAX_TENSOR_BYTES // max(1, max(row_bytes, default=1)),
+                       (MAX_REQUEST_BYTES - REQUEST_SLACK_BYTES) // max(1, sum(row_bytes)))
+            big = [a for a in self.arrivals if a.model == model and a.items > fits]
+            if big:
+                raise ScenarioError(f"{self.path}: {len(big)} arrivals of {model.stem} have up to "
+                                    f"{max(a.items for a in big)} items; one job carries at most {fits} "
+                                    "(its inputs must fit one request): lower items, or split the job")
+
 
 def _model(value, where: str, base: Path) -> Path:
     if not isinstance(value, str):
@@ -100,13 +123,37 @@ def _model(value, where: str, base: Path) -> Path:
 
 def _pair(value, where: str, kind=float) -> tuple:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return kind(value), kind(value)
+        value = [value, value]
     if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
         raise ScenarioError(f"{where}: expected a number or [min, max], got {value!r}")
     lo, hi = kind(value[0]), kind(value[1])
     if lo > hi or lo < 0:
         raise ScenarioError(f"{where}: expected 0 <= min <= max, got {value!r}")
     return lo, hi
+
+
+SCENARIO_KEYS = {"name", "fleet", "providers", "seed", "solvers", "weights"}
+WORKLOAD_KEYS = {"model", "rate_per_s", "duration_s", "jobs", "items", "deadline_ms"}
+JOB_KEYS = {"at_s", "model", "count", "items", "deadline_ms"}
+FAULT_KEYS = {"at_s", "provider", "action", "duration_s"}
+TOP_KEYS = {"scenario", "workload", "jobs", "faults"}
+
+
+def _known(table, keys: set[str], where: str) -> None:
+    if not isinstance(table, dict):
+        raise ScenarioError(f"{where}: expected a table, got {table!r:.60}")
+    unknown = sorted(set(table) - keys)
+    if unknown:
+        raise ScenarioError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                            f"expected some of {', '.join(sorted(keys))}")
+
+
+def _number(value, where: str, *, minimum: float = 0.0, above: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ScenarioError(f"{where}: expected a number, got {value!r}")
+    if value < minimum or above and value == minimum:
+        raise ScenarioError(f"{where}: must be {'>' if above else '>='} {minimum:g}, got {value}")
+    return float(value)
 
 
 def load_scenario(path: Path) -> Scenario:
@@ -116,16 +163,16 @@ def load_scenario(path: Path) -> Scenario:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ScenarioError(f"{path}: {exc}") from None
     base = path.parent
+    _known(data, TOP_KEYS, str(path))
     head = data.get("scenario", {})
+    _known(head, SCENARIO_KEYS, f"{path}: scenario")
     solvers = head.get("solvers", list(SOLVERS))
     unknown = [s for s in solvers if s not in SOLVERS]
     if unknown or not solvers:
         raise ScenarioError(f"{path}: scenario.solvers: unknown {unknown}; choose from {list(SOLVERS)}")
     w = head.get("weights", {})
-    try:
-        weights = Weights(**{k: float(v) for k, v in w.items()})
-    except (TypeError, ValueError) as exc:
-        raise ScenarioError(f"{path}: scenario.weights: {exc}") from None
+    _known(w, {"energy", "latency", "carbon", "price"}, f"{path}: scenario.weights")
+    weights = Weights(**{k: _number(v, f"{path}: scenario.weights.{k}") for k, v in w.items()})
     providers = head.get("providers", 10)
     if not isinstance(providers, int) or providers < 1:
         raise ScenarioError(f"{path}: scenario.providers: expected an int >= 1, got {providers!r}")
@@ -135,11 +182,10 @@ def load_scenario(path: Path) -> Scenario:
     rng = np.random.default_rng(scenario.seed)
     for i, wl in enumerate(data.get("workload", [])):
         where = f"{path}: workload[{i}]"
+        _known(wl, WORKLOAD_KEYS, where)
         model = _model(wl.get("model"), where, base)
-        rate = float(wl.get("rate_per_s", 1.0))
-        duration = float(wl.get("duration_s", 10.0))
-        if rate <= 0 or duration <= 0:
-            raise ScenarioError(f"{where}: rate_per_s and duration_s must be > 0")
+        rate = _number(wl.get("rate_per_s", 1.0), f"{where}.rate_per_s", above=True)
+        duration = _number(wl.get("duration_s", 10.0), f"{where}.duration_s", above=True)
         jobs = _pair(wl.get("jobs", 1), f"{where}.jobs", int)
         items = _pair(wl.get("items", 1), f"{where}.items", int)
         deadline = _pair(wl["deadline_ms"], f"{where}.deadline_ms") if "deadline_ms" in wl else None
@@ -153,21 +199,27 @@ def load_scenario(path: Path) -> Scenario:
             t += float(rng.exponential(1 / rate))
     for i, row in enumerate(data.get("jobs", [])):
         where = f"{path}: jobs[{i}]"
-        try:
-            scenario.arrivals.append(Arrival(float(row["at_s"]), _model(row.get("model"), where, base),
-                                             int(row.get("count", 1)), int(row.get("items", 1)),
-                                             float(row["deadline_ms"]) if "deadline_ms" in row else None))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ScenarioError(f"{where}: {exc}") from None
+        _known(row, JOB_KEYS, where)
+        if "at_s" not in row:
+            raise ScenarioError(f"{where}: missing 'at_s'")
+        count, items = row.get("count", 1), row.get("items", 1)
+        for key, value in (("count", count), ("items", items)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ScenarioError(f"{where}.{key}: expected an int >= 1, got {value!r}")
+        scenario.arrivals.append(Arrival(
+            _number(row["at_s"], f"{where}.at_s"), _model(row.get("model"), where, base), count, items,
+            _number(row["deadline_ms"], f"{where}.deadline_ms", above=True) if "deadline_ms" in row else None))
     for i, row in enumerate(data.get("faults", [])):
         where = f"{path}: faults[{i}]"
+        _known(row, FAULT_KEYS, where)
         action = row.get("action")
         if action not in FAULT_ACTIONS:
             raise ScenarioError(f"{where}.action: expected one of {FAULT_ACTIONS}, got {action!r}")
         provider = row.get("provider")
         if not isinstance(provider, int) or not 0 <= provider < scenario.providers:
             raise ScenarioError(f"{where}.provider: expected an index 0..{scenario.providers - 1}, got {provider!r}")
-        scenario.faults.append(Fault(float(row.get("at_s", 0.0)), provider, action, float(row.get("duration_s", 0.0))))
+        scenario.faults.append(Fault(_number(row.get("at_s", 0.0), f"{where}.at_s"), provider, action,
+                                     _number(row.get("duration_s", 0.0), f"{where}.duration_s")))
     if not scenario.arrivals:
         raise ScenarioError(f"{path}: no jobs: add [[workload]] or [[jobs]]")
     scenario.arrivals.sort(key=lambda a: a.at_s)
