@@ -31,7 +31,7 @@ from typing import Callable
 from matcher import solve
 from node.admission import REPUBLISH_MIN_INTERVAL_S, DeviceQueue, expected_ms, worth_republishing
 from node.calibrate import model_name
-from node.placement import (RETRY_PROVIDERS, NoPlacement, offers_to_problem, own_backlog_ms, place_one,
+from node.placement import (LANE_WINDOW, RETRY_PROVIDERS, NoPlacement, offers_to_problem, own_backlog_ms, place_again,
                             remaining_deadline_ms, retry_offers)
 from protocol.messages import Device, ModelCapability, Offer, PowerProfile
 
@@ -69,6 +69,7 @@ class _Job:
     record: JobRecord | None = None
     error: str = ""
     wasted_energy_j: float = 0.0  # spent on attempts that were not paid for
+    in_time: bool = True          # False once re-placed as late: its requests carry no deadline
 
 
 @dataclass
@@ -176,11 +177,14 @@ class Simulation:
     def receive(self, attempt: _Attempt, epoch: int) -> None:
         """A request reaches its provider."""
         p, job = attempt.provider, attempt.job
+        if attempt.done:
+            return  # the buyer gave up and closed the stream before it was read
         if not p.alive or epoch != p.epoch:
             return self.fail(attempt, "StreamClosed: the provider is gone", vanished=True, delay_ms=p.rtt_ms / 2)
         if self.now < p.paused_until_ms:
             return self.at(p.paused_until_ms, self.receive, attempt, epoch)  # held in its socket buffers
-        left = remaining_deadline_ms(job.deadline_ms, self.now - job.submitted_ms, p.rtt_ms / 2)
+        left = remaining_deadline_ms(job.deadline_ms, self.now - job.submitted_ms, p.rtt_ms / 2) \
+            if job.in_time else None
         late = p.queue.admit(job.job_id, attempt.expected_ms, self.now, deadline_ms=left)
         if late:
             return self.fail(attempt, f"ClientError: provider {p.peer_id} refused: deadline: {late}",
@@ -259,14 +263,20 @@ class Simulation:
             lanes.setdefault((a.provider, a.slot), []).append(by_id[a.job])
         vanished: set[str] = set()
         for (pid, _slot), lane in lanes.items():
-            self.next_in_lane(lane, pid, vanished, offers)
+            self.start_lane(lane, pid, vanished, offers)
 
-    def next_in_lane(self, lane: list[_Job], pid: str, vanished: set[str], offers: list[Offer]) -> None:
-        """As Buyer.run_lane: a lane's jobs go one after another, each to the placed
-        provider first, then wherever the matcher places it again."""
-        if lane:
-            self.send(lane[0], self.by_id[pid], lambda: self.next_in_lane(lane[1:], pid, vanished, offers),
-                      vanished, offers)
+    def start_lane(self, lane: list[_Job], pid: str, vanished: set[str], offers: list[Offer]) -> None:
+        """As Buyer.run_lane: a lane's jobs go LANE_WINDOW at a time, each to the placed
+        provider first, then wherever the matcher places it again; as one ends, the
+        next is sent."""
+        left = list(lane)
+
+        def next_one() -> None:
+            if left:
+                self.send(left.pop(0), self.by_id[pid], next_one, vanished, offers)
+
+        for _ in range(min(LANE_WINDOW, len(lane))):
+            next_one()
 
     def send(self, job: _Job, p: _Provider, then: Callable | None, vanished: set[str], offers: list[Offer]) -> None:
         job.tried.add(p.peer_id)
@@ -308,14 +318,16 @@ class Simulation:
             attempt.vanished.add(attempt.provider.peer_id)
         nxt = None
         if len(job.tried) < RETRY_PROVIDERS:
-            candidates = retry_offers([o for o in attempt.offers], job.tried, attempt.vanished)
-            if candidates:
+            if retry_offers(attempt.offers, job.tried, attempt.vanished):
                 left = remaining_deadline_ms(job.deadline_ms, self.now - job.submitted_ms, 0.0)
-                slots = {o.peer_id: o.slots for o in candidates}
+                slots = {o.peer_id: o.slots for o in attempt.offers}
                 try:
-                    nxt = place_one(candidates, model_sha=job.model_sha, items=job.items, max_price=1.0,
-                                    weights=self.scenario.weights, solver=self.solver, job_id=job.job_id,
-                                    deadline_ms=left, own_backlog=own_backlog_ms(self.in_flight[job.arrival], slots))
+                    nxt, job.in_time = place_again(
+                        attempt.offers, tried=job.tried, vanished=attempt.vanished, model_sha=job.model_sha,
+                        items=job.items, max_price=1.0,
+                        weights=self.scenario.weights, solver=self.solver, job_id=job.job_id,
+                        deadline_left_ms=left if job.in_time else None,
+                        own_backlog=own_backlog_ms(self.in_flight[job.arrival], slots))
                 except NoPlacement as exc:
                     job.error += f"; no other provider can take it: {exc}"
         if nxt is not None:

@@ -23,7 +23,7 @@ from .journal import CLIENT_REQUEST, Journal
 from .ledger import LedgerError
 from .net import OpenNetwork
 from .p2p import open_p2p_node
-from .placement import RETRY_PROVIDERS, offers_to_problem, remaining_deadline_ms, retry_offers
+from .placement import LANE_WINDOW, RETRY_PROVIDERS, offers_to_problem, remaining_deadline_ms, retry_offers
 
 log = logging.getLogger("idlemesh.buyer")
 # What went wrong with a submission; the same kind as the warm client's one-line errors.
@@ -145,12 +145,13 @@ class Buyer:
         self.client.offload = run
 
     async def _run_one(self, outcome: JobOutcome, offer: Offer, *, out_dir: Path | None = None,
-                       submitted_s: float | None = None) -> None:
+                       submitted_s: float | None = None, in_time: bool = True) -> None:
         """One attempt of one job on one provider (Client.attempt), its outputs kept as
-        files; the job's deadline counts from `submitted_s`."""
+        files; the job's deadline counts from `submitted_s` (and goes with the request
+        unless the job is already placed as late: `in_time` False)."""
         keep = partial(self._write_outputs, outcome, out_dir=out_dir or self.spec.out_dir)
         await self.client.attempt(self._work(outcome.index), outcome, offer, keep=keep,
-                                  deadline_ms=self.spec.deadline_ms, submitted_s=submitted_s)
+                                  deadline_ms=self.spec.deadline_ms if in_time else None, submitted_s=submitted_s)
 
     def _work(self, index: int) -> Work:
         return self.works[index] if len(self.works) > 1 else self.works[0]
@@ -249,34 +250,35 @@ class Buyer:
         vanished: set[str] = set()
         submitted_s = self.clock.elapsed_s()
 
-        def replace(jid: str, tried: set[str]) -> str | None:
+        def replace(jid: str, tried: set[str]) -> tuple[str, bool] | None:
             """Where a failed job goes next: the matcher's choice on the current state
             (our jobs in flight included) among providers not yet tried for it; one that
             vanished earlier in this batch only if nobody else can take it."""
-            candidates = retry_offers(able, tried, vanished)
-            if not candidates:
+            if not retry_offers(able, tried, vanished):
                 return None
             left_ms = remaining_deadline_ms(spec.deadline_ms, 1000 * (self.clock.elapsed_s() - submitted_s), 0.0)
             try:
-                return self.client.place(self._work(outcomes[jid].index), jid, candidates, deadline_ms=left_ms).peer_id
+                offer, in_time = self.client.place_again(self._work(outcomes[jid].index), jid, able, tried=tried,
+                                                         vanished=vanished, deadline_left_ms=left_ms)
+                return offer.peer_id, in_time
             except ClientError as exc:
                 outcomes[jid].error += f"; no other provider can take it: {exc}"
                 return None
 
-        async def run_lane(provider_id: str, jobs: list[str]) -> None:
-            for jid in jobs:
+        async def run_job(jid: str, provider_id: str, window: trio.Semaphore) -> None:
+            try:
                 outcome = outcomes[jid]
                 # A provider this job was sent to before a restart may hold its result: it
                 # goes first, then the placed one; then the matcher's next choice, if one
                 # fails or vanishes mid-job.
                 earlier = [outcome.provider] if outcome.provider in self.offers else []
-                queue = list(dict.fromkeys(earlier + [provider_id]))
+                queue = [(pid, True) for pid in dict.fromkeys(earlier + [provider_id])]
                 tried: set[str] = set()
                 while queue:
-                    pid = queue.pop(0)
+                    pid, in_time = queue.pop(0)
                     tried.add(pid)
                     try:
-                        await self._run_one(outcome, self.offers[pid], submitted_s=submitted_s)
+                        await self._run_one(outcome, self.offers[pid], submitted_s=submitted_s, in_time=in_time)
                         outcome.error = ""
                         break
                     except (SubmitError, *ATTEMPT_ERRORS) as exc:
@@ -291,6 +293,18 @@ class Buyer:
                     await self.offload(self.journal.failed, jid, outcome.error, self.clock.now_ms())
                 if on_progress:
                     on_progress(outcome)
+            finally:
+                window.release()
+
+        async def run_lane(provider_id: str, jobs: list[str]) -> None:
+            # Up to LANE_WINDOW of a lane's jobs at the provider at once: they queue there
+            # back to back, as the matcher's placement assumes, instead of each paying the
+            # link's round trip after the one before it.
+            window = trio.Semaphore(LANE_WINDOW)
+            async with trio.open_nursery() as lane:
+                for jid in jobs:
+                    await window.acquire()
+                    lane.start_soon(run_job, jid, provider_id, window)
 
         async with trio.open_nursery() as nursery:
             for (pid, _slot), jobs in lanes.items():

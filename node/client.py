@@ -43,7 +43,7 @@ from .modelio import InputMismatch, Signature, check_inputs, signature_of_model
 from .net import OpenNetwork, StreamClosed
 from .offers import OfferBook
 from .p2p import open_p2p_node
-from .placement import (RETRY_PROVIDERS, NoPlacement, offers_to_problem, own_backlog_ms, place_one,
+from .placement import (RETRY_PROVIDERS, NoPlacement, own_backlog_ms, place_again, place_one,
                         remaining_deadline_ms, retry_offers)
 from .reputation import own_digest, provider_scores
 from .settle import settle_with
@@ -497,6 +497,18 @@ class Client:
         except NoPlacement as exc:
             raise ClientError(str(exc)) from None
 
+    def place_again(self, work: Work, job_id: str, offers: list[Offer], *, tried: set[str],
+                    vanished: set[str] = frozenset(), deadline_left_ms: float | None) -> tuple[Offer, bool]:
+        """Where a failed job goes next, and whether its deadline still goes with it
+        (node.placement.place_again; `offers` best established first)."""
+        try:
+            return place_again(offers, tried=tried, vanished=vanished, model_sha=work.model.sha256,
+                               items=work.items, max_price=work.max_price,
+                               weights=self.weights, solver=self.solver, job_id=job_id,
+                               deadline_left_ms=deadline_left_ms, own_backlog=self.own_backlog_ms())
+        except NoPlacement as exc:
+            raise ClientError(str(exc)) from None
+
     # --- requests -----------------------------------------------------------------------
 
     async def infer(self, model: Model | str | Path, inputs: dict[str, np.ndarray], *,
@@ -533,16 +545,20 @@ class Client:
                 # again before saying no; a request never fails on a stale book alone.
                 await self.refresh(wait_for_offers=True)
             while len(tried) < RETRY_PROVIDERS:
-                offers = retry_offers(self.candidates(found.sha256), tried)
-                if not offers:
+                offers = self.candidates(found.sha256)
+                if not retry_offers(offers, tried):
                     break
-                left_ms = remaining_deadline_ms(deadline_ms, 1000 * (self.clock.elapsed_s() - submitted_s), 0.0)
-                offer = self.place(work, job_id, offers, deadline_ms=left_ms)
+                in_time = True
+                if not tried:
+                    offer = self.place(work, job_id, offers, deadline_ms=deadline_ms)
+                else:
+                    left_ms = remaining_deadline_ms(deadline_ms, 1000 * (self.clock.elapsed_s() - submitted_s), 0.0)
+                    offer, in_time = self.place_again(work, job_id, offers, tried=tried, deadline_left_ms=left_ms)
                 tried.add(offer.peer_id)
                 try:
                     receipt, envelope = await self._nursery.start(partial(
                         self.attempt, work, outcome, offer, keep=keep, new_request=new_request,
-                        deadline_ms=deadline_ms, submitted_s=submitted_s))
+                        deadline_ms=deadline_ms if in_time else None, submitted_s=submitted_s))
                 except (ClientError, *ATTEMPT_ERRORS) as exc:
                     outcome.error = f"{type(exc).__name__}: {exc}"
                     log.warning("job %s on %s: %s", job_id[:8], offer.peer_id[-8:], outcome.error)
@@ -878,4 +894,4 @@ class SyncClient:
         self.close()
 
 
-__all__ = ["SyncClient", "Client", "ClientError", "InputError", "Inference", "JobOutcome", "Model", "Work", "offers_to_problem"]
+__all__ = ["SyncClient", "Client", "ClientError", "InputError", "Inference", "JobOutcome", "Model", "Work"]

@@ -18,6 +18,11 @@ from matcher import Job, Problem, Provider, Weights, solve
 from protocol.messages import Offer
 
 RETRY_PROVIDERS = 3  # the placed provider and up to two others, per job
+# A batch's jobs placed on one provider slot (a lane) are sent this many at a time: they
+# wait in the provider's queue back to back, as the matcher assumes, rather than each
+# after the previous result (a link round trip between them); a window, not the whole
+# lane, so a long batch never floods one provider's request budget.
+LANE_WINDOW = 4
 
 
 class NoPlacement(Exception):
@@ -64,6 +69,38 @@ def place_one(offers: list[Offer], *, model_sha: str, items: int, max_price: flo
         raise NoPlacement(result.unassigned[0].explain if result.unassigned else "no placement")
     chosen = result.assignments[0].provider
     return next(o for o in offers if o.peer_id == chosen)
+
+
+def place_again(offers: list[Offer], *, tried: set[str], vanished: set[str] = frozenset(),
+                deadline_left_ms: float | None, **terms) -> tuple[Offer, bool]:
+    """Where a failed job goes next, and whether its deadline still goes with it.
+    `offers`: best established first (what Client.candidates returns); `terms`: the
+    rest of place_one's.
+
+    The matcher places it among the providers not yet tried for it (retry_offers),
+    except on its last try (RETRY_PROVIDERS), which goes to the most established provider
+    left whatever it costs: fresh offers that are too good to be true (a Sybil swarm)
+    can take the cheaper tries, never all of them. When no provider can meet what is
+    left of the deadline, the job goes without it: a late result is a miss the buyer
+    sees, a job given up is a loss it cannot use at all."""
+    candidates = retry_offers(offers, tried, vanished)
+    if not candidates:
+        raise NoPlacement("no provider left that was not tried for this job")
+    if len(tried) + 1 >= RETRY_PROVIDERS:
+        try:
+            return _with_deadline(candidates[:1], deadline_left_ms, terms)
+        except NoPlacement:
+            pass  # it cannot take this job at all (model, price): the matcher chooses
+    return _with_deadline(candidates, deadline_left_ms, terms)
+
+
+def _with_deadline(offers: list[Offer], deadline_left_ms: float | None, terms: dict) -> tuple[Offer, bool]:
+    try:
+        return place_one(offers, deadline_ms=deadline_left_ms, **terms), True
+    except NoPlacement:
+        if deadline_left_ms is None:
+            raise
+    return place_one(offers, deadline_ms=None, **terms), False
 
 
 def retry_offers(offers: Iterable[Offer], tried: set[str], vanished: set[str] = frozenset()) -> list[Offer]:

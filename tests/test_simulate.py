@@ -1,0 +1,125 @@
+"""`devnet simulate`, the provider's queue admission and the buyers' re-placement rules
+(pure logic: no network; the simulator runs the nodes' own decision code)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from devnet.fleet import DEFAULT_FLEET, load_fleet
+from devnet.report import compare, lost_job_charge, more_or_less, summarise
+from devnet.scenario import ScenarioError, load_scenario
+from devnet.simulate import Simulation, simulate
+from node.admission import DeviceQueue, worth_republishing
+from node.cli import main
+from node.placement import NoPlacement, place_again
+from protocol.messages import Device, ModelCapability, Offer, PowerProfile
+from matcher import Weights
+
+SCENARIOS = Path(__file__).resolve().parents[1] / "devnet" / "scenarios"
+
+
+def test_queue_is_fifo_over_slots_and_refuses_what_cannot_meet_its_deadline():
+    q = DeviceQueue(2)
+    assert q.wait_ms(0) == 0
+    assert q.admit("a", 100, 0) == "" and q.admit("b", 300, 0) == ""
+    q.start("a", 0)
+    q.start("b", 0)
+    assert q.wait_ms(0) == 100  # the slot running "a" frees first
+    assert q.admit("c", 50, 0) == ""
+    assert q.wait_ms(0) == 150  # "c" follows "a"; the other slot frees at 300 ... 150 is sooner
+    why = q.admit("d", 100, 0, deadline_ms=200)
+    assert why.startswith("cannot finish within the deadline: 150 ms of queue + 100 ms")
+    assert len(q) == 3  # a refused job takes no place
+    # A job running past its estimate holds its slot until it ends: never a wait in the past.
+    assert q.wait_ms(1000) == 0 or q.wait_ms(1000) >= 0
+    q.finish("a")
+    q.finish("b")
+    assert q.wait_ms(10) == 0  # "c" alone, on one of two slots
+    assert worth_republishing(0, 60) and not worth_republishing(1000, 1100) and not worth_republishing(0, 10)
+
+
+def _offer(peer: str, marginal_w: float, rate: float = 100.0) -> Offer:
+    return Offer(bytes(32), peer, (), Device("cuda", peer, 8000), 1, (ModelCapability("m", "ab" * 32, rate, "declared"),),
+                 PowerProfile(1, 2, marginal_w, "declared", "declared", "declared"), 100.0, "declared", 0.0, 0.0, 0,
+                 60_000)
+
+
+def test_a_failed_job_is_placed_again_by_cost_and_its_last_try_goes_to_the_most_established():
+    offers = [_offer("old", 50.0), _offer("fresh-a", 1.0), _offer("fresh-b", 2.0), _offer("fresh-c", 3.0)]
+    terms = dict(model_sha="ab" * 32, items=10, max_price=1.0, weights=Weights(), solver="optimal", job_id="j")
+    # Second try: the matcher's cheapest among those not tried.
+    offer, in_time = place_again(offers, tried={"fresh-a"}, deadline_left_ms=None, **terms)
+    assert offer.peer_id == "fresh-b" and in_time
+    # Last try: the most established (offers come best ranked first), whatever it costs.
+    offer, _ = place_again(offers, tried={"fresh-a", "fresh-b"}, deadline_left_ms=None, **terms)
+    assert offer.peer_id == "old"
+    # No one can meet what is left of the deadline: it goes late, without it, not lost.
+    offer, in_time = place_again(offers, tried={"fresh-a"}, deadline_left_ms=1.0, **terms)
+    assert not in_time
+    with pytest.raises(NoPlacement):
+        place_again(offers, tried={o.peer_id for o in offers}, deadline_left_ms=None, **terms)
+
+
+def test_simulation_is_deterministic_counts_every_job_and_judges_energy():
+    scenario = load_scenario(SCENARIOS / "default.toml")
+    fleet = load_fleet(DEFAULT_FLEET)
+    first = simulate(scenario, fleet)
+    again = simulate(scenario, fleet)
+    charge = lost_job_charge(fleet)
+    s1 = {r.solver: summarise(r, charge) for r in first}
+    s2 = {r.solver: summarise(r, charge) for r in again}
+    assert s1 == s2  # same files, same report
+    for s in s1.values():
+        assert s["jobs"] == scenario.job_count and s["energy_sources"] == ["simulated"]
+    ours = compare(s1)
+    assert ours["greedy-price"]["energy_saving"] > 0.25 and ours["round-robin"]["energy_saving"] > 0.35
+    assert all(s1["optimal"]["misses_and_losses"] <= s["misses_and_losses"] for s in s1.values())
+
+
+def test_simulated_faults_replace_jobs_and_losses_are_charged(tmp_path):
+    scenario = load_scenario(SCENARIOS / "faults.toml")
+    fleet = load_fleet(DEFAULT_FLEET)
+    run = Simulation(scenario, fleet, "optimal").go()
+    summary = summarise(run, lost_job_charge(fleet))
+    assert [f["action"] for f in summary["faults"]] == ["kill", "pause", "restart"]
+    assert summary["replaced_jobs"] > 0 and summary["jobs_lost"] == 0
+    # A lost job is charged, never free: drop one and the energy per submitted job rises.
+    run.jobs[0].state = "failed"
+    assert summarise(run, lost_job_charge(fleet))["energy_j_charged_for_lost"] > 0
+    assert more_or_less(1.0, 2.0, "energy") == "50% less energy"
+    assert more_or_less(2.17, 1.0, "energy") == "117% more energy"
+
+
+@pytest.mark.parametrize("text, error", [
+    ('[[jobs]]\nat_s = 0\nmodel = "squeezenet"\ncolour = "red"\n', "unknown key colour"),
+    ('[[jobs]]\nat_s = 0\nmodel = "squeezenet"\nitems = -3\n', "items: expected an int >= 1"),
+    ('[[jobs]]\nat_s = 0\nmodel = "squeezenet"\ndeadline_ms = -5\n', "deadline_ms: must be > 0"),
+    ('[scenario]\nweights = { energy = -1 }\n[[jobs]]\nat_s = 0\nmodel = "squeezenet"\n', "weights.energy: must be >= 0"),
+    ('[[workload]]\nmodel = "squeezenet"\ndeadline_ms = -1\n', "deadline_ms: expected 0 <= min <= max"),
+])
+def test_the_loader_refuses_unknown_keys_and_negatives(tmp_path, text, error):
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    with pytest.raises(ScenarioError, match=error):
+        load_scenario(path)
+
+
+def test_a_job_too_big_for_one_request_is_refused_before_anything_runs(tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text('[[jobs]]\nat_s = 0\nmodel = "squeezenet"\nitems = 5000\n')
+    with pytest.raises(ScenarioError, match="one job carries at most"):
+        load_scenario(path).check_sizes()
+    assert main(["devnet", "simulate", str(path)]) != 0
+    assert "one job carries at most 111" in capsys.readouterr().err
+
+
+def test_devnet_simulate_cli_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert main(["devnet", "simulate", str(SCENARIOS / "faults.toml"), "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "simulate" and report == json.loads((out / "report.json").read_text())
+    assert "nothing computed" in report["how_obtained"]["energy_j"]
+    assert (out / "index.html").read_text().count("<h2>Faults</h2>") == 1
