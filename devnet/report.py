@@ -7,13 +7,15 @@ from simulated device profiles and say so on every plot and in the JSON.
 from __future__ import annotations
 
 import html
-from dataclasses import asdict
 import json
+from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from typing import Callable
+from matcher import Weights
+from node.placement import DEADLINE_LATENCY_WEIGHT
 
 from .fleet import MODEL_SPEED_SOURCE, Fleet, model_speed
 from .run import JobRecord, SolverRun
@@ -186,7 +188,9 @@ def write_report(scenario: Scenario, fleet: Fleet, runs: list[SolverRun], out: P
         "fleet_members": [f"{i}: {m.device.name} ({m.region.name}, link {m.link_ms:g} ms)"
                           for i, m in enumerate(fleet.pick(scenario.providers))],
         "providers": scenario.providers, "arrivals": len(scenario.arrivals), "jobs": scenario.job_count,
-        "faults": [asdict(f) for f in scenario.faults], "weights": asdict(scenario.weights),
+        "faults": [asdict(f) for f in scenario.faults],
+        "weights": asdict(scenario.weights) if scenario.weights else
+        f"buyers' default: latency {DEADLINE_LATENCY_WEIGHT} J/ms with a deadline, {Weights().latency} J/ms without",
         "how_obtained": {"energy_j": energy_how, "carbon_g": "simulated energy x the fleet region's grid intensity",
                          "latency_ms": latency_how, "lost_jobs": LOST_CHARGE,
                          "model_speeds": MODEL_SPEED_SOURCE},
@@ -222,6 +226,8 @@ def write_report(scenario: Scenario, fleet: Fleet, runs: list[SolverRun], out: P
     images = "".join(f'<figure><img src="{f}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>'
                      for f, t in plots)
     w = scenario.weights
+    weights_text = (f"energy {w.energy:g} J/J, latency {w.latency:g} J per ms of waiting, carbon {w.carbon:g}, "
+                    f"price {w.price:g}" if w else report["weights"])
     (out / "index.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8">
 <title>idlemesh devnet: {html.escape(scenario.name)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
@@ -229,8 +235,7 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 figure{{display:inline-block;margin:8px}}img{{max-width:520px}}.note{{color:#666;font-size:90%}}</style></head>
 <body><h1>Scenario {html.escape(scenario.name)} on fleet {html.escape(fleet.name)} ({html.escape(mode)})</h1>
 <p>{scenario.providers} providers, {len(scenario.arrivals)} arrivals, {scenario.job_count} jobs per solver,
-{len(scenario.faults)} faults. Weights: energy {w.energy:g} J/J, latency {w.latency:g} J per ms of waiting,
-carbon {w.carbon:g}, price {w.price:g}. Each solver ran the same trace and faults
+{len(scenario.faults)} faults. Weights: {html.escape(weights_text)}. Each solver ran the same trace and faults
 {'in its own simulation' if mode == 'simulate' else 'on a fresh devnet'}.</p>
 <ul>{savings}</ul>
 <table><tr><th>solver</th><th>jobs lost</th><th>deadline misses</th><th>settled</th><th>J per submitted job</th>

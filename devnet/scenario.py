@@ -6,7 +6,8 @@
     providers = 10                        # members of the fleet, in order, repeated as needed
     seed = 7
     solvers = ["optimal", "greedy-price", "greedy-energy", "round-robin"]
-    weights = { energy = 1.0, latency = 0.01, carbon = 0.0, price = 0.0 }
+    weights = { energy = 1.0, latency = 0.0005 }   # J per J, J per ms of waiting; leave out for
+                                          # the buyers' default (node/placement.py buyer_weights)
 
     [[workload]]                          # Poisson arrivals
     model = "squeezenet"                  # a reference model from the onnx package, or a .onnx path
@@ -74,7 +75,7 @@ class Scenario:
     providers: int
     seed: int
     solvers: list[str]
-    weights: Weights
+    weights: Weights | None  # None: each buyer's default (node.placement.buyer_weights)
     arrivals: list[Arrival] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
 
@@ -170,9 +171,11 @@ def load_scenario(path: Path) -> Scenario:
     unknown = [s for s in solvers if s not in SOLVERS]
     if unknown or not solvers:
         raise ScenarioError(f"{path}: scenario.solvers: unknown {unknown}; choose from {list(SOLVERS)}")
-    w = head.get("weights", {})
-    _known(w, {"energy", "latency", "carbon", "price"}, f"{path}: scenario.weights")
-    weights = Weights(**{k: _number(v, f"{path}: scenario.weights.{k}") for k, v in w.items()})
+    weights = None
+    if "weights" in head:
+        w = head["weights"]
+        _known(w, {"energy", "latency", "carbon", "price"}, f"{path}: scenario.weights")
+        weights = Weights(**{k: _number(v, f"{path}: scenario.weights.{k}") for k, v in w.items()})
     providers = head.get("providers", 10)
     if not isinstance(providers, int) or providers < 1:
         raise ScenarioError(f"{path}: scenario.providers: expected an int >= 1, got {providers!r}")

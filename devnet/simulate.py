@@ -31,7 +31,7 @@ from typing import Callable
 from matcher import solve
 from node.admission import REPUBLISH_MIN_INTERVAL_S, DeviceQueue, expected_ms, worth_republishing
 from node.calibrate import model_name
-from node.placement import (LANE_WINDOW, RETRY_PROVIDERS, NoPlacement, offers_to_problem, own_backlog_ms, place_again,
+from node.placement import (LANE_WINDOW, RETRY_PROVIDERS, NoPlacement, buyer_weights, offers_to_problem, own_backlog_ms, place_again,
                             remaining_deadline_ms, retry_offers)
 from protocol.messages import Device, ModelCapability, Offer, PowerProfile
 
@@ -252,7 +252,8 @@ class Simulation:
             for job in jobs:
                 self.lose(job, "no offers for the model")
             return
-        problem = offers_to_problem(offers, sha, arrival.items, arrival.count, 1.0, self.scenario.weights,
+        problem = offers_to_problem(offers, sha, arrival.items, arrival.count, 1.0,
+                                    buyer_weights(self.scenario.weights, arrival.deadline_ms),
                                     [j.job_id for j in jobs], arrival.deadline_ms)
         result = solve(problem, solver=self.solver)  # no clock: work budgets only, so it repeats
         by_id = {j.job_id: j for j in jobs}

@@ -23,7 +23,7 @@ from .journal import CLIENT_REQUEST, Journal
 from .ledger import LedgerError
 from .net import OpenNetwork
 from .p2p import open_p2p_node
-from .placement import LANE_WINDOW, RETRY_PROVIDERS, offers_to_problem, remaining_deadline_ms, retry_offers
+from .placement import LANE_WINDOW, RETRY_PROVIDERS, buyer_weights, offers_to_problem, remaining_deadline_ms, retry_offers
 
 log = logging.getLogger("idlemesh.buyer")
 # What went wrong with a submission; the same kind as the warm client's one-line errors.
@@ -40,7 +40,7 @@ class SubmitSpec:
     out_dir: Path
     max_price: float = 1.0
     solver: str = "optimal"
-    weights: Weights = Weights()
+    weights: Weights | None = None  # None: placement.buyer_weights (deadline-driven)
     job_timeout_s: float = 120.0
     deadline_ms: float | None = None  # each job must finish within this (placement honours it)
     resume: str | None = None  # "latest" or a batch id: finish a journalled batch instead
@@ -236,7 +236,7 @@ class Buyer:
         index = {jid: outcomes[jid].index for jid in todo}
         problem = offers_to_problem(offers, self.model_sha, [self._work(index[j]).items for j in todo], len(todo),
                                     spec.max_price,
-                                    spec.weights, todo, spec.deadline_ms)
+                                    buyer_weights(spec.weights, spec.deadline_ms), todo, spec.deadline_ms)
         result = await self.offload(
             lambda: solve(problem, solver=spec.solver, clock=time.perf_counter))
         for u in result.unassigned:

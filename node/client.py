@@ -209,7 +209,7 @@ class Client:
     once. `clock` and `open_network` are what a MockClock test replaces."""
 
     def __init__(self, home: Path | str, bootstrap: list[str], *, max_price: float = 1.0, solver: str = "optimal",
-                 weights: Weights = Weights(), job_timeout_s: float = 120.0, min_reputation: float = 0.25,
+                 weights: Weights | None = None, job_timeout_s: float = 120.0, min_reputation: float = 0.25,
                  listen: str = "/ip4/127.0.0.1/tcp/0", spot_check: float = 0.0, clock: Clock = SYSTEM_CLOCK,
                  open_network: OpenNetwork = open_p2p_node):
         """`spot_check`: the fraction of requests run again on a second provider, after

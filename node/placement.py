@@ -25,6 +25,24 @@ RETRY_PROVIDERS = 3  # the placed provider and up to two others, per job
 LANE_WINDOW = 4
 
 
+# What a buyer weighs when it does not say. A job with a deadline has its latency
+# requirement in the deadline, so latency only breaks ties: 0.5 J per second of waiting
+# (0.0005 J/ms). Without a deadline, the matcher's default: 10 J per second (0.01 J/ms),
+# which for a 0.03 J image job means a millisecond saved is worth a third of its energy.
+# Measured in `devnet simulate` over 8 independent fleet x scenario files: with 10 J/s our
+# placement used 30-40% more energy than greedy-energy on mid-range GPU fleets for no
+# fewer misses; with 0.5 J/s it matched greedy-energy's energy and kept the deadlines.
+DEADLINE_LATENCY_WEIGHT = 0.0005
+
+
+def buyer_weights(weights: Weights | None, deadline_ms: float | None) -> Weights:
+    """The weights a job is placed with: the buyer's own when it gave them, else the
+    deadline-driven default above."""
+    if weights is not None:
+        return weights
+    return Weights(latency=DEADLINE_LATENCY_WEIGHT) if deadline_ms is not None else Weights()
+
+
 class NoPlacement(Exception):
     """No offer can take the job; the message says why (the matcher's explanation)."""
 
@@ -58,11 +76,14 @@ def own_backlog_ms(in_flight: Mapping[str, Sequence[float]], slots: Mapping[str,
     return {pid: sum(jobs) / max(1, slots.get(pid, 1)) for pid, jobs in in_flight.items() if jobs}
 
 
-def place_one(offers: list[Offer], *, model_sha: str, items: int, max_price: float, weights: Weights, solver: str,
-              job_id: str, deadline_ms: float | None, own_backlog: Mapping[str, float] | None = None) -> Offer:
+def place_one(offers: list[Offer], *, model_sha: str, items: int, max_price: float, weights: Weights | None,
+              solver: str, job_id: str, deadline_ms: float | None,
+              own_backlog: Mapping[str, float] | None = None) -> Offer:
     """The matcher's choice for one job among `offers`; NoPlacement says why none fits.
-    No clock reaches the matcher: the same state gives the same choice."""
-    problem = offers_to_problem(offers, model_sha, items, 1, max_price, weights, [job_id], deadline_ms,
+    `weights` None: buyer_weights' default for the deadline. No clock reaches the
+    matcher: the same state gives the same choice."""
+    problem = offers_to_problem(offers, model_sha, items, 1, max_price, buyer_weights(weights, deadline_ms),
+                                [job_id], deadline_ms,
                                 own_backlog_ms=own_backlog)
     result = solve(problem, solver=solver)
     if not result.assignments:
