@@ -488,3 +488,33 @@ async def test_a_result_kept_across_a_provider_restart_is_fetched_on_resume_not_
         assert again.executor.runs == 0  # fetched, not run again
         agree(resumed, again)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_provider_refuses_at_once_what_its_queue_cannot_finish_in_time_and_its_offer_shows_the_queue(
+        tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        a = await market.start_provider("a", boot, marginal_w=10.0)  # the cheapest: placed first
+        b = await market.start_provider("b", boot, marginal_w=40.0)
+        # Ten seconds of someone else's work ahead in a's queue, which its offer does not
+        # show yet: the buyer places on a, a refuses at once, and the job settles on b.
+        assert a.queue.admit("someone-else", 10_000, a.clock.now_ms()) == ""
+        model = tmp_path / "fake.onnx"
+        model.write_bytes(MODEL_BYTES)
+        spec = SubmitSpec(model_path=model, inputs={"x": INPUT}, count=1, bootstrap=[boot], home=tmp_path / "buyer",
+                          out_dir=tmp_path / "out", deadline_ms=2_000)
+        buyer = Buyer(spec, clock=market.clock, open_network=market.network.open_node)
+        buyer.offload = _inline
+        started = trio.current_time()
+        outcomes, summary = await buyer.run()
+        assert_all_settled_and_correct(outcomes, summary)
+        assert outcomes[0].attempts == [a.key.peer_id, b.key.peer_id] and a.counters["deadline"] == 1
+        assert a.jobs_done == 0 and b.jobs_done == 1
+        assert trio.current_time() - started < 2.0  # refused at once, not after a's queue
+        # The queue moved: a's offer is signed again with the wait a new job would see.
+        a._queue_changed()
+        with trio.fail_after(5):
+            while a._published_backlog_ms < 9_000:
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()

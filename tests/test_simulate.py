@@ -123,3 +123,12 @@ def test_devnet_simulate_cli_writes_the_report(tmp_path, capsys):
     assert report["mode"] == "simulate" and report == json.loads((out / "report.json").read_text())
     assert "nothing computed" in report["how_obtained"]["energy_j"]
     assert (out / "index.html").read_text().count("<h2>Faults</h2>") == 1
+
+
+def test_a_buyer_without_weights_lets_the_deadline_carry_latency():
+    from node.placement import DEADLINE_LATENCY_WEIGHT, buyer_weights
+
+    assert buyer_weights(None, 500.0) == Weights(latency=DEADLINE_LATENCY_WEIGHT)
+    assert buyer_weights(None, None) == Weights()
+    mine = Weights(energy=1.0, latency=0.1)
+    assert buyer_weights(mine, 500.0) is mine
