@@ -112,6 +112,13 @@ def _print_report(report: dict, out: Path, mode: str) -> None:
     for name, c in report["ours_vs"].items():
         print(f"ours vs {name}: {c['energy']} (simulated); misses + losses {c['misses_and_losses_ours']} vs "
               f"{c['misses_and_losses_theirs']}")
+    for name, c in report.get("run_vs_simulate", {}).items():
+        e = c["energy_j_per_submitted_job"]
+        print(f"{name}: run vs simulate: {e['run']:.4f} vs {e['simulate']:.4f} J/submitted job, "
+              f"{100 * c['same_provider_share']:.0f}% of jobs on the same provider"
+              + ("" if c["within_tolerance"] else "  (outside the tolerance)"))
+    if "time_scale" in report:
+        print(f"time scale: x{report['time_scale']:g}")
     print(f"report: {out / 'index.html'} and {out / 'report.json'}")
 
 
@@ -124,7 +131,11 @@ def _devnet_run(args) -> int:
     out = Path(args.out or f"devnet-report-{scenario.name}")
     say = (lambda line: print(line, file=sys.stderr, flush=True))
     runs = trio.run(lambda: run_scenario(scenario, out / "runs", fleet=fleet, say=say))
-    report = write_report(scenario, fleet, runs, out, mode="run")
+    from .simulate import Simulation
+    # The same trace in virtual time with this run's provider ids: how close the real
+    # processes came to the model the solvers are judged on.
+    simulated = [Simulation(scenario, fleet, run.solver, peer_ids=run.peer_ids).go() for run in runs]
+    report = write_report(scenario, fleet, runs, out, mode="run", simulated=simulated)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -168,20 +168,25 @@ def host_profile(models: list[Path]) -> tuple[dict[str, float], float]:
 
 
 def fleet_provider_args(member, home: Path, bootstrap: str, models: list[Path], host_rates: dict[str, float],
-                        host_resnet50: float) -> list[str]:
+                        host_resnet50: float, time_scale: float = 1.0, fleet=None) -> list[str]:
     """Arguments for a simulated device, and its profile.json written in advance: the
-    throughput is this machine's, scaled, and every figure is labelled simulated."""
+    throughput is the device's published resnet50 rate times each model's speed relative
+    to resnet50 (the same figures `devnet simulate` uses), and every figure is labelled
+    simulated. This machine's rates only say how much faster than it the device is."""
     import hashlib
 
     from node.calibrate import ModelFigures, PowerFigures, Profile, model_name, save_profile
     from node.executor import best_execution_providers
+
+    from .fleet import model_speed
 
     device = member.device
     speed = device.resnet50_img_s / host_resnet50
     figures = []
     for path in models:
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        figures.append(ModelFigures(model_name(path), sha, 1, host_rates[sha] * speed, "simulated", []))
+        rate = device.resnet50_img_s * model_speed(fleet, model_name(path)) if fleet else host_rates[sha] * speed
+        figures.append(ModelFigures(model_name(path), sha, 1, rate, "simulated", []))
     power = PowerFigures(device.idle_w, "simulated", device.busy_w, "simulated", device.marginal_w_per_slot,
                          "simulated", f"published profile: {device.source}"[:200])
     home.mkdir(parents=True, exist_ok=True)
@@ -192,7 +197,7 @@ def fleet_provider_args(member, home: Path, bootstrap: str, models: list[Path], 
             "--marginal-w", str(device.marginal_w_per_slot), "--carbon", str(member.region.carbon_g_per_kwh),
             "--carbon-source", f"simulated: {member.region.name}, {member.region.source}"[:120],
             "--price-per-s", str(device.price_per_s), "--speed-factor", repr(speed),
-            "--link-delay-ms", str(member.link_ms)]
+            "--link-delay-ms", str(member.link_ms), "--time-scale", repr(time_scale)]
     for m in models:
         args += ["--model", str(m)]
     return args
@@ -203,7 +208,8 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
                       progress=None, timeout_s: float = 120.0,
                       extra_args: dict[int, list[str]] | None = None, fleet=None,
                       n_bootstraps: int = 1, extra_env: dict[int, dict[str, str]] | None = None,
-                      host: tuple[dict[str, float], float] | None = None) -> AsyncIterator[Devnet]:
+                      host: tuple[dict[str, float], float] | None = None,
+                      time_scale: float = 1.0) -> AsyncIterator[Devnet]:
     """A running devnet; every child is stopped when the block exits, however it exits.
     With a fleet (devnet/fleet.py) the providers are its simulated devices. With several
     bootstraps, each later one keeps a connection to the first, and every provider is
@@ -237,7 +243,8 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
             for i in range(n_providers):
                 home = root / f"provider-{i}"
                 if fleet is not None:
-                    args = fleet_provider_args(members[i], home, bootstrap_addr, models, host_rates, host_resnet50)
+                    args = fleet_provider_args(members[i], home, bootstrap_addr, models, host_rates, host_resnet50,
+                                               time_scale, fleet)
                 else:
                     args = provider_args(i, home, bootstrap_addr, models)
                 args += [a for addr in addrs[1:] for a in ("--bootstrap", addr)]

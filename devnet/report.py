@@ -107,6 +107,37 @@ def compare(summaries: dict[str, dict]) -> dict:
     return out
 
 
+# `devnet run` against `devnet simulate` of the same trace (same provider ids): how close
+# the real processes came to the model. Energy per submitted job within this share, and
+# at least this share of jobs on the same provider.
+RUN_VS_SIMULATE_ENERGY = 0.25
+RUN_VS_SIMULATE_PLACEMENT = 0.75
+
+
+def run_vs_simulate(runs: list[SolverRun], simulated: list[SolverRun], charge: Callable[[JobRecord], float]) -> dict:
+    out = {}
+    for run, sim in zip(runs, simulated):
+        r, m = summarise(run, charge), summarise(sim, charge)
+        by_provider = {}
+        for j in run.jobs:
+            if j.state == "settled":
+                by_provider.setdefault(j.device, [0, 0])[0] += 1
+        for j in sim.jobs:
+            if j.state == "settled":
+                by_provider.setdefault(j.device, [0, 0])[1] += 1
+        same = sum(min(a, b) for a, b in by_provider.values()) / max(1, len(run.jobs))
+        e_run, e_sim = r["energy_j_per_submitted_job"], m["energy_j_per_submitted_job"]
+        diff = abs(e_run - e_sim) / e_sim if e_sim else (0.0 if not e_run else None)
+        out[run.solver] = {
+            "energy_j_per_submitted_job": {"run": e_run, "simulate": e_sim, "difference": diff},
+            "misses_and_losses": {"run": r["misses_and_losses"], "simulate": m["misses_and_losses"]},
+            "same_provider_share": same,
+            "jobs_per_provider": {d: {"run": a, "simulate": b} for d, (a, b) in sorted(by_provider.items())},
+            "within_tolerance": diff is not None and diff <= RUN_VS_SIMULATE_ENERGY and same >= RUN_VS_SIMULATE_PLACEMENT,
+        }
+    return out
+
+
 def _plots(runs: list[SolverRun], summaries: dict[str, dict], out: Path) -> list[tuple[str, str]]:
     import matplotlib
     matplotlib.use("Agg")
@@ -171,9 +202,10 @@ def _plots(runs: list[SolverRun], summaries: dict[str, dict], out: Path) -> list
 
 
 def write_report(scenario: Scenario, fleet: Fleet, runs: list[SolverRun], out: Path, *,
-                 mode: str = "run") -> dict:
+                 mode: str = "run", simulated: list[SolverRun] | None = None) -> dict:
     """report.json, plots and index.html for one `devnet run` (mode "run") or
-    `devnet simulate` (mode "simulate") of a scenario."""
+    `devnet simulate` (mode "simulate") of a scenario; a run's report puts `simulated`
+    (the same trace simulated with the run's provider ids) beside it."""
     out.mkdir(parents=True, exist_ok=True)
     charge = lost_job_charge(fleet)
     summaries = {r.solver: summarise(r, charge) for r in runs}
@@ -198,6 +230,15 @@ def write_report(scenario: Scenario, fleet: Fleet, runs: list[SolverRun], out: P
         "jobs_lost": {n: s["jobs_lost"] for n, s in summaries.items()},
         "receipts_applied_twice": {n: s["receipts_applied_twice"] for n, s in summaries.items()},
     }
+    if mode == "run":
+        report["time_scale"] = runs[0].time_scale if runs else 1.0
+        report["how_obtained"]["time_scale"] = ("every simulated duration (arrivals, queue, compute, links, faults, "
+                                                "timeouts) lasted this many times longer on the wall clock, so this "
+                                                "machine could compute every output beside the simulated devices")
+    if simulated is not None:
+        report["run_vs_simulate"] = run_vs_simulate(runs, simulated, charge)
+        report["run_vs_simulate_tolerance"] = {"energy": RUN_VS_SIMULATE_ENERGY,
+                                               "same_provider_share": RUN_VS_SIMULATE_PLACEMENT}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plots = _plots(runs, summaries, out)
 
@@ -249,5 +290,25 @@ figure{{display:inline-block;margin:8px}}img{{max-width:520px}}.note{{color:#666
 Energy per submitted job = (settled + wasted on unpaid attempts + charged for lost) / jobs submitted.
 Nothing here is a measurement of the listed devices.</p>
 <p class="note">Fleet: {html.escape("; ".join(report["fleet_members"]))}</p>
+{_run_vs_simulate_html(report)}
 {images}</body></html>""")
     return report
+
+
+def _run_vs_simulate_html(report: dict) -> str:
+    rows = []
+    for name, c in report.get("run_vs_simulate", {}).items():
+        energy = c["energy_j_per_submitted_job"]
+        diff = "-" if energy["difference"] is None else f"{100 * energy['difference']:.0f}%"
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{energy['run']:.4g}</td><td>{energy['simulate']:.4g}</td>"
+                    f"<td>{diff}</td><td>{100 * c['same_provider_share']:.0f}%</td>"
+                    f"<td>{c['misses_and_losses']['run']} / {c['misses_and_losses']['simulate']}</td>"
+                    f"<td>{'yes' if c['within_tolerance'] else '<b>no</b>'}</td></tr>")
+    if not rows:
+        return ""
+    t = report["run_vs_simulate_tolerance"]
+    return (f"<h2>This run next to <code>devnet simulate</code> of the same trace</h2><p>Time scale "
+            f"x{report.get('time_scale', 1):g}. Tolerance: energy per submitted job within {100 * t['energy']:.0f}%, "
+            f"at least {100 * t['same_provider_share']:.0f}% of jobs on the same provider.</p>"
+            "<table><tr><th>solver</th><th>J/job run</th><th>J/job simulate</th><th>difference</th>"
+            f"<th>same provider</th><th>misses+losses run / simulate</th><th>within</th></tr>{''.join(rows)}</table>")

@@ -58,6 +58,40 @@ class SolverRun:
     faults: list[dict] = field(default_factory=list)
     receipts_applied_twice: int = 0
     wall_s: float = 0.0
+    time_scale: float = 1.0
+    peer_ids: list[str] = field(default_factory=list)  # the providers', by index in the scenario
+
+
+# How a run's time scale is chosen: the host computes every job's real outputs beside the
+# simulated devices, so the trace is slowed until that work fits in this share of the
+# machine's cores (the rest runs the nodes, the buyers and the gossip) ...
+HOST_COMPUTE_SHARE = 0.5
+BUYER_LEAD_S = 3.0  # wall seconds a scenario's buyer starts before its arrival
+BUYER_START_CPU_S = 0.3   # ... counting what starting one buyer node costs (measured: 0.2-0.4 s)
+JOB_CPU_S = 0.07          # ... and each job's own protocol work, both sides (bench/overhead.py: 26-30 ms
+                          # in the client, 40-42 ms in the provider besides the model)
+MAX_TIME_SCALE = 20.0     # beyond this a run takes too long; the report says the host could not keep up
+
+
+def choose_time_scale(scenario: Scenario, host_rates: dict[str, float]) -> tuple[float, str]:
+    """How many times slower than the trace the run must go so this machine can compute
+    its outputs, and why: every simulated duration (arrivals, compute, queue, links,
+    faults, timeouts) is stretched by it, so who wins never depends on the host."""
+    import hashlib
+    import os
+
+    shas = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in scenario.models}
+    work_s = sum(a.count * (a.items / host_rates[shas[a.model]] + JOB_CPU_S) + BUYER_START_CPU_S
+                 for a in scenario.arrivals)
+    span_s = max(1.0, max(a.at_s for a in scenario.arrivals))
+    capacity_s = span_s * (os.cpu_count() or 1) * HOST_COMPUTE_SHARE
+    wanted = max(1.0, work_s / capacity_s)
+    scale = min(MAX_TIME_SCALE, float(np.ceil(wanted * 10) / 10))
+    why = (f"the trace needs {work_s:.1f} s of this machine's CPU over {span_s:.1f} s; "
+           f"{HOST_COMPUTE_SHARE:.0%} of {os.cpu_count()} cores gives {capacity_s:.1f} s")
+    if wanted > MAX_TIME_SCALE:
+        why += f"; it would need x{wanted:.1f}, capped at x{MAX_TIME_SCALE:g}: expect late results"
+    return scale, why
 
 
 def job_timeout_s(deadline_ms: float | None) -> float:
@@ -73,15 +107,15 @@ def _inputs(model: Path, items: int, rng: np.random.Generator) -> dict[str, np.n
     return {spec.name: rng.random(shape, dtype=np.float32)}
 
 
-async def _fault(net, fault: Fault, t0: float, log: list[dict], say) -> None:
-    await trio.sleep_until(t0 + fault.at_s)
+async def _fault(net, fault: Fault, t0: float, log: list[dict], say, scale: float = 1.0) -> None:
+    await trio.sleep_until(t0 + fault.at_s * scale)
     child = net.providers[fault.provider]
     entry = {"at_s": fault.at_s, "provider": fault.provider, "action": fault.action, "peer_id": child.ready.get("peer_id")}
     if fault.action == "kill":
         child.process.kill()
     elif fault.action == "pause":
         child.process.send_signal(signal.SIGSTOP)
-        await trio.sleep(fault.duration_s)
+        await trio.sleep(fault.duration_s * scale)
         child.process.send_signal(signal.SIGCONT)
     elif fault.action == "restart":
         fresh = await net.restart(child)
@@ -108,12 +142,14 @@ def _applied_twice(provider_homes: list[Path], buyer_homes: list[Path]) -> int:
     return twice
 
 
-async def run_solver(scenario: Scenario, fleet: Fleet, solver: str, root: Path, say, host=None) -> SolverRun:
-    run = SolverRun(solver)
+async def run_solver(scenario: Scenario, fleet: Fleet, solver: str, root: Path, say, host=None,
+                     time_scale: float = 1.0) -> SolverRun:
+    run = SolverRun(solver, time_scale=time_scale)
     rng = np.random.default_rng(scenario.seed)
     inputs = [_inputs(a.model, a.items, rng) for a in scenario.arrivals]
     async with open_devnet(scenario.providers, root=root / "net", models=scenario.models, fleet=fleet,
-                           progress=lambda t: say("  " + t), host=host) as net:
+                           progress=lambda t: say("  " + t), host=host, time_scale=time_scale) as net:
+        run.peer_ids = [c.ready["peer_id"] for c in net.providers]
         # Named as in the report: the provider's index in the scenario, then its device.
         devices = {c.ready["peer_id"]: f"{i}: {m.device.name}"
                    for i, (c, m) in enumerate(zip(net.providers, fleet.pick(scenario.providers)))}
@@ -121,20 +157,23 @@ async def run_solver(scenario: Scenario, fleet: Fleet, solver: str, root: Path, 
                   for c, m in zip(net.providers, fleet.pick(scenario.providers))}
         buyer_homes = []
         say(f"  replaying {len(scenario.arrivals)} arrivals ({scenario.job_count} jobs) with solver {solver}")
-        t0 = trio.current_time()
+        # Each arrival's buyer starts BUYER_LEAD_S early and places at its arrival time, so
+        # a node's start-up (a second or more on a busy machine) is not part of the trace.
+        t0 = trio.current_time() + BUYER_LEAD_S
         started = time.perf_counter()
 
         async def arrive(index: int, arrival: Arrival) -> None:
-            await trio.sleep_until(t0 + arrival.at_s)
+            at = t0 + arrival.at_s * time_scale
+            await trio.sleep_until(at - BUYER_LEAD_S)
             home = root / "buyers" / f"arrival-{index:04d}"  # one identity per arrival, as separate users
             buyer_homes.append(home)
-            timeout_s = job_timeout_s(arrival.deadline_ms)
+            timeout_s = job_timeout_s(arrival.deadline_ms) * time_scale
             spec = SubmitSpec(model_path=arrival.model, inputs=inputs[index], count=arrival.count,
                               bootstrap=[net.bootstrap_addr], home=home, out_dir=root / "out" / f"{index:04d}",
                               solver=solver, weights=scenario.weights, deadline_ms=arrival.deadline_ms,
-                              job_timeout_s=timeout_s)
+                              job_timeout_s=timeout_s, time_scale=time_scale)
             try:
-                outcomes, _ = await Buyer(spec).run()
+                outcomes, _ = await Buyer(spec).run(start_at=at)
             except SubmitError as exc:
                 for _ in range(arrival.count):
                     run.jobs.append(JobRecord(index, "", "failed", "", "", 0.0, "", 0.0, 0.0, 0.0,
@@ -149,7 +188,7 @@ async def run_solver(scenario: Scenario, fleet: Fleet, solver: str, root: Path, 
 
         async with trio.open_nursery() as nursery:
             for fault in scenario.faults:
-                nursery.start_soon(_fault, net, fault, t0, run.faults, say)
+                nursery.start_soon(_fault, net, fault, t0, run.faults, say, time_scale)
             for index, arrival in enumerate(scenario.arrivals):
                 nursery.start_soon(arrive, index, arrival)
         run.wall_s = time.perf_counter() - started
@@ -165,10 +204,12 @@ async def run_scenario(scenario: Scenario, out: Path, *, fleet: Fleet | None = N
     # would scale each solver's devices (and energy) by a different, noisy yardstick.
     say("measuring this machine once, to scale the fleet's published throughput for every solver")
     host = await trio.to_thread.run_sync(host_profile, scenario.models)
+    scale, why = choose_time_scale(scenario, host[0])
+    say(f"time scale x{scale:g}: {why}")
     runs = []
     for solver in scenario.solvers:
         say(f"[{solver}] fresh devnet of {scenario.providers} providers from fleet '{fleet.name}'")
-        run = await run_solver(scenario, fleet, solver, out / solver, say, host=host)
+        run = await run_solver(scenario, fleet, solver, out / solver, say, host=host, time_scale=scale)
         settled = sum(j.state == "settled" for j in run.jobs)
         say(f"[{solver}] {settled}/{len(run.jobs)} settled, {sum(j.energy_j for j in run.jobs):.3f} J "
             f"(simulated), {sum(j.missed for j in run.jobs)} deadline misses, {run.wall_s:.1f} s")

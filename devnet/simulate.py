@@ -93,7 +93,9 @@ class _Provider:
 
 
 class Simulation:
-    def __init__(self, scenario: Scenario, fleet: Fleet, solver: str):
+    def __init__(self, scenario: Scenario, fleet: Fleet, solver: str, *, peer_ids: list[str] | None = None):
+        """`peer_ids`: the providers' ids, by index (a `devnet run`'s, so that ties the
+        matcher breaks by id break the same way); default sim-000, sim-001, ..."""
         self.scenario = scenario
         self.solver = solver
         self.now = 0.0
@@ -106,7 +108,8 @@ class Simulation:
         self.providers = []
         for i, member in enumerate(fleet.pick(scenario.providers)):
             rates = {sha: member.device.resnet50_img_s * model_speed(fleet, name) for sha, name in self.models.values()}
-            self.providers.append(_Provider(i, f"sim-{i:03d}", member, rates, DeviceQueue(member.device.slots)))
+            peer_id = peer_ids[i] if peer_ids else f"sim-{i:03d}"
+            self.providers.append(_Provider(i, peer_id, member, rates, DeviceQueue(member.device.slots)))
         self.by_id = {p.peer_id: p for p in self.providers}
         self.in_flight: dict[int, dict[str, list[float]]] = {}  # per arrival (one buyer each): provider -> ms
         self.jobs: list[_Job] = []

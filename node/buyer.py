@@ -51,6 +51,7 @@ class SubmitSpec:
     # Inputs are checked against the model's graph before anything is sent; only tests
     # that play a hostile buyer (sending models that are not ONNX at all) turn it off.
     check_inputs: bool = True
+    time_scale: float = 1.0  # devnet run: the simulated market's durations x this on the wall clock
     # Different inputs per job (submit --inputs): job i runs job_inputs[i]; then `inputs`
     # and `count` are ignored.
     job_inputs: list[dict[str, np.ndarray]] | None = None
@@ -117,7 +118,8 @@ class Buyer:
             raise SubmitError("give at least one --bootstrap address")
         self.client = Client(spec.home, spec.bootstrap, max_price=spec.max_price, solver=spec.solver,
                              weights=spec.weights, job_timeout_s=spec.job_timeout_s,
-                             min_reputation=spec.min_reputation, clock=clock, open_network=open_network)
+                             min_reputation=spec.min_reputation, clock=clock, open_network=open_network,
+                             time_scale=spec.time_scale)
         client = self.client
         self.seed, self.key, self.ledger, self.journal = client.seed, client.key, client.ledger, client.journal
         model = client.add_model(spec.model_path, read_signature=spec.check_inputs)
@@ -170,12 +172,17 @@ class Buyer:
         os.replace(tmp, out_path)
         return str(out_path)
 
-    async def run(self, *, on_progress=None) -> tuple[list[JobOutcome], dict]:
+    async def run(self, *, on_progress=None, start_at: float | None = None) -> tuple[list[JobOutcome], dict]:
+        """`start_at` (trio time; devnet run): connect and sync first, then wait for it
+        with the book following gossip, so the batch is placed at that moment on the
+        offers as they are then, without a node's start-up in its latency."""
         spec = self.spec
         client = self.client
         spec.out_dir.mkdir(parents=True, exist_ok=True)
         try:
-            async with client.session(live=False):
+            async with client.session(live=start_at is not None):
+                if start_at is not None:
+                    await trio.sleep_until(start_at)
                 self.book = client.book
                 current = client.current_offers()
                 scores = client.scores()
@@ -256,7 +263,7 @@ class Buyer:
             vanished earlier in this batch only if nobody else can take it."""
             if not retry_offers(able, tried, vanished):
                 return None
-            left_ms = remaining_deadline_ms(spec.deadline_ms, 1000 * (self.clock.elapsed_s() - submitted_s), 0.0)
+            left_ms = remaining_deadline_ms(spec.deadline_ms, self.client.since_ms(submitted_s), 0.0)
             try:
                 offer, in_time = self.client.place_again(self._work(outcomes[jid].index), jid, able, tried=tried,
                                                          vanished=vanished, deadline_left_ms=left_ms)

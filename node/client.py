@@ -211,10 +211,12 @@ class Client:
     def __init__(self, home: Path | str, bootstrap: list[str], *, max_price: float = 1.0, solver: str = "optimal",
                  weights: Weights | None = None, job_timeout_s: float = 120.0, min_reputation: float = 0.25,
                  listen: str = "/ip4/127.0.0.1/tcp/0", spot_check: float = 0.0, clock: Clock = SYSTEM_CLOCK,
-                 open_network: OpenNetwork = open_p2p_node):
+                 open_network: OpenNetwork = open_p2p_node, time_scale: float = 1.0):
         """`spot_check`: the fraction of requests run again on a second provider, after
         the answer is returned, and compared (Client.spot_check); a provider that
-        disagrees with two others is disputed, and reputation then leaves it out."""
+        disagrees with two others is disputed, and reputation then leaves it out.
+        `time_scale` (devnet run): the simulated market's durations last this many times
+        longer on the wall clock, so deadlines count wall time divided by it."""
         if not bootstrap:
             raise ClientError("give at least one bootstrap address")
         for addr in bootstrap:
@@ -227,6 +229,7 @@ class Client:
         self.max_price, self.solver, self.weights = max_price, solver, weights
         self.job_timeout_s, self.min_reputation, self.listen = job_timeout_s, min_reputation, listen
         self.spot_check_fraction = spot_check
+        self.time_scale = time_scale
         self.clock = clock
         self.open_network = open_network
         # Where blocking work runs (ledger commits, journal writes): a worker thread, one
@@ -481,6 +484,10 @@ class Client:
         raise ClientError(f"no provider offers model {self._label(model_sha)} (sha256 {model_sha[:16]}...); "
                           f"{len(available)} offers seen")
 
+    def since_ms(self, submitted_s: float) -> float:
+        """Time since `submitted_s` (clock.elapsed_s()), in the market's ms."""
+        return 1000 * (self.clock.elapsed_s() - submitted_s) / self.time_scale
+
     def own_backlog_ms(self) -> dict[str, float]:
         """The queue our jobs in flight add at each provider: the matcher sees load its
         offers cannot show yet."""
@@ -552,7 +559,7 @@ class Client:
                 if not tried:
                     offer = self.place(work, job_id, offers, deadline_ms=deadline_ms)
                 else:
-                    left_ms = remaining_deadline_ms(deadline_ms, 1000 * (self.clock.elapsed_s() - submitted_s), 0.0)
+                    left_ms = remaining_deadline_ms(deadline_ms, self.since_ms(submitted_s), 0.0)
                     offer, in_time = self.place_again(work, job_id, offers, tried=tried, deadline_left_ms=left_ms)
                 tried.add(offer.peer_id)
                 try:
@@ -591,7 +598,7 @@ class Client:
         lets the caller go on while this journals it settled and waits for the
         provider's confirmation."""
         issued_ms = self.clock.now_ms()
-        elapsed_ms = 0.0 if submitted_s is None else 1000 * (self.clock.elapsed_s() - submitted_s)
+        elapsed_ms = 0.0 if submitted_s is None else self.since_ms(submitted_s)
         request = JobRequest(
             job_id=outcome.job_id, buyer=self.key.public_key, provider=offer.provider,
             model_sha256=work.model.sha256, model_name=work.model.name[:128], inputs=work.tensors,

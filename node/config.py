@@ -71,6 +71,8 @@ class ProviderConfig:
                              "and runs under a timeout and a memory ceiling, but set false to run only your own", flag=None)
     fault_output_noise: float = _key(0.0, help="devnet fault injection only: perturb outputs", hidden=True)
     link_delay_ms: float = _key(0.0, unit="ms", help="devnet: one-way delay of this provider's simulated link")
+    time_scale: float = _key(1.0, help="devnet: a simulated device's durations (queue, compute, link) last this many "
+                             "times longer on the wall clock, so a slow host can play a fast fleet")
     offer_ttl_s: float = _key(60.0, unit="s", help="offer lifetime (6-120); refreshed every third of it")
     credit_s: float = _key(120.0, unit="s", help="compute seconds a buyer may hold unacked (or have rejected in the "
                            "last day) before it gets settle-first instead of service")
@@ -97,6 +99,8 @@ class ProviderConfig:
             problems.append(f"ack_timeout_s must be in (0, 3600] s, got {self.ack_timeout_s}")
         if self.speed_factor <= 0:
             problems.append(f"speed_factor must be > 0, got {self.speed_factor}")
+        if self.time_scale < 1:
+            problems.append(f"time_scale must be >= 1, got {self.time_scale}")
         for name in ("idle_w", "busy_w", "marginal_w", "carbon_ceiling"):
             value = getattr(self, name)
             if value is not None and value < 0:

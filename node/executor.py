@@ -209,6 +209,11 @@ class Executor:
                 self._sessions.popitem(last=False)
         return session
 
+    def warm(self, sha256: str) -> None:
+        """Load the model's session now (blocking), so the first buyer of a model we offer
+        does not pay onnxruntime's start-up (a few hundred ms) in its latency."""
+        self._session(sha256)
+
     # --- running ------------------------------------------------------------------------
 
     def _run_sync(self, sha256: str, inputs: tuple[Tensor, ...], run_options: ort.RunOptions) -> RunOutput:

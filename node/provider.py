@@ -101,6 +101,11 @@ class Provider:
         self.open_network = open_network
         self.seed, self.key = load_key(config.home)
         self.simulated = config.speed_factor != 1.0
+        # A simulated device lives in virtual time: its queue, compute and link last
+        # time_scale times longer on the wall clock (devnet run on a host slower than the
+        # fleet). A real device: 1.
+        self.time_scale = config.time_scale if self.simulated else 1.0
+        self.overruns = 0  # simulated jobs whose outputs took the host longer than the device's time
         self.store = ModelStore(config.home / "models", budget_bytes=int(config.model_budget_mb * (1 << 20)))
         self.executor = executor or Executor(self.store, slots=config.slots, job_memory_mb=config.job_memory_mb)
         # A simulated device's energy follows its profile; metering this machine would mislabel it.
@@ -204,13 +209,14 @@ class Provider:
         self.executor.idle_w = power.idle_w
         for m in self.models:
             log.info("model %s: %.1f items/s per slot (%s)", m.name, m.items_per_s, m.throughput_source)
+            self.executor.warm(m.sha256)
         log.info("power: idle %.1f W (%s), marginal %.1f W/slot (%s)", power.idle_w, power.idle_source,
                  power.marginal_w_per_slot, power.marginal_source)
 
     def build_offer(self) -> Offer:
         c, power = self.config, self.power
         issued = self.clock.now_ms()
-        backlog_ms = self.queue.wait_ms(issued)
+        backlog_ms = self.queue.wait_ms(self.vnow_ms())
         open_rate = min((m.items_per_s for m in self.models), default=None) if c.open_models else None
         return Offer(
             provider=self.key.public_key, peer_id=self.key.peer_id, addrs=tuple(self.p2p.listen_addrs),
@@ -274,6 +280,7 @@ class Provider:
             "pid": os.getpid(), "peer_id": self.key.peer_id, "updated_at_ms": self.clock.now_ms(),
             "selling": self.availability.selling, "reason": self.availability.reason,
             "owner_load": round(self.owner_load, 3), "jobs_running": len(self._running), "jobs_done": self.jobs_done,
+            "time_scale": self.time_scale, "overruns": self.overruns,
             "counters": dict(self.counters), "refused": self.refusals.snapshot(),
             "buyers_owing": self.ledger.buyers_owing(rejected_since_ms=self.clock.now_ms() - CREDIT_WINDOW_MS),
             "credit_s": self.config.credit_s,
@@ -314,9 +321,13 @@ class Provider:
         while True:
             await self._queue_moved.wait()
             self._queue_moved = trio.Event()
-            if worth_republishing(self._published_backlog_ms, self.queue.wait_ms(self.clock.now_ms())):
+            if worth_republishing(self._published_backlog_ms, self.queue.wait_ms(self.vnow_ms())):
                 await self._publish_now()
                 await trio.sleep(REPUBLISH_MIN_INTERVAL_S)
+
+    def vnow_ms(self) -> float:
+        """The device's clock: the wall clock, or virtual time for a simulated device."""
+        return self.clock.now_ms() / self.time_scale
 
     def _queue_changed(self) -> None:
         self._queue_moved.set()
@@ -492,8 +503,8 @@ class Provider:
                 self.count("price", peer, step.events[0].message)
                 await self._send(stream, step)
                 return
-            late = self.queue.admit(request.job_id, expected_ms(request.items, capability.items_per_s),
-                                    self.clock.now_ms(), deadline_ms=request.deadline_ms)
+            expected = expected_ms(request.items, capability.items_per_s)
+            late = self.queue.admit(request.job_id, expected, self.vnow_ms(), deadline_ms=request.deadline_ms)
             if late:
                 return await self._refuse(stream, job, peer, "deadline", late)
             self._queue_changed()
@@ -513,7 +524,7 @@ class Provider:
                     step = None  # the model's bytes are on disk now: its share of the budget goes back
                     if len(held) > before:
                         self.request_budget.give(held.pop())
-                await self._run_job(stream, job, peer)
+                await self._run_job(stream, job, peer, expected)
             finally:
                 self._claimed.discard(request.job_id)
                 self.queue.finish(request.job_id)
@@ -536,22 +547,50 @@ class Provider:
         finally:
             self.request_budget.give(sum(held))
 
-    async def _run_job(self, stream: Stream, job: ProviderJob, peer: str) -> None:
+    async def _run_job(self, stream: Stream, job: ProviderJob, peer: str, expected: float) -> None:
+        """Run an admitted job. `expected`: its compute ms at the advertised rate, which is
+        a simulated device's own time: it holds a device slot that long (in virtual
+        time) while this machine computes the real outputs beside it, and its receipt
+        says that time. The result goes once both are done; when the host is the later
+        one, the run overran its time scale (counted)."""
         request = job.request
-        received_ms = self.clock.now_ms()
+        received_ms = self.vnow_ms()
         self._running.add(request.job_id)
+        host: dict = {}
+
+        async def compute() -> None:
+            try:
+                host["result"] = await self.executor.run(request.model_sha256, request.inputs,
+                                                         timeout_s=request.timeout_ms / 1000)
+            except JobFailed as exc:  # raised below, outside the nursery
+                host["error"] = exc
+            host["done_s"] = trio.current_time()
+
         try:
             await self._send(stream, job.accept(len(self._running) - 1))
             emit("accepted", job_id=request.job_id, buyer=peer)
-            async with self._device_slots:
-                started_ms = self.clock.now_ms()
-                self.queue.start(request.job_id, started_ms)
-                result = await self.executor.run(request.model_sha256, request.inputs,
-                                                 timeout_s=request.timeout_ms / 1000)
+            async with trio.open_nursery() as beside:
+                async with self._device_slots:
+                    started_ms = self.vnow_ms()
+                    self.queue.start(request.job_id, started_ms)
+                    if self.simulated:
+                        beside.start_soon(compute)
+                        device_done_s = trio.current_time() + expected * self.time_scale / 1000
+                        await trio.sleep_until(device_done_s)
+                    else:
+                        await compute()
+                # The device slot is free at the device's own end, whatever this machine does.
+                self.queue.finish(request.job_id)
+                self._queue_changed()
         finally:
             self._running.discard(request.job_id)
             self.queue.finish(request.job_id)
             self._queue_changed()
+        if "error" in host:
+            raise host["error"]
+        result = host["result"]
+        if self.simulated and host["done_s"] > device_done_s:
+            self.overruns += 1
         outputs = tuple(result.outputs)
         if self.config.fault_output_noise:
             # Devnet fault injection: a provider that returns wrong numbers under a
@@ -560,7 +599,7 @@ class Provider:
                             for t in outputs)
         c = self.config
         # A simulated device reports the time its profile implies; the outputs stay real.
-        compute_ms = result.compute_ms / c.speed_factor
+        compute_ms = expected if self.simulated else result.compute_ms
         if result.energy_j is not None:
             energy_j, energy_source = result.energy_j, result.energy_source  # the meter's delta
         else:
@@ -568,9 +607,8 @@ class Provider:
             energy_source = self.power.marginal_source
         step = job.deliver(
             outputs, compute_ms=compute_ms,
-            # A simulated device's queue is the host's queue at the device's speed: the jobs
-            # ahead ran on the host too, so the same factor converts their time.
-            queue_ms=float(max(0, started_ms - received_ms)) / c.speed_factor,
+            # In the device's own time (virtual for a simulated one, as its queue runs).
+            queue_ms=float(max(0.0, started_ms - received_ms)),
             energy_j=energy_j, energy_source=energy_source, price_per_s=c.price_per_s,
             execution_provider=self.executor.execution_provider, now_ms=self.clock.now_ms())
         # Durable before the buyer can see it, receipt and result in one transaction: a
@@ -584,7 +622,7 @@ class Provider:
         self.metrics.compute_seconds.inc(compute_ms / 1000)
         self.metrics.energy_joules.labels(energy_source).inc(energy_j)
         emit("job", job_id=request.job_id, buyer=peer, compute_ms=round(compute_ms, 3),
-             energy_j=round(energy_j, 6), energy_source=energy_source)
+             energy_j=round(energy_j, 6), energy_source=energy_source, overruns=self.overruns)
         fault_point("provider-before-result")  # durable, not yet sent
         await self._send(stream, step)
         # Off the buyer's path: bounding the kept results can wait until it has its answer.
@@ -671,7 +709,7 @@ class Provider:
         dial of each bootstrap has answered or failed."""
         async with self.open_network(self.seed, self.config.listen) as p2p:
             self.p2p = p2p
-            p2p.send_delay_s = 2 * self.config.link_delay_ms / 1000
+            p2p.send_delay_s = 2 * self.config.link_delay_ms * self.time_scale / 1000
             self.refresh_offer()
             if self.config.metrics:
                 self._export_metrics(p2p)

@@ -122,6 +122,11 @@ action = "kill"
     # Ours keeps to the frugal GPU; round-robin also pays for the power-hungry CPUs.
     assert report["ours_vs"]["round-robin"]["energy_saving"] > 0.35
     assert set(report["solvers"]["optimal"]["load"]) == {"0: frugal-gpu"}  # by index in the scenario, then device
+    # The run is put next to `devnet simulate` of the same trace with the run's provider
+    # ids: ours never goes near the killed provider, so the two agree on every job.
+    assert report["time_scale"] >= 1.0 and set(report["run_vs_simulate"]) == {"optimal", "round-robin"}
+    ours = report["run_vs_simulate"]["optimal"]
+    assert ours["within_tolerance"] and ours["same_provider_share"] == 1.0
     for png in ("energy_per_job.png", "latency_cdf.png", "deadline_misses.png", "carbon.png", "load_per_provider.png"):
         assert (out / png).stat().st_size > 1000
     assert "simulated" in (out / "index.html").read_text()
