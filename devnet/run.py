@@ -4,7 +4,9 @@ the same faults, and collect what happened from the buyers' and providers' ledge
 
 Every job is submitted by a buyer at its arrival time, placed by the solver under test
 among the offers it sees, run for real, verified and settled. Energy and device latency
-come from the providers' simulated profiles and are labelled `simulated`.
+come from the providers' simulated profiles and are labelled `simulated`. The whole run
+is stretched by a time scale (choose_time_scale) when this machine could not otherwise
+compute the outputs as fast as the simulated fleet would.
 """
 
 from __future__ import annotations
