@@ -51,7 +51,10 @@ class _Attempt:
     provider: "_Provider"
     expected_ms: float
     sent_ms: float
-    done: bool = False           # the buyer has heard the end of it (or gave up on it)
+    then: Callable[[], None] | None  # the lane's next job, once this one ends
+    vanished: set[str]               # providers its buyer saw vanish (shared by the arrival's lanes)
+    offers: list[Offer]              # what its buyer placed on
+    done: bool = False               # the buyer has heard the end of it (or gave up on it)
     computed_ms: float | None = None
 
 
@@ -285,8 +288,7 @@ class Simulation:
     def send(self, job: _Job, p: _Provider, then: Callable | None, vanished: set[str], offers: list[Offer]) -> None:
         job.tried.add(p.peer_id)
         job.attempts.append(p.peer_id)
-        attempt = _Attempt(job, p, expected_ms(job.items, p.rates[job.model_sha]), self.now)
-        attempt.then, attempt.vanished, attempt.offers = then, vanished, offers  # type: ignore[attr-defined]
+        attempt = _Attempt(job, p, expected_ms(job.items, p.rates[job.model_sha]), self.now, then, vanished, offers)
         self.in_flight[job.arrival].setdefault(p.peer_id, []).append(attempt.expected_ms)
         timeout_ms = 1000 * job_timeout_s(job.deadline_ms)
         self.at(self.now + timeout_ms, self.time_out, attempt)
