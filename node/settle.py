@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import trio
 
 from protocol.errors import DecodeError
+from protocol.messages import SignedReceipt
+from protocol.signing import peer_id_from_public_key
 from protocol.stream import MAX_SETTLE_ENTRIES, MAX_SETTLE_FRAME_BYTES, SettleAcks, decode_message, encode_message
 from protocol.topics import SETTLE_PROTOCOL
 
@@ -77,11 +79,22 @@ async def settle_with(p2p: Network, ledger: Ledger, writer: LedgerWriter, peer_i
         if entry.job_id in named:
             continue  # named in some chunk, and judged there
         ours = ledger.status(entry.job_id)
-        if ours is None:
-            report.unpaid_work.append(entry.job_id)  # it ran, we never got it: no money moved
+        if ours is None or _paid_elsewhere(ledger, entry.job_id, peer_id):
+            # It ran, we never got its result: no money moved between us. (When we hold
+            # the job from another provider, its result was lost on the way, say in a
+            # crash after the provider stored it, and the job was run again there.)
+            report.unpaid_work.append(entry.job_id)
         elif ours != (entry.status, entry.receipt_sha256):
             report.disagreements.append({"job_id": entry.job_id, "ours": ours[0], "theirs": entry.status,
                                          "same_receipt": ours[1] == entry.receipt_sha256})
     if report.disagreements:
         log.warning("settle with %s: %d jobs disagree", peer_id, len(report.disagreements))
     return report
+
+
+def _paid_elsewhere(ledger: Ledger, job_id: str, peer_id: str) -> bool:
+    """Whether our ledger's receipt for this job was signed by another provider."""
+    held = ledger.receipt_bytes(job_id)
+    if held is None:
+        return False
+    return peer_id_from_public_key(SignedReceipt.parse(held[0]).receipt.provider) != peer_id
