@@ -25,6 +25,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/executor.py
 	$(BIN)/python bench/trust.py
+	$(BIN)/python bench/energy_claim.py
 
 soak: $(BIN)/.installed  # 10 providers, default offer lifetime, 10 minutes, a bootstrap restart at minute 5
 	$(BIN)/python bench/soak.py --providers 10 --minutes 10 --restart-bootstrap-at 5

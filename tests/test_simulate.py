@@ -132,3 +132,17 @@ def test_a_buyer_without_weights_lets_the_deadline_carry_latency():
     assert buyer_weights(None, None) == Weights()
     mine = Weights(energy=1.0, latency=0.1)
     assert buyer_weights(mine, 500.0) is mine
+
+
+def test_a_run_is_stretched_until_this_machine_can_compute_the_trace():
+    from devnet.run import MAX_TIME_SCALE, choose_time_scale
+
+    scenario = load_scenario(SCENARIOS / "default.toml")
+    sha = __import__("hashlib").sha256(scenario.models[0].read_bytes()).hexdigest()
+    rates = {__import__("hashlib").sha256(p.read_bytes()).hexdigest(): 1e9 for p in scenario.models}
+    assert choose_time_scale(scenario, rates)[0] >= 1.0
+    slow = dict(rates, **{sha: 1.0})  # one item a second: far beyond this machine's share
+    scale, why = choose_time_scale(scenario, slow)
+    assert scale == MAX_TIME_SCALE and "capped" in why
+    middling = dict(rates, **{sha: 2000.0})
+    assert 1.0 <= choose_time_scale(scenario, middling)[0] < MAX_TIME_SCALE
