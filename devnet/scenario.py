@@ -91,17 +91,11 @@ class Scenario:
         """Every job's inputs fit one request (what the buyer checks before sending):
         a job too big for a frame is refused here, naming the rows that would fit."""
         from node.client import REQUEST_SLACK_BYTES
-        from node.modelio import InputMismatch, signature_of_model
         from protocol.messages import MAX_REQUEST_BYTES
         from protocol.tensors import MAX_TENSOR_BYTES
 
         for model in self.models:
-            try:
-                ports = signature_of_model(model).inputs
-            except InputMismatch as exc:
-                raise ScenarioError(f"{model}: {exc}") from None
-            row_bytes = [int(np.prod([d if isinstance(d, int) else 1 for d in p.shape[1:]])) *
-                         np.dtype(p.dtype or "float32").itemsize for p in ports]
+            row_bytes = input_bytes_per_item(model)
             fits = min(MAX_TENSOR_BYTES // max(1, max(row_bytes, default=1)),
                        (MAX_REQUEST_BYTES - REQUEST_SLACK_BYTES) // max(1, sum(row_bytes)))
             big = [a for a in self.arrivals if a.model == model and a.items > fits]
@@ -109,6 +103,18 @@ class Scenario:
                 raise ScenarioError(f"{self.path}: {len(big)} arrivals of {model.stem} have up to "
                                     f"{max(a.items for a in big)} items; one job carries at most {fits} "
                                     "(its inputs must fit one request): lower items, or split the job")
+
+
+def input_bytes_per_item(model: Path) -> list[int]:
+    """Bytes of one row of each of the model's inputs (symbolic axes count as 1)."""
+    from node.modelio import InputMismatch, signature_of_model
+
+    try:
+        ports = signature_of_model(model).inputs
+    except InputMismatch as exc:
+        raise ScenarioError(f"{model}: {exc}") from None
+    return [int(np.prod([d if isinstance(d, int) else 1 for d in p.shape[1:]])) * np.dtype(p.dtype or "float32").itemsize
+            for p in ports]
 
 
 def _model(value, where: str, base: Path) -> Path:

@@ -31,13 +31,13 @@ from typing import Callable
 from matcher import solve
 from node.admission import REPUBLISH_MIN_INTERVAL_S, DeviceQueue, expected_ms, worth_republishing
 from node.calibrate import model_name
-from node.placement import (LANE_WINDOW, RETRY_PROVIDERS, NoPlacement, buyer_weights, offers_to_problem, own_backlog_ms, place_again,
+from node.placement import (RETRY_PROVIDERS, lane_window, NoPlacement, buyer_weights, offers_to_problem, own_backlog_ms, place_again,
                             remaining_deadline_ms, retry_offers)
 from protocol.messages import Device, ModelCapability, Offer, PowerProfile
 
 from .fleet import Fleet, Member, model_speed
 from .run import JobRecord, SolverRun, job_timeout_s
-from .scenario import Scenario
+from .scenario import Scenario, input_bytes_per_item
 
 OFFER_TTL_MS = 60_000           # the provider's default offer_ttl_s
 REFRESH_MS = OFFER_TTL_MS / 3   # refreshed every third of it (node/provider.py REFRESHES_PER_TTL)
@@ -106,8 +106,10 @@ class Simulation:
         self._seq = itertools.count()
         self.run = SolverRun(solver)
         self.models = {}
+        self.row_bytes = {}  # per model: one item's input bytes, for the lanes' window
         for path in scenario.models:
             self.models[path] = (hashlib.sha256(Path(path).read_bytes()).hexdigest(), model_name(Path(path)))
+            self.row_bytes[path] = sum(input_bytes_per_item(Path(path)))
         self.providers = []
         for i, member in enumerate(fleet.pick(scenario.providers)):
             rates = {sha: member.device.resnet50_img_s * model_speed(fleet, name) for sha, name in self.models.values()}
@@ -269,11 +271,12 @@ class Simulation:
         for a in sorted(result.assignments, key=lambda a: (a.provider, a.slot, a.position)):
             lanes.setdefault((a.provider, a.slot), []).append(by_id[a.job])
         vanished: set[str] = set()
+        window = lane_window(arrival.items * self.row_bytes[arrival.model])
         for (pid, _slot), lane in lanes.items():
-            self.start_lane(lane, pid, vanished, offers)
+            self.start_lane(lane, pid, vanished, offers, window)
 
-    def start_lane(self, lane: list[_Job], pid: str, vanished: set[str], offers: list[Offer]) -> None:
-        """As Buyer.run_lane: a lane's jobs go LANE_WINDOW at a time, each to the placed
+    def start_lane(self, lane: list[_Job], pid: str, vanished: set[str], offers: list[Offer], window: int) -> None:
+        """As Buyer.run_lane: a lane's jobs go `window` at a time, each to the placed
         provider first, then wherever the matcher places it again; as one ends, the
         next is sent."""
         left = list(lane)
@@ -282,7 +285,7 @@ class Simulation:
             if left:
                 self.send(left.pop(0), self.by_id[pid], next_one, vanished, offers)
 
-        for _ in range(min(LANE_WINDOW, len(lane))):
+        for _ in range(min(window, len(lane))):
             next_one()
 
     def send(self, job: _Job, p: _Provider, then: Callable | None, vanished: set[str], offers: list[Offer]) -> None:

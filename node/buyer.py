@@ -23,7 +23,7 @@ from .journal import CLIENT_REQUEST, Journal
 from .ledger import LedgerError
 from .net import OpenNetwork
 from .p2p import open_p2p_node
-from .placement import LANE_WINDOW, RETRY_PROVIDERS, buyer_weights, offers_to_problem, remaining_deadline_ms, retry_offers
+from .placement import RETRY_PROVIDERS, lane_window, buyer_weights, offers_to_problem, remaining_deadline_ms, retry_offers
 
 log = logging.getLogger("idlemesh.buyer")
 # What went wrong with a submission; the same kind as the warm client's one-line errors.
@@ -304,10 +304,11 @@ class Buyer:
                 window.release()
 
         async def run_lane(provider_id: str, jobs: list[str]) -> None:
-            # Up to LANE_WINDOW of a lane's jobs at the provider at once: they queue there
+            # Up to lane_window() of a lane's jobs at the provider at once: they queue there
             # back to back, as the matcher's placement assumes, instead of each paying the
             # link's round trip after the one before it.
-            window = trio.Semaphore(LANE_WINDOW)
+            window = trio.Semaphore(lane_window(max(
+                sum(len(t.data) for t in self._work(outcomes[j].index).tensors) for j in jobs)))
             async with trio.open_nursery() as lane:
                 for jid in jobs:
                     await window.acquire()

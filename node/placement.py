@@ -18,11 +18,18 @@ from matcher import Job, Problem, Provider, Weights, solve
 from protocol.messages import Offer
 
 RETRY_PROVIDERS = 3  # the placed provider and up to two others, per job
-# A batch's jobs placed on one provider slot (a lane) are sent this many at a time: they
-# wait in the provider's queue back to back, as the matcher assumes, rather than each
-# after the previous result (a link round trip between them); a window, not the whole
-# lane, so a long batch never floods one provider's request budget.
+# A batch's jobs placed on one provider slot (a lane) are sent up to this many at a time:
+# they wait in the provider's queue back to back, as the matcher assumes, rather than
+# each after the previous result (a link round trip between them); a window, not the
+# whole lane, so a long batch never floods one provider's request budget (192 MiB by
+# default): a lane holds at most LANE_WINDOW_BYTES of requests there.
 LANE_WINDOW = 4
+LANE_WINDOW_BYTES = 32 << 20
+
+
+def lane_window(request_bytes: int) -> int:
+    """How many of a lane's jobs, each of `request_bytes`, go to the provider at once."""
+    return max(1, min(LANE_WINDOW, LANE_WINDOW_BYTES // max(1, request_bytes)))
 
 
 # What a buyer weighs when it does not say. A job with a deadline has its latency
