@@ -31,8 +31,8 @@ from typing import Callable
 from matcher import solve
 from node.admission import REPUBLISH_MIN_INTERVAL_S, DeviceQueue, expected_ms, worth_republishing
 from node.calibrate import model_name
-from node.placement import (RETRY_PROVIDERS, lane_window, NoPlacement, buyer_weights, offers_to_problem, own_backlog_ms, place_again,
-                            remaining_deadline_ms, retry_offers)
+from node.placement import (RETRY_PROVIDERS, NoPlacement, buyer_weights, heard_extra_ms, lane_window,
+                            offers_to_problem, own_backlog_ms, place_again, remaining_deadline_ms, retry_offers)
 from protocol.messages import Device, ModelCapability, Offer, PowerProfile
 
 from .fleet import Fleet, Member, model_speed
@@ -117,6 +117,7 @@ class Simulation:
             self.providers.append(_Provider(i, peer_id, member, rates, DeviceQueue(member.device.slots)))
         self.by_id = {p.peer_id: p for p in self.providers}
         self.in_flight: dict[int, dict[str, list[float]]] = {}  # per arrival (one buyer each): provider -> ms
+        self.heard: dict[int, dict[str, tuple[float, float]]] = {}  # per arrival: provider -> (queue ms, when)
         self.jobs: list[_Job] = []
 
     # --- the event loop ---------------------------------------------------------------
@@ -193,13 +194,20 @@ class Simulation:
             return self.at(p.paused_until_ms, self.receive, attempt, epoch)  # held in its socket buffers
         left = remaining_deadline_ms(job.deadline_ms, self.now - job.submitted_ms, p.rtt_ms / 2) \
             if job.in_time else None
+        ahead = p.queue.wait_ms(self.now)
         late = p.queue.admit(job.job_id, attempt.expected_ms, self.now, deadline_ms=left)
+        # `accepted` and refusals tell the buyer the queue (Client.heard_backlog).
+        self.at(self.now + p.rtt_ms / 2, self.hear, job.arrival, p.peer_id,
+                p.queue.wait_ms(self.now) if late else ahead)
         if late:
             return self.fail(attempt, f"ClientError: provider {p.peer_id} refused: deadline: {late}",
                              delay_ms=p.rtt_ms / 2)
         p.waiting.append(attempt)
         self.queue_moved(p)
         self.start_next(p)
+
+    def hear(self, arrival: int, peer_id: str, backlog_ms: float) -> None:
+        self.heard[arrival][peer_id] = (backlog_ms, self.now)
 
     def start_next(self, p: _Provider) -> None:
         while p.waiting and len(p.running) < p.member.device.slots and self.now >= p.paused_until_ms:
@@ -256,6 +264,7 @@ class Simulation:
                 for k in range(arrival.count)]
         self.jobs.extend(jobs)
         self.in_flight[index] = {}
+        self.heard[index] = {}
         if not offers:
             for job in jobs:
                 self.lose(job, "no offers for the model")
@@ -297,6 +306,12 @@ class Simulation:
         self.at(self.now + timeout_ms, self.time_out, attempt)
         self.at(self.now + p.rtt_ms / 2, self.receive, attempt, p.epoch)
 
+    def own_backlog(self, arrival: int, offers: list[Offer], slots: dict[str, int]) -> dict[str, float]:
+        """As Client.own_backlog_ms: its jobs in flight, and the queues it heard of."""
+        extra = own_backlog_ms(self.in_flight[arrival], slots)
+        heard = heard_extra_ms(self.heard[arrival], offers, self.now)
+        return {pid: extra.get(pid, 0.0) + heard.get(pid, 0.0) for pid in {*extra, *heard}}
+
     def _end_attempt(self, attempt: _Attempt) -> bool:
         if attempt.done:
             return False
@@ -336,7 +351,7 @@ class Simulation:
                         items=job.items, max_price=1.0,
                         weights=self.scenario.weights, solver=self.solver, job_id=job.job_id,
                         deadline_left_ms=left if job.in_time else None,
-                        own_backlog=own_backlog_ms(self.in_flight[job.arrival], slots))
+                        own_backlog=self.own_backlog(job.arrival, attempt.offers, slots))
                 except NoPlacement as exc:
                     job.error += f"; no other provider can take it: {exc}"
         if nxt is not None:

@@ -26,7 +26,7 @@ import trio
 
 from matcher import Weights
 from protocol.errors import DecodeError
-from protocol.job import BuyerJob, Delivered, ModelSent, Refused, Rejected
+from protocol.job import BuyerJob, Delivered, JobAccepted, ModelSent, Refused, Rejected
 from protocol.messages import MAX_INPUTS, MAX_REQUEST_BYTES, JobRequest, Offer, Receipt, SignedReceipt
 from protocol.settlement import Dispute, sign_dispute
 from protocol.stream import MAX_MODEL_BYTES, OfferWant
@@ -43,7 +43,7 @@ from .modelio import InputMismatch, Signature, check_inputs, signature_of_model
 from .net import OpenNetwork, StreamClosed
 from .offers import OfferBook
 from .p2p import open_p2p_node
-from .placement import (RETRY_PROVIDERS, NoPlacement, own_backlog_ms, place_again, place_one,
+from .placement import (RETRY_PROVIDERS, NoPlacement, heard_extra_ms, own_backlog_ms, place_again, place_one,
                         remaining_deadline_ms, retry_offers)
 from .reputation import own_digest, provider_scores
 from .settle import settle_with
@@ -244,6 +244,7 @@ class Client:
         self.journal = Journal(self.home, any_thread=True)
         self._models: dict[str, Model] = {}  # by name and by path
         self.wanted: set[str] = set()  # model hashes whose offers the book asks for
+        self.heard_backlog: dict[str, tuple[float, float]] = {}  # provider -> (its queue ms, when we heard)
         self.in_flight: dict[str, list[float]] = {}  # provider -> each of our jobs there: its compute ms
         self.unreachable: dict[str, str] = {}  # bootstrap address -> why, at the last sync
         self.late_acks = {"delivered": 0, "pending": 0, "disagreements": []}
@@ -488,11 +489,15 @@ class Client:
         """Time since `submitted_s` (clock.elapsed_s()), in the market's ms."""
         return 1000 * (self.clock.elapsed_s() - submitted_s) / self.time_scale
 
-    def own_backlog_ms(self) -> dict[str, float]:
-        """The queue our jobs in flight add at each provider: the matcher sees load its
+    def own_backlog_ms(self, offers: list[Offer]) -> dict[str, float]:
+        """The queue our jobs in flight add at each provider, and what providers told us
+        of their queue since their offers were signed: the matcher sees load those
         offers cannot show yet."""
         slots = {pid: e.offer.slots for pid in self.in_flight if (e := self.book.entry(pid)) is not None}
-        return own_backlog_ms(self.in_flight, slots)
+        extra = own_backlog_ms(self.in_flight, slots)
+        heard = heard_extra_ms(self.heard_backlog, offers, self.clock.now_ms(),
+                               time_scale=self.time_scale)
+        return {pid: extra.get(pid, 0.0) + heard.get(pid, 0.0) for pid in {*extra, *heard}}
 
     def place(self, work: Work, job_id: str, offers: list[Offer], *, deadline_ms: float | None) -> Offer:
         """The matcher's choice for one job on the current state (offers, and our own
@@ -500,7 +505,7 @@ class Client:
         try:
             return place_one(offers, model_sha=work.model.sha256, items=work.items, max_price=work.max_price,
                              weights=self.weights, solver=self.solver, job_id=job_id, deadline_ms=deadline_ms,
-                             own_backlog=self.own_backlog_ms())
+                             own_backlog=self.own_backlog_ms(offers))
         except NoPlacement as exc:
             raise ClientError(str(exc)) from None
 
@@ -512,7 +517,7 @@ class Client:
             return place_again(offers, tried=tried, vanished=vanished, model_sha=work.model.sha256,
                                items=work.items, max_price=work.max_price,
                                weights=self.weights, solver=self.solver, job_id=job_id,
-                               deadline_left_ms=deadline_left_ms, own_backlog=self.own_backlog_ms())
+                               deadline_left_ms=deadline_left_ms, own_backlog=self.own_backlog_ms(offers))
         except NoPlacement as exc:
             raise ClientError(str(exc)) from None
 
@@ -649,6 +654,8 @@ class Client:
                     while True:
                         outcome.state = job.state
                         event = step.events[0] if step.events else None
+                        if isinstance(event, (JobAccepted, Refused)) and event.backlog_ms is not None:
+                            self.heard_backlog[offer.peer_id] = (event.backlog_ms, self.clock.now_ms())
                         if isinstance(event, (Delivered, Rejected, Refused)):
                             break  # its ack goes only once our decision is durable, below
                         if isinstance(event, ModelSent):

@@ -83,6 +83,23 @@ def own_backlog_ms(in_flight: Mapping[str, Sequence[float]], slots: Mapping[str,
     return {pid: sum(jobs) / max(1, slots.get(pid, 1)) for pid, jobs in in_flight.items() if jobs}
 
 
+def heard_extra_ms(heard: Mapping[str, tuple[float, float]], offers: list[Offer], now_ms: float, *,
+                   time_scale: float = 1.0) -> dict[str, float]:
+    """The queue providers told us of (with `accepted` and refusals) since their offers
+    were signed, aged to now, beyond what those offers say: per provider, the ms to add
+    to its offer's backlog. `heard`: provider -> (backlog_ms, when heard, in ms of the
+    clock the offers' issued_at_ms use)."""
+    out = {}
+    for offer in offers:
+        said = heard.get(offer.peer_id)
+        if said is None or said[1] <= offer.issued_at_ms:
+            continue  # the offer is newer than what we heard
+        left = said[0] - (now_ms - said[1]) / time_scale
+        if left > offer.backlog_ms:
+            out[offer.peer_id] = left - offer.backlog_ms
+    return out
+
+
 def place_one(offers: list[Offer], *, model_sha: str, items: int, max_price: float, weights: Weights | None,
               solver: str, job_id: str, deadline_ms: float | None,
               own_backlog: Mapping[str, float] | None = None) -> Offer:

@@ -426,7 +426,7 @@ class Provider:
         """Count the refusal and tell the buyer why, if the stream still works."""
         self.count(code, peer, message)
         try:
-            await self._send(stream, job.refuse(code, message))
+            await self._send(stream, job.refuse(code, message, self.queue.wait_ms(self.vnow_ms())))
         except (StreamClosed, trio.TooSlowError):
             pass
 
@@ -504,6 +504,7 @@ class Provider:
                 await self._send(stream, step)
                 return
             expected = expected_ms(request.items, capability.items_per_s)
+            ahead = self.queue.wait_ms(self.vnow_ms())
             late = self.queue.admit(request.job_id, expected, self.vnow_ms(), deadline_ms=request.deadline_ms)
             if late:
                 return await self._refuse(stream, job, peer, "deadline", late)
@@ -524,7 +525,7 @@ class Provider:
                     step = None  # the model's bytes are on disk now: its share of the budget goes back
                     if len(held) > before:
                         self.request_budget.give(held.pop())
-                await self._run_job(stream, job, peer, expected)
+                await self._run_job(stream, job, peer, expected, ahead)
             finally:
                 self._claimed.discard(request.job_id)
                 self.queue.finish(request.job_id)
@@ -547,12 +548,13 @@ class Provider:
         finally:
             self.request_budget.give(sum(held))
 
-    async def _run_job(self, stream: Stream, job: ProviderJob, peer: str, expected: float) -> None:
+    async def _run_job(self, stream: Stream, job: ProviderJob, peer: str, expected: float, ahead: float) -> None:
         """Run an admitted job. `expected`: its compute ms at the advertised rate, which is
         a simulated device's own time: it holds a device slot that long (in virtual
         time) while this machine computes the real outputs beside it, and its receipt
         says that time. The result goes once both are done; when the host is the later
-        one, the run overran its time scale (counted)."""
+        one, the run overran its time scale (counted). `ahead`: the queue it joined,
+        told to the buyer with `accepted`."""
         request = job.request
         received_ms = self.vnow_ms()
         self._running.add(request.job_id)
@@ -567,7 +569,7 @@ class Provider:
             host["done_s"] = trio.current_time()
 
         try:
-            await self._send(stream, job.accept(len(self._running) - 1))
+            await self._send(stream, job.accept(len(self._running) - 1, ahead))
             emit("accepted", job_id=request.job_id, buyer=peer)
             async with trio.open_nursery() as beside:
                 async with self._device_slots:

@@ -86,6 +86,7 @@ class ModelSent:
 class JobAccepted:
     """Buyer: the provider took the job and runs it."""
     queue_position: int
+    backlog_ms: float | None = None  # the queue ahead of it, when the provider says
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,7 @@ class Refused:
     by the buyer) carrying one of protocol.stream.ERROR_CODES."""
     code: str
     message: str
+    backlog_ms: float | None = None  # the provider's queue, when it says
 
 
 Event = Union[JobRequested, ModelArrived, Acknowledged, ModelSent, JobAccepted, Delivered, Rejected, Refused,
@@ -215,11 +217,11 @@ class BuyerJob(_Machine):
                 raise self._peer_broke("'accepted' names another job")
             self._move("accept")
             self._move("start")
-            return Step(events=(JobAccepted(message.queue_position),))
+            return Step(events=(JobAccepted(message.queue_position, message.backlog_ms),))
         if isinstance(message, JobError):
             self._move("fail")
             self.error = f"{message.code}: {message.message}"
-            return Step(events=(Refused(message.code, message.message),))
+            return Step(events=(Refused(message.code, message.message, message.backlog_ms),))
         if isinstance(message, JobResult):
             return self._result(message, now_ms)
         if isinstance(message, Settled):
@@ -353,13 +355,13 @@ class ProviderJob(_Machine):
         self.model_asked = True
         return _step(NeedModel(request.model_sha256))
 
-    def accept(self, queue_position: int) -> Step:
+    def accept(self, queue_position: int, backlog_ms: float | None = None) -> Step:
         request = self._need_request("accept")
         if self.model_asked:
             raise LocalProtocolError("provider: cannot accept while waiting for the model")
         self._move("accept")
         self._move("start")
-        return _step(Accepted(request.job_id, queue_position))
+        return _step(Accepted(request.job_id, queue_position, backlog_ms))
 
     def deliver(self, outputs: tuple[Tensor, ...], *, compute_ms: float, queue_ms: float, energy_j: float,
                 energy_source: str, price_per_s: float, execution_provider: str, now_ms: int) -> Step:
@@ -411,7 +413,7 @@ class ProviderJob(_Machine):
             raise LocalProtocolError(f"provider: no confirmation in state {self.state!r}")
         return _step(Settled(request.job_id, status))
 
-    def refuse(self, code: str, message: str) -> Step:
+    def refuse(self, code: str, message: str, backlog_ms: float | None = None) -> Step:
         """End the job with an error frame: before delivery, or to tell a peer that
         broke the protocol (the job is already failed) what was wrong."""
         if self.error_sent:
@@ -420,7 +422,7 @@ class ProviderJob(_Machine):
             self._move("fail")
             self.error = f"{code}: {message}"
         self.error_sent = True
-        return Step((encode_message(JobError(code, message[:2048])),), (Refused(code, message),))
+        return Step((encode_message(JobError(code, message[:2048], backlog_ms)),), (Refused(code, message, backlog_ms),))
 
     def _need_request(self, what: str, *, state: str | None = None) -> JobRequest:
         if self.request is None:

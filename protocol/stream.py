@@ -86,6 +86,7 @@ class ModelBlob:
 class Accepted:
     job_id: str
     queue_position: int
+    backlog_ms: float | None = None  # the queue ahead of this job, in the device's ms
     kind = "accepted"
 
 
@@ -101,6 +102,7 @@ class JobResult:
 class JobError:
     code: str
     message: str
+    backlog_ms: float | None = None  # the provider's queue now, in its device's ms
     kind = "error"
 
 
@@ -198,10 +200,14 @@ def encode_message(msg: StreamMessage) -> bytes:
         body = {"sha256": msg.sha256, "data": msg.data}
     elif isinstance(msg, Accepted):
         body = {"job_id": msg.job_id, "queue_position": msg.queue_position}
+        if msg.backlog_ms is not None:  # absent, not nil: frames without it keep their bytes
+            body["backlog_ms"] = msg.backlog_ms
     elif isinstance(msg, JobResult):
         body = {"job_id": msg.job_id, "outputs": [t.to_wire() for t in msg.outputs], "receipt": msg.receipt}
     elif isinstance(msg, JobError):
         body = {"code": msg.code, "message": msg.message}
+        if msg.backlog_ms is not None:
+            body["backlog_ms"] = msg.backlog_ms
     elif isinstance(msg, Ack):
         body = {"ack": msg.ack}
     elif isinstance(msg, OfferSync):
@@ -257,13 +263,15 @@ def decode_message(data: bytes, *, max_bytes: int, expect: tuple[str, ...]) -> S
     if kind == "model":
         return ModelBlob(f.hex("sha256", size=32), f.bytes("data", max_len=MAX_MODEL_BYTES))
     if kind == "accepted":
-        return Accepted(f.hex("job_id", size=16), f.int("queue_position", min=0, max=1 << 20))
+        return Accepted(f.hex("job_id", size=16), f.int("queue_position", min=0, max=1 << 20),
+                        f.float("backlog_ms", min=0.0, max=1e9, default=None))
     if kind == "result":
         return JobResult(f.hex("job_id", size=16),
                          tuple(f.list("outputs", Tensor.from_wire, max_len=64)),
                          f.bytes("receipt", max_len=8 * 1024))
     if kind == "error":
-        return JobError(f.str("code", choices=ERROR_CODES), f.str("message", max_len=2048))
+        return JobError(f.str("code", choices=ERROR_CODES), f.str("message", max_len=2048),
+                        f.float("backlog_ms", min=0.0, max=1e9, default=None))
     if kind == "ack":
         return Ack(f.bytes("ack", max_len=8 * 1024))
     if kind == "offers":

@@ -512,6 +512,8 @@ async def test_a_provider_refuses_at_once_what_its_queue_cannot_finish_in_time_a
         assert outcomes[0].attempts == [a.key.peer_id, b.key.peer_id] and a.counters["deadline"] == 1
         assert a.jobs_done == 0 and b.jobs_done == 1
         assert trio.current_time() - started < 2.0  # refused at once, not after a's queue
+        # The refusal said how long a's queue is: the buyer's next placement counts it.
+        assert buyer.client.heard_backlog[a.key.peer_id][0] >= 9_000
         # The queue moved: a's offer is signed again with the wait a new job would see.
         a._queue_changed()
         with trio.fail_after(5):

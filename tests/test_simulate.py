@@ -146,3 +146,13 @@ def test_a_run_is_stretched_until_this_machine_can_compute_the_trace():
     assert scale == MAX_TIME_SCALE and "capped" in why
     middling = dict(rates, **{sha: 2000.0})
     assert 1.0 <= choose_time_scale(scenario, middling)[0] < MAX_TIME_SCALE
+
+
+def test_what_providers_say_of_their_queue_counts_until_a_newer_offer():
+    from node.placement import heard_extra_ms
+
+    offer = _offer("p", 1.0)  # issued at 0 ms, backlog 0
+    assert heard_extra_ms({"p": (500.0, 100.0)}, [offer], now_ms=300.0) == {"p": 300.0}  # aged 200 ms
+    assert heard_extra_ms({"p": (500.0, 100.0)}, [offer], now_ms=700.0) == {}  # drained by now
+    assert heard_extra_ms({"p": (500.0, 0.0)}, [offer], now_ms=0.0) == {}  # not newer than the offer
+    assert heard_extra_ms({"p": (500.0, 100.0)}, [offer], now_ms=300.0, time_scale=4.0) == {"p": 450.0}
