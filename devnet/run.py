@@ -26,7 +26,7 @@ from node.calibrate import model_name
 
 from .fleet import DEFAULT_FLEET, Fleet, load_fleet
 from .launcher import host_profile, open_devnet
-from .scenario import Arrival, Fault, Scenario
+from .scenario import Arrival, Fault, Scenario, input_bytes_per_item
 
 
 @dataclass
@@ -70,9 +70,10 @@ class SolverRun:
 HOST_COMPUTE_SHARE = 0.5
 BUYER_LEAD_S = 3.0  # wall seconds a scenario's buyer starts before its arrival
 BUYER_START_CPU_S = 0.3   # ... counting what starting one buyer node costs (measured: 0.2-0.4 s)
-JOB_CPU_S = 0.07          # ... and each job's own protocol work, both sides (bench/overhead.py: 26-30 ms
-                          # in the client, 40-42 ms in the provider besides the model)
-MAX_TIME_SCALE = 20.0     # beyond this a run takes too long; the report says the host could not keep up
+CPU_S_PER_MB = 0.1        # ... and moving each job's request through py-libp2p (yamux, noise, signing),
+                          # both sides: bench/overhead.py measured about 60 ms besides the model for a
+                          # 0.6 MB squeezenet request. For image jobs this, not the model, dominates.
+MAX_TIME_SCALE = 30.0     # beyond this a run takes too long; the report says the host could not keep up
 
 
 def choose_time_scale(scenario: Scenario, host_rates: dict[str, float]) -> tuple[float, str]:
@@ -83,8 +84,9 @@ def choose_time_scale(scenario: Scenario, host_rates: dict[str, float]) -> tuple
     import os
 
     shas = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in scenario.models}
-    work_s = sum(a.count * (a.items / host_rates[shas[a.model]] + JOB_CPU_S) + BUYER_START_CPU_S
-                 for a in scenario.arrivals)
+    row_mb = {path: sum(input_bytes_per_item(path)) / 1e6 for path in scenario.models}
+    work_s = sum(a.count * a.items * (1 / host_rates[shas[a.model]] + row_mb[a.model] * CPU_S_PER_MB)
+                 + BUYER_START_CPU_S for a in scenario.arrivals)
     span_s = max(1.0, max(a.at_s for a in scenario.arrivals))
     capacity_s = span_s * (os.cpu_count() or 1) * HOST_COMPUTE_SHARE
     wanted = max(1.0, work_s / capacity_s)
