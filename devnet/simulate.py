@@ -196,9 +196,9 @@ class Simulation:
             if job.in_time else None
         ahead = p.queue.wait_ms(self.now)
         late = p.queue.admit(job.job_id, attempt.expected_ms, self.now, deadline_ms=left)
-        # `accepted` and refusals tell the buyer the queue (Client.heard_backlog).
-        self.at(self.now + p.rtt_ms / 2, self.hear, job.arrival, p.peer_id,
-                p.queue.wait_ms(self.now) if late else ahead)
+        # `accepted` and refusals tell the buyer the queue (Client.heard_backlog); a
+        # refused job left it as it was.
+        self.at(self.now + p.rtt_ms / 2, self.hear, job.arrival, p.peer_id, ahead)
         if late:
             return self.fail(attempt, f"ClientError: provider {p.peer_id} refused: deadline: {late}",
                              delay_ms=p.rtt_ms / 2)

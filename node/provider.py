@@ -585,9 +585,7 @@ class Provider:
                 self.queue.finish(request.job_id)
                 self._queue_changed()
         finally:
-            self._running.discard(request.job_id)
-            self.queue.finish(request.job_id)
-            self._queue_changed()
+            self._running.discard(request.job_id)  # (the queue entry goes in _serve_job, however it ends)
         if "error" in host:
             raise host["error"]
         result = host["result"]
