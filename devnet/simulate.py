@@ -31,8 +31,8 @@ from typing import Callable
 from matcher import solve
 from node.admission import REPUBLISH_MIN_INTERVAL_S, DeviceQueue, expected_ms, worth_republishing
 from node.calibrate import model_name
-from node.placement import (RETRY_PROVIDERS, NoPlacement, buyer_weights, heard_extra_ms, lane_window,
-                            offers_to_problem, own_backlog_ms, place_again, remaining_deadline_ms, retry_offers)
+from node.placement import (RETRY_PROVIDERS, NoPlacement, buyer_weights, known_backlog_ms, lane_window,
+                            offers_to_problem, place_again, remaining_deadline_ms, retry_offers)
 from protocol.messages import Device, ModelCapability, Offer, PowerProfile
 
 from .fleet import Fleet, Member, model_speed
@@ -306,12 +306,6 @@ class Simulation:
         self.at(self.now + timeout_ms, self.time_out, attempt)
         self.at(self.now + p.rtt_ms / 2, self.receive, attempt, p.epoch)
 
-    def own_backlog(self, arrival: int, offers: list[Offer], slots: dict[str, int]) -> dict[str, float]:
-        """As Client.own_backlog_ms: its jobs in flight, and the queues it heard of."""
-        extra = own_backlog_ms(self.in_flight[arrival], slots)
-        heard = heard_extra_ms(self.heard[arrival], offers, self.now)
-        return {pid: extra.get(pid, 0.0) + heard.get(pid, 0.0) for pid in {*extra, *heard}}
-
     def _end_attempt(self, attempt: _Attempt) -> bool:
         if attempt.done:
             return False
@@ -351,7 +345,8 @@ class Simulation:
                         items=job.items, max_price=1.0,
                         weights=self.scenario.weights, solver=self.solver, job_id=job.job_id,
                         deadline_left_ms=left if job.in_time else None,
-                        own_backlog=self.own_backlog(job.arrival, attempt.offers, slots))
+                        own_backlog=known_backlog_ms(self.in_flight[job.arrival], slots, self.heard[job.arrival],
+                                                     attempt.offers, self.now))
                 except NoPlacement as exc:
                     job.error += f"; no other provider can take it: {exc}"
         if nxt is not None:

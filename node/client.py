@@ -43,7 +43,7 @@ from .modelio import InputMismatch, Signature, check_inputs, signature_of_model
 from .net import OpenNetwork, StreamClosed
 from .offers import OfferBook
 from .p2p import open_p2p_node
-from .placement import (RETRY_PROVIDERS, NoPlacement, heard_extra_ms, own_backlog_ms, place_again, place_one,
+from .placement import (RETRY_PROVIDERS, NoPlacement, known_backlog_ms, place_again, place_one,
                         remaining_deadline_ms, retry_offers)
 from .reputation import own_digest, provider_scores
 from .settle import settle_with
@@ -494,18 +494,19 @@ class Client:
         of their queue since their offers were signed: the matcher sees load those
         offers cannot show yet."""
         slots = {pid: e.offer.slots for pid in self.in_flight if (e := self.book.entry(pid)) is not None}
-        extra = own_backlog_ms(self.in_flight, slots)
-        heard = heard_extra_ms(self.heard_backlog, offers, self.clock.now_ms(),
-                               time_scale=self.time_scale)
-        return {pid: extra.get(pid, 0.0) + heard.get(pid, 0.0) for pid in {*extra, *heard}}
+        return known_backlog_ms(self.in_flight, slots, self.heard_backlog, offers, self.clock.now_ms(),
+                                time_scale=self.time_scale)
+
+    def _terms(self, work: Work, job_id: str, offers: list[Offer]) -> dict:
+        """What placing `work` among `offers` takes besides the offers and the deadline."""
+        return dict(model_sha=work.model.sha256, items=work.items, max_price=work.max_price, weights=self.weights,
+                    solver=self.solver, job_id=job_id, own_backlog=self.own_backlog_ms(offers))
 
     def place(self, work: Work, job_id: str, offers: list[Offer], *, deadline_ms: float | None) -> Offer:
         """The matcher's choice for one job on the current state (offers, and our own
         jobs in flight)."""
         try:
-            return place_one(offers, model_sha=work.model.sha256, items=work.items, max_price=work.max_price,
-                             weights=self.weights, solver=self.solver, job_id=job_id, deadline_ms=deadline_ms,
-                             own_backlog=self.own_backlog_ms(offers))
+            return place_one(offers, deadline_ms=deadline_ms, **self._terms(work, job_id, offers))
         except NoPlacement as exc:
             raise ClientError(str(exc)) from None
 
@@ -514,10 +515,8 @@ class Client:
         """Where a failed job goes next, and whether its deadline still goes with it
         (node.placement.place_again; `offers` best established first)."""
         try:
-            return place_again(offers, tried=tried, vanished=vanished, model_sha=work.model.sha256,
-                               items=work.items, max_price=work.max_price,
-                               weights=self.weights, solver=self.solver, job_id=job_id,
-                               deadline_left_ms=deadline_left_ms, own_backlog=self.own_backlog_ms(offers))
+            return place_again(offers, tried=tried, vanished=vanished, deadline_left_ms=deadline_left_ms,
+                               **self._terms(work, job_id, offers))
         except NoPlacement as exc:
             raise ClientError(str(exc)) from None
 

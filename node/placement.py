@@ -100,6 +100,16 @@ def heard_extra_ms(heard: Mapping[str, tuple[float, float]], offers: list[Offer]
     return out
 
 
+def known_backlog_ms(in_flight: Mapping[str, Sequence[float]], slots: Mapping[str, int],
+                     heard: Mapping[str, tuple[float, float]], offers: list[Offer], now_ms: float, *,
+                     time_scale: float = 1.0) -> dict[str, float]:
+    """What a buyer adds to each offer's backlog: the queue its own jobs in flight add
+    (own_backlog_ms) and what providers told it since (heard_extra_ms)."""
+    own = own_backlog_ms(in_flight, slots)
+    told = heard_extra_ms(heard, offers, now_ms, time_scale=time_scale)
+    return {pid: own.get(pid, 0.0) + told.get(pid, 0.0) for pid in {*own, *told}}
+
+
 def place_one(offers: list[Offer], *, model_sha: str, items: int, max_price: float, weights: Weights | None,
               solver: str, job_id: str, deadline_ms: float | None,
               own_backlog: Mapping[str, float] | None = None) -> Offer:
