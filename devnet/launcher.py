@@ -167,8 +167,8 @@ def host_profile(models: list[Path]) -> tuple[dict[str, float], float]:
     return rates, next(m.items_per_s for m in measured.models if m.name == "resnet50")
 
 
-def fleet_provider_args(member, home: Path, bootstrap: str, models: list[Path], host_rates: dict[str, float],
-                        host_resnet50: float, time_scale: float = 1.0, fleet=None) -> list[str]:
+def fleet_provider_args(member, home: Path, bootstrap: str, models: list[Path], host_resnet50: float, fleet,
+                        time_scale: float = 1.0) -> list[str]:
     """Arguments for a simulated device, and its profile.json written in advance: the
     throughput is the device's published resnet50 rate times each model's speed relative
     to resnet50 (the same figures `devnet simulate` uses), and every figure is labelled
@@ -185,7 +185,7 @@ def fleet_provider_args(member, home: Path, bootstrap: str, models: list[Path], 
     figures = []
     for path in models:
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        rate = device.resnet50_img_s * model_speed(fleet, model_name(path)) if fleet else host_rates[sha] * speed
+        rate = device.resnet50_img_s * model_speed(fleet, model_name(path))
         figures.append(ModelFigures(model_name(path), sha, 1, rate, "simulated", []))
     power = PowerFigures(device.idle_w, "simulated", device.busy_w, "simulated", device.marginal_w_per_slot,
                          "simulated", f"published profile: {device.source}"[:200])
@@ -208,13 +208,14 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
                       progress=None, timeout_s: float = 120.0,
                       extra_args: dict[int, list[str]] | None = None, fleet=None,
                       n_bootstraps: int = 1, extra_env: dict[int, dict[str, str]] | None = None,
-                      host: tuple[dict[str, float], float] | None = None,
+                      host_resnet50: float | None = None,
                       time_scale: float = 1.0) -> AsyncIterator[Devnet]:
     """A running devnet; every child is stopped when the block exits, however it exits.
     With a fleet (devnet/fleet.py) the providers are its simulated devices. With several
     bootstraps, each later one keeps a connection to the first, and every provider is
-    given all of their addresses. `host`: host_profile(models), measured once by a
-    caller that opens several devnets (else measured here)."""
+    given all of their addresses. `host_resnet50`: this machine's resnet50 rate, the
+    yardstick of a simulated device's speed, measured once by a caller that opens
+    several devnets (else measured here)."""
     root = root or Path(tempfile.mkdtemp(prefix="idlemesh-devnet-"))
     models = models or [reference_model_path(m) for m in DEFAULT_MODELS]
     say = progress or (lambda text: None)
@@ -235,16 +236,15 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
                 say(f"{name} ready at {addrs[-1]}")
             bootstrap_addr = addrs[0]
             if fleet is not None:
-                if host is None:
-                    say("measuring this machine once, to scale the fleet's published throughput")
-                    host = await trio.to_thread.run_sync(host_profile, models)
-                host_rates, host_resnet50 = host
+                if host_resnet50 is None:
+                    say("measuring this machine's resnet50 rate once, the yardstick of the fleet's speeds")
+                    _, host_resnet50 = await trio.to_thread.run_sync(host_profile, [])
                 members = fleet.pick(n_providers)
             for i in range(n_providers):
                 home = root / f"provider-{i}"
                 if fleet is not None:
-                    args = fleet_provider_args(members[i], home, bootstrap_addr, models, host_rates, host_resnet50,
-                                               time_scale, fleet)
+                    args = fleet_provider_args(members[i], home, bootstrap_addr, models, host_resnet50, fleet,
+                                               time_scale)
                 else:
                     args = provider_args(i, home, bootstrap_addr, models)
                 args += [a for addr in addrs[1:] for a in ("--bootstrap", addr)]
