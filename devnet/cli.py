@@ -125,13 +125,13 @@ def _print_report(report: dict, out: Path, mode: str) -> None:
 def _devnet_run(args) -> int:
     from .report import write_report
     from .run import run_scenario
+    from .simulate import Simulation
 
     setup_logging_from_args(args)
     scenario, fleet = _load_trace(args)
     out = Path(args.out or f"devnet-report-{scenario.name}")
     say = (lambda line: print(line, file=sys.stderr, flush=True))
     runs = trio.run(lambda: run_scenario(scenario, out / "runs", fleet=fleet, say=say))
-    from .simulate import Simulation
     # The same trace in virtual time with this run's provider ids: how close the real
     # processes came to the model the solvers are judged on.
     simulated = [Simulation(scenario, fleet, run.solver, peer_ids=run.peer_ids).go() for run in runs]

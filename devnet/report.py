@@ -114,10 +114,12 @@ RUN_VS_SIMULATE_ENERGY = 0.25
 RUN_VS_SIMULATE_PLACEMENT = 0.75
 
 
-def run_vs_simulate(runs: list[SolverRun], simulated: list[SolverRun], charge: Callable[[JobRecord], float]) -> dict:
+def run_vs_simulate(runs: list[SolverRun], simulated: list[SolverRun], summaries: dict[str, dict],
+                    charge: Callable[[JobRecord], float]) -> dict:
+    """Each run (already summarised in `summaries`) next to its simulation."""
     out = {}
     for run, sim in zip(runs, simulated):
-        r, m = summarise(run, charge), summarise(sim, charge)
+        r, m = summaries[run.solver], summarise(sim, charge)
         by_provider = {}
         for j in run.jobs:
             if j.state == "settled":
@@ -236,7 +238,7 @@ def write_report(scenario: Scenario, fleet: Fleet, runs: list[SolverRun], out: P
                                                 "timeouts) lasted this many times longer on the wall clock, so this "
                                                 "machine could compute every output beside the simulated devices")
     if simulated is not None:
-        report["run_vs_simulate"] = run_vs_simulate(runs, simulated, charge)
+        report["run_vs_simulate"] = run_vs_simulate(runs, simulated, summaries, charge)
         report["run_vs_simulate_tolerance"] = {"energy": RUN_VS_SIMULATE_ENERGY,
                                                "same_provider_share": RUN_VS_SIMULATE_PLACEMENT}
     (out / "report.json").write_text(json.dumps(report, indent=2))

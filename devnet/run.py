@@ -11,6 +11,8 @@ compute the outputs as fast as the simulated fleet would.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import signal
 import sqlite3
 import time
@@ -68,21 +70,18 @@ class SolverRun:
 # simulated devices, so the trace is slowed until that work fits in this share of the
 # machine's cores (the rest runs the nodes, the buyers and the gossip) ...
 HOST_COMPUTE_SHARE = 0.5
-BUYER_LEAD_S = 3.0  # wall seconds a scenario's buyer starts before its arrival
 BUYER_START_CPU_S = 0.3   # ... counting what starting one buyer node costs (measured: 0.2-0.4 s)
 CPU_S_PER_MB = 0.1        # ... and moving each job's request through py-libp2p (yamux, noise, signing),
                           # both sides: bench/overhead.py measured about 60 ms besides the model for a
                           # 0.6 MB squeezenet request. For image jobs this, not the model, dominates.
 MAX_TIME_SCALE = 30.0     # beyond this a run takes too long; the report says the host could not keep up
+BUYER_LEAD_S = 3.0  # wall seconds a scenario's buyer starts before its arrival
 
 
 def choose_time_scale(scenario: Scenario, host_rates: dict[str, float]) -> tuple[float, str]:
     """How many times slower than the trace the run must go so this machine can compute
     its outputs, and why: every simulated duration (arrivals, compute, queue, links,
     faults, timeouts) is stretched by it, so who wins never depends on the host."""
-    import hashlib
-    import os
-
     shas = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in scenario.models}
     row_mb = {path: sum(input_bytes_per_item(path)) / 1e6 for path in scenario.models}
     work_s = sum(a.count * a.items * (1 / host_rates[shas[a.model]] + row_mb[a.model] * CPU_S_PER_MB)

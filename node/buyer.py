@@ -294,7 +294,8 @@ class Buyer:
                             vanished.add(pid)
                         log.warning("job %s on %s: %s", jid[:8], pid[-8:], outcome.error)
                     if not queue and len(tried) < RETRY_PROVIDERS + len(earlier):
-                        queue = [p for p in [replace(jid, tried)] if p is not None]
+                        placed = replace(jid, tried)
+                        queue = [placed] if placed else []
                 if outcome.error:
                     outcome.state = "failed"
                     await self.offload(self.journal.failed, jid, outcome.error, self.clock.now_ms())

@@ -36,9 +36,10 @@ def lane_window(request_bytes: int) -> int:
 # requirement in the deadline, so latency only breaks ties: 0.5 J per second of waiting
 # (0.0005 J/ms). Without a deadline, the matcher's default: 10 J per second (0.01 J/ms),
 # which for a 0.03 J image job means a millisecond saved is worth a third of its energy.
-# Measured in `devnet simulate` over 8 independent fleet x scenario files: with 10 J/s our
-# placement used 30-40% more energy than greedy-energy on mid-range GPU fleets for no
-# fewer misses; with 0.5 J/s it matched greedy-energy's energy and kept the deadlines.
+# Measured in `devnet simulate` over the 8 fleet x scenario files of bench/scenarios: with
+# 10 J/s our placement used 48-53% more energy than greedy-energy on the mid-range GPU
+# fleet (and missed 7 deadlines where greedy-energy missed none); with 0.5 J/s it used the
+# same energy as greedy-energy on all 8.
 DEADLINE_LATENCY_WEIGHT = 0.0005
 
 
