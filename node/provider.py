@@ -86,6 +86,7 @@ MODEL_UPLOAD_TIMEOUT_S = 120.0
 POLICY_INTERVAL_S = 2.0
 JOBS_PER_PEER = (20.0, 60.0)  # job streams per second sustained, burst, per peer
 KEPT_RESULTS_BYTES = 256 << 20  # acked results beyond this go first; unacked ones stay until their request expires
+KEPT_RESULTS_PRUNE_S = 60.0  # expired results go within this, jobs or none
 MIN_KEEP_RESULT_MS = 10 * 60_000  # a result is kept at least this long, whatever its request's expiry
 
 STATUS_NAME = "status.json"
@@ -624,10 +625,26 @@ class Provider:
         emit("job", job_id=request.job_id, buyer=peer, compute_ms=round(compute_ms, 3),
              energy_j=round(energy_j, 6), energy_source=energy_source, overruns=self.overruns)
         fault_point("provider-before-result")  # durable, not yet sent
-        await self._send(stream, step)
+        try:
+            await self._send(stream, step)
+        except (StreamClosed, trio.TooSlowError):
+            # The buyer vanished before its answer: the bound is kept all the same (the
+            # result stays, unacked, for a resubmission until its request expires).
+            await self._prune_kept_results()
+            raise
         # Off the buyer's path: bounding the kept results can wait until it has its answer.
-        await self.writer.prune_results(now_ms=now, max_bytes=KEPT_RESULTS_BYTES)
+        await self._prune_kept_results()
         await self._settle(stream, job, peer)
+
+    async def _prune_kept_results(self) -> None:
+        await self.writer.prune_results(now_ms=self.clock.now_ms(), max_bytes=KEPT_RESULTS_BYTES)
+
+    async def _prune_kept_results_forever(self) -> None:
+        """Expired results go even when no job ends to prune them (every buyer vanished,
+        or none came back): an idle provider's disk does not hold them for months."""
+        while True:
+            await trio.sleep(KEPT_RESULTS_PRUNE_S)
+            await self._prune_kept_results()
 
     async def _settle(self, stream: Stream, job: ProviderJob, peer: str) -> None:
         """Wait for the buyer's countersignature, apply it once, then tell the buyer the
@@ -725,6 +742,7 @@ class Provider:
                 nursery.start_soon(self._follow_queue)
                 nursery.start_soon(self._check_visibility, gossip)
                 nursery.start_soon(self._watch_policy)
+                nursery.start_soon(self._prune_kept_results_forever)
                 for addr, why in (await p2p.first_dials(self.config.bootstrap)).items():
                     log.warning("cannot reach bootstrap %s (%s); retrying: buyers cannot find this provider "
                                 "until one answers", addr, why)

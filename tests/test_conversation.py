@@ -520,3 +520,42 @@ async def test_a_provider_refuses_at_once_what_its_queue_cannot_finish_in_time_a
             while a._published_backlog_ms < 9_000:
                 await trio.sleep(0.1)
         nursery.cancel_scope.cancel()
+
+
+async def test_results_kept_for_buyers_that_vanished_are_dropped_once_their_request_expires(tmp_path, autojump_clock):
+    """A buyer that leaves before its answer never lets a job end normally, which is when
+    the kept results are pruned: an idle provider must still drop the expired ones."""
+    from protocol.job import BuyerJob
+    from protocol.messages import JobRequest
+    from node.provider import MIN_KEEP_RESULT_MS, KEPT_RESULTS_PRUNE_S
+
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        a = await market.start_provider("a", boot, marginal_w=10.0)
+        seed = bytes(range(50, 82))
+        buyer_key = SigningKey(seed)
+        async with market.network.open_node(seed, []) as node:
+            for n in range(3):
+                now = market.clock.now_ms()
+                request = JobRequest(job_id=f"{n:02x}" * 16, buyer=buyer_key.public_key, provider=a.key.public_key,
+                                     model_sha256=MODEL_SHA, model_name="fake", inputs=(Tensor.from_array("x", INPUT),),
+                                     items=2, max_price=1.0, issued_at_ms=now, expires_at_ms=now + 60_000)
+                job = BuyerJob.create(buyer_key, request, MODEL_BYTES)
+                a.executor.finished, a.executor.hold = trio.Event(), trio.Event()
+                async with node.open_stream(a.key.peer_id, a.p2p.listen_addrs, JOB_PROTOCOL) as stream:
+                    step = job.start()
+                    while job.state == "requested":  # the model goes up first, if asked for
+                        for payload in step.send:
+                            await stream.send(payload)
+                        step = job.receive(await stream.receive(max_bytes=1 << 20, timeout_s=60), now_ms=now)
+                    assert job.state in ("accepted", "running"), job.state
+                # Gone before the result; the provider runs the job and keeps it for a resubmission.
+                a.executor.hold.set()
+                await a.executor.finished.wait()
+                await trio.sleep(1)
+        kept = a.ledger.db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        assert kept == 3
+        await trio.sleep(MIN_KEEP_RESULT_MS / 1000 + 2 * KEPT_RESULTS_PRUNE_S)  # no job ends meanwhile
+        assert a.ledger.db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 0
+        nursery.cancel_scope.cancel()
