@@ -23,6 +23,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/matcher.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/gateway.py
+	$(BIN)/python bench/microbatch.py
 	$(BIN)/python bench/executor.py
 	$(BIN)/python bench/trust.py
 	$(BIN)/python bench/energy_claim.py

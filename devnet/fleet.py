@@ -4,7 +4,9 @@ Format (see devnet/fleets/default.toml, which cites its sources):
 
     [[regions]]   name, carbon_g_per_kwh, source
     [[devices]]   name, arch (cuda/arm64/x86_64), slots, idle_w, busy_w, resnet50_img_s,
-                  memory_mb, price_per_s, source
+                  memory_mb, price_per_s, source, resnet50_peak_img_s (optional: per slot, what
+                  large batches approach; a job of n rows then takes a fixed part plus n
+                  per-item parts, protocol.pricing.batch_job_s)
     [[providers]] device, region, link_ms (one-way delay added on the wire), count (default 1)
     [[models]]    name, speed_vs_resnet50 (items/s relative to resnet50's), source  (optional;
                   the reference models have built-in figures, MODEL_SPEED_VS_RESNET50)
@@ -18,7 +20,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.messages import ARCHES
+from protocol.messages import ARCHES, ModelCapability
 DEFAULT_FLEET = Path(__file__).parent / "fleets" / "default.toml"
 # A device's rate for a model is its published resnet50 rate times the model's speed
 # relative to resnet50. These ratios were measured once on the 2-core bench machine
@@ -47,6 +49,7 @@ class Device:
     memory_mb: int
     price_per_s: float
     source: str
+    resnet50_peak_img_s: float | None = None
 
     @property
     def marginal_w_per_slot(self) -> float:
@@ -91,6 +94,18 @@ def model_speed(fleet: Fleet, name: str) -> float:
     return speed
 
 
+def capability(fleet: Fleet, device: Device, name: str, sha256: str) -> ModelCapability:
+    """What a simulated device advertises for a model: its resnet50 rates (one at a time,
+    and the batch peak where the fleet gives one) times the model's speed ratio."""
+    speed = model_speed(fleet, name)
+    peak = device.resnet50_peak_img_s * speed if device.resnet50_peak_img_s else None
+    return ModelCapability(name, sha256, device.resnet50_img_s * speed, "simulated", peak)
+
+
+def _optional(table: dict, key: str, kind, where: str, *, minimum: float | None = None):
+    return None if table.get(key) is None else _get(table, key, kind, where, minimum=minimum)
+
+
 def _get(table: dict, key: str, kind, where: str, *, minimum: float | None = None, default=None):
     value = table.get(key, default)
     if value is None:
@@ -125,7 +140,8 @@ def load_fleet(path: Path) -> Fleet:
                         _get(d, "busy_w", float, where, minimum=0.0),
                         _get(d, "resnet50_img_s", float, where, minimum=1e-6),
                         _get(d, "memory_mb", int, where, minimum=1), _get(d, "price_per_s", float, where, minimum=0.0),
-                        _get(d, "source", str, where, default="unstated"))
+                        _get(d, "source", str, where, default="unstated"),
+                        _optional(d, "resnet50_peak_img_s", float, where, minimum=1e-6))
         if device.busy_w < device.idle_w:
             raise FleetError(f"{where}: busy_w ({device.busy_w}) is below idle_w ({device.idle_w})")
         devices[name] = device

@@ -178,15 +178,15 @@ def fleet_provider_args(member, home: Path, bootstrap: str, models: list[Path], 
     from node.calibrate import ModelFigures, PowerFigures, Profile, model_name, save_profile
     from node.executor import best_execution_providers
 
-    from .fleet import model_speed
+    from .fleet import capability
 
     device = member.device
     speed = device.resnet50_img_s / host_resnet50
     figures = []
     for path in models:
         sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        rate = device.resnet50_img_s * model_speed(fleet, model_name(path))
-        figures.append(ModelFigures(model_name(path), sha, 1, rate, "simulated", []))
+        cap = capability(fleet, device, model_name(path), sha)
+        figures.append(ModelFigures(cap.name, sha, 1, cap.items_per_s, "simulated", [], cap.peak_items_per_s))
     power = PowerFigures(device.idle_w, "simulated", device.busy_w, "simulated", device.marginal_w_per_slot,
                          "simulated", f"published profile: {device.source}"[:200])
     home.mkdir(parents=True, exist_ok=True)

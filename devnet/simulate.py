@@ -35,7 +35,7 @@ from node.placement import (RETRY_PROVIDERS, NoPlacement, buyer_weights, known_b
                             offers_to_problem, place_again, remaining_deadline_ms, retry_offers)
 from protocol.messages import Device, ModelCapability, Offer, PowerProfile
 
-from .fleet import Fleet, Member, model_speed
+from .fleet import Fleet, Member, capability
 from .run import JobRecord, SolverRun, job_timeout_s
 from .scenario import Scenario, input_bytes_per_item
 
@@ -80,7 +80,7 @@ class _Provider:
     index: int
     peer_id: str
     member: Member
-    rates: dict[str, float]
+    rates: dict[str, ModelCapability]  # per model sha: what the device advertises
     queue: DeviceQueue
     alive: bool = True
     paused_until_ms: float = 0.0
@@ -112,7 +112,7 @@ class Simulation:
             self.row_bytes[path] = sum(input_bytes_per_item(Path(path)))
         self.providers = []
         for i, member in enumerate(fleet.pick(scenario.providers)):
-            rates = {sha: member.device.resnet50_img_s * model_speed(fleet, name) for sha, name in self.models.values()}
+            rates = {sha: capability(fleet, member.device, name, sha) for sha, name in self.models.values()}
             peer_id = peer_ids[i] if peer_ids else f"sim-{i:03d}"
             self.providers.append(_Provider(i, peer_id, member, rates, DeviceQueue(member.device.slots)))
         self.by_id = {p.peer_id: p for p in self.providers}
@@ -153,8 +153,7 @@ class Simulation:
         backlog = p.queue.wait_ms(self.now)
         p.offer = Offer(
             provider=bytes(32), peer_id=p.peer_id, addrs=(), device=Device(d.arch, d.name, d.memory_mb),
-            slots=d.slots, models=tuple(ModelCapability(name, sha, p.rates[sha], SIMULATED)
-                                        for sha, name in self.models.values()),
+            slots=d.slots, models=tuple(p.rates[sha] for sha, _ in self.models.values()),
             power=PowerProfile(d.idle_w, d.busy_w, d.marginal_w_per_slot, SIMULATED, SIMULATED, SIMULATED),
             carbon_g_per_kwh=p.member.region.carbon_g_per_kwh, carbon_source=SIMULATED,
             price_per_s=d.price_per_s, backlog_ms=backlog, issued_at_ms=int(self.now),
@@ -300,7 +299,7 @@ class Simulation:
     def send(self, job: _Job, p: _Provider, then: Callable | None, vanished: set[str], offers: list[Offer]) -> None:
         job.tried.add(p.peer_id)
         job.attempts.append(p.peer_id)
-        attempt = _Attempt(job, p, expected_ms(job.items, p.rates[job.model_sha]), self.now, then, vanished, offers)
+        attempt = _Attempt(job, p, expected_ms(job.items, p.rates[job.model_sha].rate(job.items)), self.now, then, vanished, offers)
         self.in_flight[job.arrival].setdefault(p.peer_id, []).append(attempt.expected_ms)
         timeout_ms = 1000 * job_timeout_s(job.deadline_ms)
         self.at(self.now + timeout_ms, self.time_out, attempt)

@@ -62,6 +62,11 @@ class ModelFigures:
     items_per_s: float          # at the model's own batch size: what a job will see
     throughput_source: str      # measured / simulated
     batches: list[BatchFigures] = field(default_factory=list)
+    # What large batches approach (items/s), advertised so buyers can micro-batch; set
+    # only where a job's rows really run together (a simulated device's profile). The
+    # executor runs a fixed-batch model's rows one native batch at a time, and on the
+    # bench CPU larger batches were slower, so calibration leaves it unset.
+    peak_items_per_s: float | None = None
 
 
 @dataclass

@@ -650,7 +650,7 @@ async def _reconcile(args, ledger, key) -> dict:
 
 def _gateway(args) -> int:
     """The Open Inference Protocol v2 over the market, until Ctrl-C."""
-    from .client import Client, ClientError
+    from .client import MICRO_BATCH_MS, Client, ClientError
     from .gateway import Gateway, parse_listen
 
     setup_logging_from_args(args, default="warning")
@@ -666,7 +666,8 @@ def _gateway(args) -> int:
     async def serve() -> None:
         client = Client(Path(args.home), args.bootstrap, max_price=args.max_price, solver=args.solver,
                         job_timeout_s=args.job_timeout_s, min_reputation=args.min_reputation,
-                        spot_check=args.spot_check)
+                        spot_check=args.spot_check,
+                        micro_batch_ms=MICRO_BATCH_MS if args.micro_batch_ms is None else args.micro_batch_ms)
         models = {}
         try:
             for name, path in specs:
@@ -926,6 +927,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--min-reputation", type=float, default=0.25)
     gw.add_argument("--spot-check", type=float, default=0.0, metavar="FRACTION",
                     help="re-run this fraction of requests on a second provider after answering, and compare")
+    gw.add_argument("--micro-batch-ms", type=float, default=None, metavar="MS",
+                    help="how long a request may wait for concurrent ones of its model to share one job, where "
+                         "an offer batches and its deadline leaves room (default 20; 0: never)")
     gw.add_argument("--json", action="store_true", help="print the ready line as JSON")
     gw.set_defaults(func=_gateway)
     ins = sub.add_parser("inspect", help="a model's inputs and outputs, and (with --bootstrap) who offers it now")

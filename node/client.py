@@ -16,7 +16,7 @@ import logging
 import secrets
 import threading
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import AsyncIterator, Callable
@@ -26,13 +26,14 @@ import trio
 
 from matcher import Weights
 from protocol.errors import DecodeError
-from protocol.job import BuyerJob, Delivered, JobAccepted, ModelSent, Refused, Rejected
-from protocol.messages import MAX_INPUTS, MAX_REQUEST_BYTES, JobRequest, Offer, Receipt, SignedReceipt
+from protocol.job import BuyerJob, Delivered, JobAccepted, ModelSent, Refused, Rejected, share_problems
+from protocol.messages import MAX_INPUTS, MAX_PARTS, MAX_REQUEST_BYTES, JobRequest, Offer, Receipt, SignedReceipt
 from protocol.settlement import Dispute, sign_dispute
 from protocol.stream import MAX_MODEL_BYTES, OfferWant
 from protocol.tensors import MAX_TENSOR_BYTES, Tensor
 from protocol.topics import JOB_PROTOCOL
 
+from .batching import MAX_BATCH_ROWS, batches_pay, combine, split, stack, stack_key, wait_allowed_ms
 from .clock import SYSTEM_CLOCK, Clock
 from .faults import fault_point
 from .gossip import OfferGossip, bootstrap_peer_id
@@ -62,6 +63,11 @@ EMPTY_BOOK_RETRIES_S = (0.5, 1.0, 2.0)  # waits before syncing again while every
 # A warm client's book follows gossip; a sync this often also picks up what gossip missed
 # (a mesh still forming, a bootstrap that restarted). Offers live 6-120 s.
 REFRESH_S = 15.0
+# How long a request may wait for others of its model to share a job (node.batching):
+# only while others of its model are in flight, where an offer batches and its deadline
+# leaves room. A gateway's concurrent requests fill a batch within this; requests one
+# at a time never wait.
+MICRO_BATCH_MS = 20.0
 # Errors one attempt can end with; each fails the attempt (the next provider is tried),
 # never the client.
 ATTEMPT_ERRORS = (DecodeError, LedgerError, StreamClosed, trio.TooSlowError, OSError, ConnectionError)
@@ -117,6 +123,7 @@ class Work:
     items: int  # rows along the batch axis
     max_price: float
     timeout_s: float
+    parts: tuple[int, ...] | None = None  # a micro-batch: each member's rows, in order
 
     @classmethod
     def prepare(cls, model: Model, inputs: dict[str, np.ndarray], *, max_price: float, timeout_s: float) -> "Work":
@@ -186,21 +193,68 @@ class JobOutcome:
 @dataclass
 class Inference:
     """One request's answer: the outputs, and the receipt the provider signed and we
-    countersigned (already verified: its hashes match what we sent and got)."""
+    countersigned (already verified: its hashes match what we sent and got). A request
+    that went in a micro-batch (`share` is its index among the job's parts) holds the
+    batch's receipt, whose entry `receipt.parts[share]` commits to its own inputs and
+    outputs; its outcome's energy and price are its rows' share of the job's."""
 
     job_id: str
     outputs: dict[str, np.ndarray]
     receipt: Receipt
     receipt_envelope: bytes  # the signed receipt, as the ledger holds it
     outcome: JobOutcome
+    share: int | None = None
 
     @property
     def provider(self) -> str:
         return self.outcome.provider
 
+    def member(self, index: int, outputs: dict[str, np.ndarray]) -> "Inference":
+        """Member `index`'s answer out of a micro-batched job's."""
+        parts = self.receipt.parts
+        fraction = parts[index].rows / sum(p.rows for p in parts)
+        outcome = replace(self.outcome, energy_j=self.outcome.energy_j * fraction,
+                          price=self.outcome.price * fraction, attempts=list(self.outcome.attempts))
+        return Inference(self.job_id, outputs, self.receipt, self.receipt_envelope, outcome, index)
+
+    def share_problems(self, inputs: dict[str, np.ndarray]) -> list[str]:
+        """What is wrong with this answer as the share of the receipt it claims, checked
+        from the request's own inputs and outputs alone ([] when it holds)."""
+        return share_problems(self.receipt, self.share, _tensors(inputs), _tensors(self.outputs))
+
     def to_json(self) -> dict:
         """Everything but the outputs: what a script logs per request."""
-        return {**self.outcome.to_json(), "outputs": {k: list(v.shape) for k, v in self.outputs.items()}}
+        return {**self.outcome.to_json(), "outputs": {k: list(v.shape) for k, v in self.outputs.items()},
+                "share": None if self.share is None else [self.share, len(self.receipt.parts)]}
+
+
+def _tensors(arrays: dict[str, np.ndarray]) -> tuple[Tensor, ...]:
+    return tuple(Tensor.from_array(name, array) for name, array in arrays.items())
+
+
+@dataclass
+class _Member:
+    """A request waiting in a micro-batch; `done` once `result` or `error` is set."""
+
+    work: Work
+    deadline_ms: float | None
+    submitted_s: float
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Inference | None = None
+    error: ClientError | None = None
+
+
+@dataclass
+class _Group:
+    """Requests gathering for one job until `flush_at` (trio time) or until full."""
+
+    flush_at: float
+    members: list[_Member] = field(default_factory=list)
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def full(self) -> bool:
+        return len(self.members) >= MAX_PARTS or sum(m.work.items for m in self.members) >= MAX_BATCH_ROWS
 
 
 class Client:
@@ -211,12 +265,16 @@ class Client:
     def __init__(self, home: Path | str, bootstrap: list[str], *, max_price: float = 1.0, solver: str = "optimal",
                  weights: Weights | None = None, job_timeout_s: float = 120.0, min_reputation: float = 0.25,
                  listen: str = "/ip4/127.0.0.1/tcp/0", spot_check: float = 0.0, clock: Clock = SYSTEM_CLOCK,
-                 open_network: OpenNetwork = open_p2p_node, time_scale: float = 1.0):
+                 open_network: OpenNetwork = open_p2p_node, time_scale: float = 1.0,
+                 micro_batch_ms: float = MICRO_BATCH_MS):
         """`spot_check`: the fraction of requests run again on a second provider, after
         the answer is returned, and compared (Client.spot_check); a provider that
         disagrees with two others is disputed, and reputation then leaves it out.
         `time_scale` (devnet run): the simulated market's durations last this many times
-        longer on the wall clock, so deadlines count wall time divided by it."""
+        longer on the wall clock, so deadlines count wall time divided by it.
+        `micro_batch_ms`: how long a request may wait for others of its model to go with
+        it as one job (node.batching), only where an offer batches and its deadline
+        leaves room; 0 sends every request alone."""
         if not bootstrap:
             raise ClientError("give at least one bootstrap address")
         for addr in bootstrap:
@@ -230,6 +288,10 @@ class Client:
         self.job_timeout_s, self.min_reputation, self.listen = job_timeout_s, min_reputation, listen
         self.spot_check_fraction = spot_check
         self.time_scale = time_scale
+        self.micro_batch_ms = micro_batch_ms
+        self._gathering: dict[tuple, _Group] = {}  # micro-batches forming, by model and input shapes
+        self._active_requests: dict[str, int] = {}  # model sha -> infer calls not yet answered
+        self.batches = {"jobs": 0, "requests": 0}  # micro-batched jobs sent, and the requests they carried
         self.clock = clock
         self.open_network = open_network
         # Where blocking work runs (ledger commits, journal writes): a worker thread, one
@@ -536,6 +598,26 @@ class Client:
                             timeout_s=timeout_s or self.job_timeout_s)
         if found.sha256 not in wanted_before:
             await self.refresh()  # the bootstraps' offers of a model we had not asked for
+        active = self._active_requests
+        active[found.sha256] = active.get(found.sha256, 0) + 1
+        try:
+            # Company is worth waiting for only while others of the model are in flight:
+            # a request on its own goes at once.
+            if self.micro_batch_ms > 0 and active[found.sha256] > 1 and _stackable(found):
+                offers = self.current_offers()
+                if batches_pay(offers, found.sha256):
+                    wait_ms = wait_allowed_ms(self.micro_batch_ms, deadline_ms, offers, found.sha256, work.items)
+                    if wait_ms > 0:
+                        return await self._join_batch(work, deadline_ms, wait_ms)
+            return await self._run_work(work, deadline_ms, self.clock.elapsed_s())
+        finally:
+            active[found.sha256] -= 1
+            if not active[found.sha256]:
+                del active[found.sha256]
+
+    async def _run_work(self, work: Work, deadline_ms: float | None, submitted_s: float) -> Inference:
+        """One job on the market, placed and re-placed (up to RETRY_PROVIDERS)."""
+        found = work.model
         job_id = secrets.token_hex(16)
         new_request = partial(self.journal.new_request, job_id, model=found.label, model_sha256=found.sha256,
                               max_price=work.max_price, now_ms=self.clock.now_ms())
@@ -547,7 +629,6 @@ class Client:
             return ""
 
         tried: set[str] = set()
-        submitted_s = self.clock.elapsed_s()
         try:
             try:
                 self.candidates(found.sha256)
@@ -587,6 +668,75 @@ class Client:
             await self.offload(self.journal.failed, job_id, outcome.error, self.clock.now_ms())
         raise ClientError(f"job {job_id[:8]} failed after {len(tried)} provider(s): {outcome.error}")
 
+    async def _join_batch(self, work: Work, deadline_ms: float | None, wait_ms: float) -> Inference:
+        """Wait up to `wait_ms` (market time) for requests to go with this one."""
+        key = (work.model.sha256, stack_key(work.tensors))
+        member = _Member(work, deadline_ms, self.clock.elapsed_s())
+        flush_at = trio.current_time() + wait_ms * self.time_scale / 1000
+        group = self._gathering.get(key)
+        if group is None or group.full:
+            group = self._gathering[key] = _Group(flush_at)
+            self._nursery.start_soon(self._gather, key, group)
+        group.members.append(member)
+        group.flush_at = min(group.flush_at, flush_at)
+        group.changed.set()
+        await member.done.wait()
+        if member.error is not None:
+            raise member.error
+        return member.result
+
+    async def _gather(self, key: tuple, group: _Group) -> None:
+        while not group.full:
+            with trio.move_on_at(group.flush_at) as waited:
+                await group.changed.wait()
+            if waited.cancelled_caught:
+                break
+            group.changed = trio.Event()
+        if self._gathering.get(key) is group:
+            del self._gathering[key]
+        try:
+            await self._run_group(group.members)
+        except Exception as exc:  # noqa: BLE001 - each member's caller hears it; the client goes on
+            log.warning("micro-batch of %d requests failed: %s", len(group.members), exc)
+            for m in group.members:
+                if not m.done.is_set():
+                    m.error = exc if isinstance(exc, ClientError) else ClientError(f"{type(exc).__name__}: {exc}")
+                    m.done.set()
+
+    async def _run_group(self, members: list[_Member]) -> None:
+        """As one job when that lowers the energy per item (node.batching.combine), else
+        each alone; a batch that fails sends its members alone."""
+        model = members[0].work.model
+        rows = [m.work.items for m in members]
+        if combine(rows, self.current_offers(), model.sha256):
+            parts = tuple(rows)
+            left = [remaining_deadline_ms(m.deadline_ms, self.since_ms(m.submitted_s), 0.0) for m in members]
+            together = Work(model, stack([m.work.tensors for m in members]), sum(rows),
+                            sum(m.work.max_price for m in members), max(m.work.timeout_s for m in members), parts)
+            try:
+                answer = await self._run_work(together, min((d for d in left if d is not None), default=None),
+                                              min(m.submitted_s for m in members))
+            except ClientError as exc:
+                log.info("micro-batch of %d requests failed (%s); each goes alone", len(members), exc)
+            else:
+                self.batches["jobs"] += 1
+                self.batches["requests"] += len(members)
+                for index, (m, outputs) in enumerate(zip(members, split(answer.outputs, parts))):
+                    m.result = answer.member(index, outputs)
+                    m.done.set()
+                return
+        async with trio.open_nursery() as alone:
+            for m in members:
+                alone.start_soon(self._run_member, m)
+
+    async def _run_member(self, member: _Member) -> None:
+        try:
+            member.result = await self._run_work(member.work, member.deadline_ms, member.submitted_s)
+        except ClientError as exc:
+            member.error = exc
+        finally:
+            member.done.set()
+
     async def attempt(self, work: Work, outcome: JobOutcome, offer: Offer, *, keep: Callable[[tuple], str],
                       new_request: Callable[[], None] | None = None, deadline_ms: float | None = None,
                       submitted_s: float | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -608,13 +758,13 @@ class Client:
             model_sha256=work.model.sha256, model_name=work.model.name[:128], inputs=work.tensors,
             items=work.items, max_price=work.max_price, issued_at_ms=issued_ms,
             expires_at_ms=issued_ms + JOB_TTL_MS, timeout_ms=int(work.timeout_s * 1000),
-            deadline_ms=remaining_deadline_ms(deadline_ms, elapsed_ms, offer.link_rtt_ms))
+            deadline_ms=remaining_deadline_ms(deadline_ms, elapsed_ms, offer.link_rtt_ms), parts=work.parts)
         job = BuyerJob.create(self.key, request, work.model.data)
         started = self.clock.elapsed_s()
         outcome.provider = offer.peer_id
         outcome.attempts.append(offer.peer_id)
         outcome.state = job.state
-        estimate_ms = 1000 * work.items / max(offer.items_per_s(work.model.sha256) or 1.0, 1e-9)
+        estimate_ms = 1000 * work.items / max(offer.items_per_s(work.model.sha256, work.items) or 1.0, 1e-9)
         load = self.in_flight.setdefault(offer.peer_id, [])
         load.append(estimate_ms)
         paid = False
@@ -833,6 +983,13 @@ class Client:
         else:
             log.warning("job %s: the provider holds %s, we hold %s; `idlemesh settle` reconciles",
                         job.request.job_id[:8], confirmed.status, held[0] if held else "nothing")
+
+
+def _stackable(model: Model) -> bool:
+    """Whether requests for the model can be stacked along a batch axis: every input and
+    output has a leading axis (the provider checks the outputs again)."""
+    signature = model.signature
+    return signature is not None and all(p.shape for p in (*signature.inputs, *signature.outputs))
 
 
 def output_key(name: str) -> str:

@@ -211,6 +211,11 @@ class Gateway:
         receipt = {"receipt_id": answer.job_id, "provider": outcome.provider, "energy_j": outcome.energy_j,
                    "energy_source": outcome.energy_source, "price": outcome.price,
                    "compute_ms": round(outcome.compute_ms, 3), "latency_ms": round(outcome.latency_ms, 3)}
+        if answer.share is not None:
+            # Micro-batched: the receipt is the batch's; this request is part `share` of it,
+            # and energy and price above are its rows' share.
+            receipt["batch_part"] = answer.share
+            receipt["batch_parts"] = len(answer.receipt.parts)
         out_headers, out_body = encode_infer_response(name, request, answer.outputs,
                                                       {PARAMETER_PREFIX + k: v for k, v in receipt.items()})
         out_headers += [(f"x-idlemesh-{k.replace('_', '-')}", str(v)) for k, v in receipt.items()]

@@ -61,9 +61,13 @@ def offers_to_problem(offers: list[Offer], model_sha: str, items: int | list[int
     """The matcher's view of `offers`. `items`: rows per job (one figure for all, or one
     per job); `own_backlog_ms`: per provider, the queue our own jobs in flight there add
     to what its offer last said."""
+    rows = items if isinstance(items, list) else [items] * count
+    # The matcher prices a job as rows / throughput; a device that batches (a peak rate)
+    # gets the rate a job of these rows sees (jobs of one placement are alike in size).
+    typical_rows = max(rows, default=1)
     providers = []
     for offer in offers:
-        throughput = {m.sha256: m.items_per_s for m in offer.models}
+        throughput = {m.sha256: m.rate(typical_rows) for m in offer.models}
         if model_sha not in throughput and offer.open_models_items_per_s:
             throughput[model_sha] = offer.open_models_items_per_s
         providers.append(Provider(
@@ -72,7 +76,6 @@ def offers_to_problem(offers: list[Offer], model_sha: str, items: int | list[int
             carbon_g_per_kwh=offer.carbon_g_per_kwh, rtt_ms=offer.link_rtt_ms or 0.0,
             backlog_ms=offer.backlog_ms + (own_backlog_ms or {}).get(offer.peer_id, 0.0),
             price_per_s=offer.price_per_s, throughput=throughput))
-    rows = items if isinstance(items, list) else [items] * count
     jobs = tuple(Job(id=job_ids[i], model=model_sha, items=rows[i], max_price=max_price, deadline_ms=deadline_ms)
                  for i in range(count))
     return Problem(tuple(providers), jobs, weights)

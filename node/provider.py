@@ -19,7 +19,7 @@ import trio
 from protocol.errors import DecodeError
 from protocol.job import ProviderJob, Step
 from protocol.messages import Device, ModelCapability, Offer, PowerProfile, sign_offer
-from protocol.tensors import Tensor
+from protocol.tensors import Tensor, split_rows
 from protocol.stream import (
     MAX_SETTLE_ENTRIES, MAX_SETTLE_FRAME_BYTES, HeldReceipt, SettleHeld, decode_message, encode_message,
 )
@@ -196,7 +196,7 @@ class Provider:
                 profile = measured
             save_profile(c.home, profile)
         self.profile = profile
-        self.models = [ModelCapability(m.name, m.sha256, m.items_per_s, m.throughput_source)
+        self.models = [ModelCapability(m.name, m.sha256, m.items_per_s, m.throughput_source, m.peak_items_per_s)
                        for m in profile.models if m.sha256 in wanted]
         if self.meter is not None and profile.power.busy_source == self.meter.source:
             power = profile.power
@@ -499,12 +499,13 @@ class Provider:
             if capability is None:
                 return await self._refuse(stream, job, peer, "unknown-model",
                                           f"model {request.model_sha256} is not offered here")
-            step = job.quote(capability.items_per_s, self.config.price_per_s)
+            rate = capability.rate(request.items)  # what a job of this many rows sees (batching)
+            step = job.quote(rate, self.config.price_per_s)
             if job.state == "failed":
                 self.count("price", peer, step.events[0].message)
                 await self._send(stream, step)
                 return
-            expected = expected_ms(request.items, capability.items_per_s)
+            expected = expected_ms(request.items, rate)
             ahead = self.queue.wait_ms(self.vnow_ms())
             late = self.queue.admit(request.job_id, expected, self.vnow_ms(), deadline_ms=request.deadline_ms)
             if late:
@@ -593,6 +594,11 @@ class Provider:
         if self.simulated and host["done_s"] > device_done_s:
             self.overruns += 1
         outputs = tuple(result.outputs)
+        if request.parts is not None:
+            try:
+                split_rows(outputs, request.parts)
+            except DecodeError as exc:
+                raise JobFailed("bad-request", f"a micro-batch needs outputs along the batch axis: {exc}") from None
         if self.config.fault_output_noise:
             # Devnet fault injection: a provider that returns wrong numbers under a
             # self-consistent receipt, which only a spot check can catch.

@@ -34,7 +34,7 @@ from . import pricing
 from .errors import DecodeError, ExpiredError, LocalProtocolError
 from .lifecycle import TRANSITIONS, next_state
 from .messages import (
-    MAX_REQUEST_BYTES, JobRequest, Receipt, ReceiptAck, SignedReceipt, check_window, open_job_request,
+    MAX_REQUEST_BYTES, JobRequest, Receipt, ReceiptAck, ReceiptPart, SignedReceipt, check_window, open_job_request,
     open_receipt_ack, sign_job_request, sign_receipt, sign_receipt_ack,
 )
 from .signing import SigningKey, peer_id_from_public_key
@@ -42,7 +42,7 @@ from .stream import (
     MAX_CONTROL_FRAME_BYTES, MAX_MODEL_BYTES, Accepted, Ack, JobError, JobResult, ModelBlob, NeedModel, Settled,
     StreamMessage, SubmitJob, decode_message, encode_message,
 )
-from .tensors import Tensor, tensors_sha256
+from .tensors import Tensor, parts_sha256, tensors_sha256
 
 # A result carries the outputs: the largest frame a buyer reads.
 MAX_RESULT_FRAME_BYTES = 96 * 1024 * 1024
@@ -262,6 +262,12 @@ class BuyerJob(_Machine):
             problems.append("commits to other inputs")
         if r.output_sha256 != tensors_sha256(message.outputs):
             problems.append("output hash does not match the outputs received")
+        if request.parts is not None:
+            try:
+                if r.parts != receipt_parts(request, message.outputs):
+                    problems.append("its per-member hashes do not match the batch's inputs and outputs")
+            except DecodeError as exc:
+                problems.append(f"outputs cannot be cut into the batch's members: {exc}")
         if not pricing.within_ceiling(r.price, request.max_price):
             problems.append(f"price {r.price} exceeds the ceiling {request.max_price}")
         if message.job_id != request.job_id:
@@ -368,13 +374,14 @@ class ProviderJob(_Machine):
         """Sign the receipt for a finished run and send it with the outputs. The price is
         charged by the one formula, never over the buyer's ceiling."""
         request = self._need_request("deliver")
+        parts = receipt_parts(request, outputs)  # DecodeError if the outputs have no batch axis to cut
         receipt = Receipt(
             job_id=request.job_id, buyer=request.buyer, provider=self.key.public_key,
             model_sha256=request.model_sha256, input_sha256=tensors_sha256(request.inputs),
             output_sha256=tensors_sha256(outputs), queue_ms=queue_ms, compute_ms=compute_ms,
             energy_j=energy_j, energy_source=energy_source,
             price=pricing.charge(compute_ms, price_per_s, request.max_price),
-            issued_at_ms=now_ms, execution_provider=execution_provider)
+            issued_at_ms=now_ms, execution_provider=execution_provider, parts=parts)
         self._move("deliver")
         self.receipt = SignedReceipt.parse(sign_receipt(self.key, receipt))
         return _step(JobResult(request.job_id, tuple(outputs), self.receipt.envelope_bytes))
@@ -430,3 +437,34 @@ class ProviderJob(_Machine):
         if state is not None and self.state != state:
             raise LocalProtocolError(f"provider: no {what} in state {self.state!r}")
         return self.request
+
+
+
+def receipt_parts(request: JobRequest, outputs: tuple[Tensor, ...]) -> tuple[ReceiptPart, ...] | None:
+    """What a micro-batched job's receipt says of each member (None for a single job);
+    DecodeError when the outputs cannot be cut by the request's parts."""
+    if request.parts is None:
+        return None
+    return tuple(ReceiptPart(rows, inputs, outs) for rows, inputs, outs in zip(
+        request.parts, parts_sha256(request.inputs, request.parts), parts_sha256(outputs, request.parts)))
+
+
+def share_problems(receipt: Receipt, index: int | None, inputs: tuple[Tensor, ...],
+                   outputs: tuple[Tensor, ...]) -> list[str]:
+    """Whether `inputs` and `outputs` are what `receipt` commits to: the whole job's
+    (index None), or member `index`'s of a micro-batch, checked from that member's own
+    tensors alone. [] when they are."""
+    if index is None:
+        want = (receipt.input_sha256, receipt.output_sha256)
+    elif receipt.parts is None or not 0 <= index < len(receipt.parts):
+        return [f"the receipt has no part {index}"]
+    else:
+        part = receipt.parts[index]
+        want = (part.input_sha256, part.output_sha256)
+    problems = []
+    if tensors_sha256(inputs) != want[0]:
+        problems.append("the inputs are not the ones the receipt commits to")
+    if tensors_sha256(outputs) != want[1]:
+        problems.append("the outputs are not the ones the receipt commits to")
+    return problems
+

@@ -13,8 +13,9 @@ from typing import Any
 
 from . import codec
 from .errors import DecodeError, ExpiredError
-from .fields import Fields, str_item
+from .fields import Fields, row, str_item
 from .signing import Envelope, SigningKey, open_envelope, peer_id_from_public_key, seal
+from .pricing import batch_job_s
 from .tensors import Tensor
 
 # The architectures an offer may name and a job may ask for: the one list (matcher,
@@ -33,6 +34,9 @@ MAX_OFFER_TTL_MS = 120_000
 MAX_REQUEST_BYTES = 80 * 1024 * 1024
 MAX_RECEIPT_BYTES = 8 * 1024
 MAX_INPUTS = 16
+# A micro-batched job carries at most this many members (JobRequest.parts), so its
+# receipt, one hash pair per member, stays within MAX_RECEIPT_BYTES.
+MAX_PARTS = 32
 
 
 # --- offers ---------------------------------------------------------------------------
@@ -84,23 +88,39 @@ class Device:
 
 @dataclass(frozen=True, slots=True)
 class ModelCapability:
-    """A model a provider runs, by content hash, with throughput in items/s per slot."""
+    """A model a provider runs, by content hash, with throughput in items/s per slot:
+    `items_per_s` one item at a time, and `peak_items_per_s` (optional) what large
+    batches approach. A job of n items then takes a fixed part plus n times the peak's
+    per-item time (`job_s`): batching pays where the fixed part is large (GPUs)."""
 
     name: str
     sha256: str
     items_per_s: float
     throughput_source: str
+    peak_items_per_s: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"name": self.name, "sha256": self.sha256, "items_per_s": self.items_per_s,
+        wire = {"name": self.name, "sha256": self.sha256, "items_per_s": self.items_per_s,
                 "throughput_source": self.throughput_source}
+        if self.peak_items_per_s is not None:  # absent, not nil: offers without one keep their bytes
+            wire["peak_items_per_s"] = self.peak_items_per_s
+        return wire
 
     @classmethod
     def from_wire(cls, value: Any, path: str) -> "ModelCapability":
         f = Fields(value, path)
-        return cls(f.str("name", max_len=128), f.hex("sha256", size=32),
-                   f.float("items_per_s", min=1e-9, max=1e9),
-                   f.str("throughput_source", choices=THROUGHPUT_SOURCES))
+        rate = f.float("items_per_s", min=1e-9, max=1e9)
+        return cls(f.str("name", max_len=128), f.hex("sha256", size=32), rate,
+                   f.str("throughput_source", choices=THROUGHPUT_SOURCES),
+                   f.float("peak_items_per_s", min=rate, max=1e9, default=None))
+
+    def job_s(self, items: int) -> float:
+        """Seconds one job of `items` rows takes on a slot (protocol.pricing.batch_job_s)."""
+        return batch_job_s(items, self.items_per_s, self.peak_items_per_s)
+
+    def rate(self, items: int) -> float:
+        """Items/s a job of `items` rows sees."""
+        return items / self.job_s(items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,10 +203,11 @@ class Offer:
                 return m
         return None
 
-    def items_per_s(self, sha256: str) -> float | None:
-        """Throughput for a model: listed, else the open-model estimate, else None."""
+    def items_per_s(self, sha256: str, items: int = 1) -> float | None:
+        """Throughput a job of `items` rows sees for a model: listed, else the
+        open-model estimate, else None."""
         listed = self.model(sha256)
-        return listed.items_per_s if listed else self.open_models_items_per_s
+        return listed.rate(items) if listed else self.open_models_items_per_s
 
 
 def sign_offer(key: SigningKey, offer: Offer) -> bytes:
@@ -237,6 +258,10 @@ class JobRequest:
     # provider reads the request (relative, so no two clocks need to agree). A provider
     # that cannot finish within it refuses at once (`deadline`). None: no deadline.
     deadline_ms: float | None = None
+    # A micro-batch: the rows of each member request, in order along the batch axis of
+    # every input; the receipt then commits to each member's inputs and outputs
+    # (Receipt.parts), so each gets a share it can verify alone. None: one request.
+    parts: tuple[int, ...] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         wire = {
@@ -248,6 +273,8 @@ class JobRequest:
         }
         if self.deadline_ms is not None:  # absent, not nil: requests without one keep their bytes
             wire["deadline_ms"] = self.deadline_ms
+        if self.parts is not None:
+            wire["parts"] = list(self.parts)
         return wire
 
     @classmethod
@@ -257,17 +284,37 @@ class JobRequest:
         expires = f.int("expires_at_ms", min=0)
         if expires <= issued:
             raise DecodeError(f"{path}.expires_at_ms: expected > issued_at_ms ({issued}), got {expires}")
+        inputs = tuple(f.list("inputs", Tensor.from_wire, max_len=MAX_INPUTS))
         return cls(
             job_id=f.hex("job_id", size=16), buyer=f.bytes("buyer", size=32),
             provider=f.bytes("provider", size=32), model_sha256=f.hex("model_sha256", size=32),
             model_name=f.str("model_name", max_len=128),
-            inputs=tuple(f.list("inputs", Tensor.from_wire, max_len=MAX_INPUTS)),
+            inputs=inputs,
             items=f.int("items", min=1, max=1 << 30),
             max_price=f.float("max_price", min=0.0, max=1e9),
             issued_at_ms=issued, expires_at_ms=expires,
             timeout_ms=f.int("timeout_ms", min=1, max=3_600_000, default=60_000),
             deadline_ms=f.float("deadline_ms", min=0.0, max=3.6e6, default=None),
+            parts=_parts(f, inputs),
         )
+
+
+def _parts(f: Fields, inputs: tuple[Tensor, ...]) -> tuple[int, ...] | None:
+    raw = f.raw("parts", default=None)
+    if raw is None:
+        return None
+    parts = tuple(f.list("parts", _part_rows, max_len=MAX_PARTS))
+    total = sum(parts)
+    if len(parts) < 2 or any(not t.shape or t.shape[0] != total for t in inputs):
+        raise DecodeError(f"{f.path}.parts: expected 2-{MAX_PARTS} row counts summing to every input's "
+                          f"leading axis, got {list(parts)} for inputs {[list(t.shape) for t in inputs]}")
+    return parts
+
+
+def _part_rows(value: Any, path: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1 << 30:
+        raise DecodeError(f"{path}: expected a row count >= 1, got {value!r:.40}")
+    return value
 
 
 def sign_job_request(key: SigningKey, request: JobRequest) -> bytes:
@@ -280,6 +327,21 @@ def open_job_request(data: bytes) -> tuple[Envelope, JobRequest]:
     if request.buyer != env.signer:
         raise DecodeError("job.buyer: is not the key that signed the request")
     return env, request
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptPart:
+    """One member's share of a micro-batched job's receipt."""
+
+    rows: int
+    input_sha256: str
+    output_sha256: str
+
+    @classmethod
+    def from_wire(cls, value: Any, path: str) -> "ReceiptPart":
+        f = row(value, ("rows", "input_sha256", "output_sha256"), path)
+        return cls(f.int("rows", min=1, max=1 << 30), f.hex("input_sha256", size=32),
+                   f.hex("output_sha256", size=32))
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,9 +361,12 @@ class Receipt:
     price: float
     issued_at_ms: int
     execution_provider: str = "CPUExecutionProvider"
+    # For a micro-batched job: each member's (rows, inputs sha256, outputs sha256), in
+    # the request's order; a member checks its own rows against its entry alone.
+    parts: tuple[ReceiptPart, ...] | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "job_id": self.job_id, "buyer": self.buyer, "provider": self.provider,
             "model_sha256": self.model_sha256, "input_sha256": self.input_sha256,
             "output_sha256": self.output_sha256, "queue_ms": self.queue_ms,
@@ -309,6 +374,9 @@ class Receipt:
             "energy_source": self.energy_source, "price": self.price,
             "issued_at_ms": self.issued_at_ms, "execution_provider": self.execution_provider,
         }
+        if self.parts is not None:  # absent, not nil: receipts of single jobs keep their bytes
+            wire["parts"] = [[p.rows, p.input_sha256, p.output_sha256] for p in self.parts]
+        return wire
 
     @classmethod
     def from_wire(cls, value: Any, path: str = "receipt") -> "Receipt":
@@ -322,6 +390,8 @@ class Receipt:
             energy_source=f.str("energy_source", choices=POWER_SOURCES),
             price=f.float("price", min=0.0, max=1e9), issued_at_ms=f.int("issued_at_ms", min=0),
             execution_provider=f.str("execution_provider", max_len=64, default="CPUExecutionProvider"),
+            parts=(None if f.raw("parts", default=None) is None
+                   else tuple(f.list("parts", ReceiptPart.from_wire, max_len=MAX_PARTS))),
         )
 
 

@@ -18,6 +18,18 @@ def compute_s(items, items_per_s):
     return items / items_per_s
 
 
+def batch_job_s(items: int, items_per_s: float, peak_items_per_s: float | None = None) -> float:
+    """Seconds one job of `items` rows takes on a slot. Without a peak rate, items at
+    `items_per_s`. With one, an affine model fitted to the two published figures: each
+    run costs a fixed part (launch, weights read once) plus a per-item part, so one item
+    takes 1/items_per_s and a large batch approaches peak_items_per_s."""
+    if peak_items_per_s is None or peak_items_per_s <= items_per_s:
+        return items / items_per_s
+    per_item_s = 1.0 / peak_items_per_s
+    fixed_s = 1.0 / items_per_s - per_item_s
+    return fixed_s + items * per_item_s
+
+
 def price(compute_s, price_per_s):
     """What `compute_s` busy seconds cost (floats or numpy arrays)."""
     return compute_s * price_per_s

@@ -60,3 +60,33 @@ class Tensor:
 def tensors_sha256(tensors: list[Tensor] | tuple[Tensor, ...]) -> str:
     """Content hash of an ordered tensor list, as receipts commit to it."""
     return hashlib.sha256(codec.encode([t.to_wire() for t in tensors])).hexdigest()
+
+
+def rows(tensor: Tensor, start: int, stop: int) -> Tensor:
+    """Rows [start, stop) along the leading (batch) axis, as a tensor of its own."""
+    if not tensor.shape:
+        raise DecodeError(f"tensor {tensor.name!r} has no batch axis to split")
+    row_bytes = math.prod(tensor.shape[1:]) * np.dtype(tensor.dtype).itemsize
+    return Tensor(tensor.name, tensor.dtype, (stop - start, *tensor.shape[1:]),
+                  tensor.data[start * row_bytes:stop * row_bytes])
+
+
+def split_rows(tensors: list[Tensor] | tuple[Tensor, ...], parts: tuple[int, ...]) -> list[tuple[Tensor, ...]]:
+    """Tensors cut along the batch axis into consecutive parts of `parts` rows each (a
+    micro-batched job's members); every tensor must have exactly sum(parts) rows."""
+    total = sum(parts)
+    for t in tensors:
+        if not t.shape or t.shape[0] != total:
+            raise DecodeError(f"tensor {t.name!r}: {list(t.shape)} has no batch axis of {total} rows to split "
+                              f"into parts {list(parts)}")
+    cut, start = [], 0
+    for n in parts:
+        cut.append(tuple(rows(t, start, start + n) for t in tensors))
+        start += n
+    return cut
+
+
+def parts_sha256(tensors: list[Tensor] | tuple[Tensor, ...], parts: tuple[int, ...]) -> list[str]:
+    """Each part's own tensors_sha256: what a receipt commits to per member of a batch."""
+    return [tensors_sha256(part) for part in split_rows(tensors, parts)]
+

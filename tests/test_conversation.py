@@ -80,13 +80,14 @@ class FakeExecutor:
 
 
 def make_provider(tmp_path, name: str, network: MemoryNetwork, clock, bootstrap: str, *,
-                  marginal_w: float, items_per_s: float = 100.0, ack_timeout_s: float = 30.0) -> Provider:
+                  marginal_w: float, items_per_s: float = 100.0, ack_timeout_s: float = 30.0,
+                  peak_items_per_s: float | None = None) -> Provider:
     config = ProviderConfig(home=tmp_path / name, listen=["/memory"], bootstrap=[bootstrap], device_name=name,
                             arch="x86_64", speed_factor=2.0, price_per_s=0.01, offer_ttl_s=60.0,
                             ack_timeout_s=ack_timeout_s)
     provider = Provider(config, clock=clock, open_network=network.open_node, executor=FakeExecutor())
     provider.offload = _inline  # no worker thread: MockClock would jump while it runs
-    provider.models = [ModelCapability("fake", MODEL_SHA, items_per_s, "simulated")]
+    provider.models = [ModelCapability("fake", MODEL_SHA, items_per_s, "simulated", peak_items_per_s)]
     provider.power = PowerFigures(5.0, "simulated", 5.0 + marginal_w, "simulated", marginal_w, "simulated")
     return provider
 
