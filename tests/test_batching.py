@@ -4,12 +4,14 @@ under MockClock going as one job, each with a share of the receipt it verifies a
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import numpy as np
 import pytest
 import trio
 
 from node.batching import batch_saving, combine, split, stack, stack_key, wait_allowed_ms
-from node.client import Client, ClientError
+from node.client import Client
 from protocol import codec
 from protocol.errors import DecodeError
 from protocol.job import share_problems
@@ -78,6 +80,19 @@ def test_stacked_members_split_back_and_each_share_checks_alone():
         np.testing.assert_array_equal(share["x"], member[0].to_array())
 
 
+@asynccontextmanager
+async def warm_client(tmp_path, market: Market, bootstrap: str):
+    """An open client of the fake model on the market's in-memory network."""
+    model = tmp_path / "fake.onnx"
+    model.write_bytes(MODEL_BYTES)
+    client = Client(tmp_path / "client", [bootstrap], clock=market.clock, open_network=market.network.open_node)
+    client.offload = _inline  # no worker thread: MockClock would jump while it runs
+    async with client:
+        client.add_model(model)
+        await client.refresh()
+        yield client
+
+
 async def test_concurrent_requests_go_as_one_job_and_each_verifies_its_share(tmp_path, autojump_clock):
     rng = np.random.default_rng(5)
     inputs = [rng.standard_normal((1, 3)).astype(np.float32) for _ in range(8)]
@@ -85,14 +100,8 @@ async def test_concurrent_requests_go_as_one_job_and_each_verifies_its_share(tmp
         market = Market(tmp_path, nursery)
         boot = await market.start_bootstrap()
         gpu = await market.start_provider("gpu", boot, marginal_w=40.0, peak_items_per_s=1000.0)
-        model = tmp_path / "fake.onnx"
-        model.write_bytes(MODEL_BYTES)
-        client = Client(tmp_path / "client", [boot], clock=market.clock, open_network=market.network.open_node)
-        client.offload = _inline
         answers = [None] * len(inputs)
-        async with client:
-            client.add_model(model)
-            await client.refresh()
+        async with warm_client(tmp_path, market, boot) as client:
 
             async def one(i: int) -> None:
                 answers[i] = await client.infer("fake", {"x": inputs[i]})
@@ -136,13 +145,7 @@ async def test_without_a_batching_offer_or_with_a_tight_deadline_requests_go_alo
         market = Market(tmp_path, nursery)
         boot = await market.start_bootstrap()
         cpu = await market.start_provider("cpu", boot, marginal_w=40.0)
-        model = tmp_path / "fake.onnx"
-        model.write_bytes(MODEL_BYTES)
-        client = Client(tmp_path / "client", [boot], clock=market.clock, open_network=market.network.open_node)
-        client.offload = _inline
-        async with client:
-            client.add_model(model)
-            await client.refresh()
+        async with warm_client(tmp_path, market, boot) as client:
             async with trio.open_nursery() as requests:
                 for x in inputs:
                     requests.start_soon(client.infer, "fake", {"x": x})
