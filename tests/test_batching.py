@@ -138,7 +138,7 @@ async def test_concurrent_requests_go_as_one_job_and_each_verifies_its_share(tmp
         nursery.cancel_scope.cancel()
 
 
-async def test_without_a_batching_offer_or_with_a_tight_deadline_requests_go_alone(tmp_path, autojump_clock):
+async def test_without_a_batching_offer_concurrent_requests_go_alone(tmp_path, autojump_clock):
     rng = np.random.default_rng(6)
     inputs = [rng.standard_normal((1, 3)).astype(np.float32) for _ in range(4)]
     async with trio.open_nursery() as nursery:
