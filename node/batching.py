@@ -77,6 +77,16 @@ def wait_allowed_ms(window_ms: float, deadline_ms: float | None, offers: Sequenc
     return max(0.0, min(window_ms, (deadline_ms - min(finish_ms)) / 2))
 
 
+def group_deadline_ms(members: Sequence[tuple[float | None, float]], start_s: float,
+                      time_scale: float = 1.0) -> float | None:
+    """The deadline of a group's one job, counted from `start_s` (its first member's
+    submission, clock.elapsed_s()): the tightest member's. `members`: each one's
+    (deadline_ms or None, submitted_s); a deadline counts from its own member's
+    submission, in market ms (wall time over `time_scale`)."""
+    return min((deadline + 1000.0 * (submitted_s - start_s) / time_scale
+                for deadline, submitted_s in members if deadline is not None), default=None)
+
+
 def stack_key(tensors: Sequence[Tensor]) -> tuple:
     """Requests whose tensors agree on this stack along the batch axis into one job."""
     return tuple((t.name, t.dtype, t.shape[1:]) for t in tensors)

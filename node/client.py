@@ -33,7 +33,8 @@ from protocol.stream import MAX_MODEL_BYTES, OfferWant
 from protocol.tensors import MAX_TENSOR_BYTES, Tensor
 from protocol.topics import JOB_PROTOCOL
 
-from .batching import MAX_BATCH_ROWS, batches_pay, combine, split, stack, stack_key, wait_allowed_ms
+from .batching import (MAX_BATCH_ROWS, batches_pay, combine, group_deadline_ms, split, stack, stack_key,
+                       wait_allowed_ms)
 from .clock import SYSTEM_CLOCK, Clock
 from .faults import fault_point
 from .gossip import OfferGossip, bootstrap_peer_id
@@ -710,12 +711,15 @@ class Client:
         rows = [m.work.items for m in members]
         if combine(rows, self.current_offers(), model.sha256):
             parts = tuple(rows)
-            left = [remaining_deadline_ms(m.deadline_ms, self.since_ms(m.submitted_s), 0.0) for m in members]
+            start_s = min(m.submitted_s for m in members)
+            # Counted from the first member's submission, as _run_work counts it: what has
+            # passed since is taken off there, once.
+            deadline_ms = group_deadline_ms([(m.deadline_ms, m.submitted_s) for m in members], start_s,
+                                            self.time_scale)
             together = Work(model, stack([m.work.tensors for m in members]), sum(rows),
                             sum(m.work.max_price for m in members), max(m.work.timeout_s for m in members), parts)
             try:
-                answer = await self._run_work(together, min((d for d in left if d is not None), default=None),
-                                              min(m.submitted_s for m in members))
+                answer = await self._run_work(together, deadline_ms, start_s)
             except ClientError as exc:
                 log.info("micro-batch of %d requests failed (%s); each goes alone", len(members), exc)
             else:

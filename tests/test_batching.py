@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import trio
 
-from node.batching import batch_saving, combine, split, stack, stack_key, wait_allowed_ms
+from node.batching import batch_saving, combine, group_deadline_ms, split, stack, stack_key, wait_allowed_ms
 from node.client import Client
 from protocol import codec
 from protocol.errors import DecodeError
@@ -67,6 +67,14 @@ def test_batching_is_chosen_only_where_it_lowers_energy_per_item_and_deadlines_l
     slack = (30.0 - gpu.backlog_ms - (gpu.link_rtt_ms or 0.0) - 10.0) / 2
     assert wait_allowed_ms(20.0, 30.0, [gpu], MODEL_SHA, 1) == pytest.approx(max(0.0, min(20.0, slack)))
     assert wait_allowed_ms(20.0, 5.0, [gpu], MODEL_SHA, 1) == 0.0
+
+
+def test_a_groups_deadline_is_its_tightest_members_counted_once_from_the_first_submission():
+    # Submitted at 10.0 s (500 ms), 10.1 s (300 ms: ends first, 400 ms after 10.0) and 10.2 s (none).
+    members = [(500.0, 10.0), (300.0, 10.1), (None, 10.2)]
+    assert group_deadline_ms(members, 10.0) == pytest.approx(400.0)
+    assert group_deadline_ms(members, 10.0, time_scale=10.0) == pytest.approx(310.0)  # 0.1 s wall is 10 ms
+    assert group_deadline_ms([(None, 10.0), (None, 10.1)], 10.0) is None
 
 
 def test_stacked_members_split_back_and_each_share_checks_alone():
