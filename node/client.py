@@ -548,6 +548,14 @@ class Client:
         raise ClientError(f"no provider offers model {self._label(model_sha)} (sha256 {model_sha[:16]}...); "
                           f"{len(available)} offers seen")
 
+    def _placeable(self, model_sha: str) -> list[Offer]:
+        """The offers a request would be placed on (candidates), or none: what batching
+        decides on, so an offer we would never use (untrusted, withdrawn) weighs nothing."""
+        try:
+            return self.candidates(model_sha)
+        except ClientError:
+            return []
+
     def since_ms(self, submitted_s: float) -> float:
         """Time since `submitted_s` (clock.elapsed_s()), in the market's ms."""
         return 1000 * (self.clock.elapsed_s() - submitted_s) / self.time_scale
@@ -605,7 +613,7 @@ class Client:
             # Company is worth waiting for only while others of the model are in flight:
             # a request on its own goes at once.
             if self.micro_batch_ms > 0 and active[found.sha256] > 1 and _stackable(found):
-                offers = self.current_offers()
+                offers = self._placeable(found.sha256)
                 if batches_pay(offers, found.sha256):
                     wait_ms = wait_allowed_ms(self.micro_batch_ms, deadline_ms, offers, found.sha256, work.items)
                     if wait_ms > 0:
@@ -709,7 +717,7 @@ class Client:
         each alone; a batch that fails sends its members alone."""
         model = members[0].work.model
         rows = [m.work.items for m in members]
-        if combine(rows, self.current_offers(), model.sha256):
+        if combine(rows, self._placeable(model.sha256), model.sha256):
             parts = tuple(rows)
             start_s = min(m.submitted_s for m in members)
             # Counted from the first member's submission, as _run_work counts it: what has
