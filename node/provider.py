@@ -19,7 +19,7 @@ import trio
 from protocol.errors import DecodeError
 from protocol.job import ProviderJob, Step
 from protocol.messages import Device, ModelCapability, Offer, PowerProfile, sign_offer
-from protocol.tensors import Tensor, split_rows
+from protocol.tensors import Tensor
 from protocol.stream import (
     MAX_SETTLE_ENTRIES, MAX_SETTLE_FRAME_BYTES, HeldReceipt, SettleHeld, decode_message, encode_message,
 )
@@ -594,11 +594,6 @@ class Provider:
         if self.simulated and host["done_s"] > device_done_s:
             self.overruns += 1
         outputs = tuple(result.outputs)
-        if request.parts is not None:
-            try:
-                split_rows(outputs, request.parts)
-            except DecodeError as exc:
-                raise JobFailed("bad-request", f"a micro-batch needs outputs along the batch axis: {exc}") from None
         if self.config.fault_output_noise:
             # Devnet fault injection: a provider that returns wrong numbers under a
             # self-consistent receipt, which only a spot check can catch.
@@ -612,12 +607,15 @@ class Provider:
         else:
             energy_j = compute_ms / 1000 * self.power.marginal_w_per_slot
             energy_source = self.power.marginal_source
-        step = job.deliver(
-            outputs, compute_ms=compute_ms,
-            # In the device's own time (virtual for a simulated one, as its queue runs).
-            queue_ms=float(max(0.0, started_ms - received_ms)),
-            energy_j=energy_j, energy_source=energy_source, price_per_s=c.price_per_s,
-            execution_provider=self.executor.execution_provider, now_ms=self.clock.now_ms())
+        try:
+            step = job.deliver(
+                outputs, compute_ms=compute_ms,
+                # In the device's own time (virtual for a simulated one, as its queue runs).
+                queue_ms=float(max(0.0, started_ms - received_ms)),
+                energy_j=energy_j, energy_source=energy_source, price_per_s=c.price_per_s,
+                execution_provider=self.executor.execution_provider, now_ms=self.clock.now_ms())
+        except DecodeError as exc:  # a micro-batch whose outputs cannot be cut by its parts; nothing signed
+            raise JobFailed("bad-request", f"a micro-batch needs outputs along the batch axis: {exc}") from None
         # Durable before the buyer can see it, receipt and result in one transaction: a
         # crash from here on loses neither, and a resubmission of the job, before or after
         # a restart, gets these same bytes back until the request expires.
