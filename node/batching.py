@@ -19,6 +19,8 @@ import numpy as np
 from protocol.messages import MAX_PARTS, Offer
 from protocol.tensors import Tensor
 
+from .admission import expected_ms
+
 # Combine only when the group's energy per item is at least this much lower than its
 # members' alone: a batch delays its first member and ties every member to one provider.
 MIN_BATCH_SAVING = 0.10
@@ -70,7 +72,7 @@ def wait_allowed_ms(window_ms: float, deadline_ms: float | None, offers: Sequenc
     deadline leaves after the quickest offer would finish it alone; 0 means go now."""
     if deadline_ms is None:
         return window_ms
-    finish_ms = [o.backlog_ms + (o.link_rtt_ms or 0.0) + 1000.0 * rows / rate
+    finish_ms = [o.backlog_ms + (o.link_rtt_ms or 0.0) + expected_ms(rows, rate)
                  for o in offers if (rate := o.items_per_s(model_sha, rows))]
     if not finish_ms:
         return 0.0

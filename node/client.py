@@ -33,6 +33,7 @@ from protocol.stream import MAX_MODEL_BYTES, OfferWant
 from protocol.tensors import MAX_TENSOR_BYTES, Tensor
 from protocol.topics import JOB_PROTOCOL
 
+from .admission import expected_ms
 from .batching import (MAX_BATCH_ROWS, batches_pay, combine, group_deadline_ms, split, stack, stack_key,
                        wait_allowed_ms)
 from .clock import SYSTEM_CLOCK, Clock
@@ -776,7 +777,7 @@ class Client:
         outcome.provider = offer.peer_id
         outcome.attempts.append(offer.peer_id)
         outcome.state = job.state
-        estimate_ms = 1000 * work.items / max(offer.items_per_s(work.model.sha256, work.items) or 1.0, 1e-9)
+        estimate_ms = expected_ms(work.items, offer.items_per_s(work.model.sha256, work.items) or 1.0)
         load = self.in_flight.setdefault(offer.peer_id, [])
         load.append(estimate_ms)
         paid = False

@@ -439,7 +439,6 @@ class ProviderJob(_Machine):
         return self.request
 
 
-
 def receipt_parts(request: JobRequest, outputs: tuple[Tensor, ...]) -> tuple[ReceiptPart, ...] | None:
     """What a micro-batched job's receipt says of each member (None for a single job);
     DecodeError when the outputs cannot be cut by the request's parts."""
@@ -467,4 +466,3 @@ def share_problems(receipt: Receipt, index: int | None, inputs: tuple[Tensor, ..
     if tensors_sha256(outputs) != want[1]:
         problems.append("the outputs are not the ones the receipt commits to")
     return problems
-

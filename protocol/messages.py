@@ -14,8 +14,8 @@ from typing import Any
 from . import codec
 from .errors import DecodeError, ExpiredError
 from .fields import Fields, row, str_item
-from .signing import Envelope, SigningKey, open_envelope, peer_id_from_public_key, seal
 from .pricing import batch_job_s
+from .signing import Envelope, SigningKey, open_envelope, peer_id_from_public_key, seal
 from .tensors import Tensor
 
 # The architectures an offer may name and a job may ask for: the one list (matcher,
