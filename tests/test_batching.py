@@ -89,73 +89,67 @@ def test_stacked_members_split_back_and_each_share_checks_alone():
 
 
 @asynccontextmanager
-async def warm_client(tmp_path, market: Market, bootstrap: str):
-    """An open client of the fake model on the market's in-memory network."""
-    model = tmp_path / "fake.onnx"
-    model.write_bytes(MODEL_BYTES)
-    client = Client(tmp_path / "client", [bootstrap], clock=market.clock, open_network=market.network.open_node)
-    client.offload = _inline  # no worker thread: MockClock would jump while it runs
-    async with client:
-        client.add_model(model)
-        await client.refresh()
-        yield client
+async def one_provider_market(tmp_path, **provider):
+    """A bootstrap, one provider of the fake model (`provider`: make_provider's options)
+    and an open client, on the in-memory network."""
+    async with trio.open_nursery() as nursery:
+        market = Market(tmp_path, nursery)
+        boot = await market.start_bootstrap()
+        seller = await market.start_provider("seller", boot, marginal_w=40.0, **provider)
+        model = tmp_path / "fake.onnx"
+        model.write_bytes(MODEL_BYTES)
+        client = Client(tmp_path / "client", [boot], clock=market.clock, open_network=market.network.open_node)
+        client.offload = _inline  # no worker thread: MockClock would jump while it runs
+        async with client:
+            client.add_model(model)
+            await client.refresh()
+            yield seller, client
+        nursery.cancel_scope.cancel()
 
 
 async def test_concurrent_requests_go_as_one_job_and_each_verifies_its_share(tmp_path, autojump_clock):
-    rng = np.random.default_rng(5)
-    inputs = [rng.standard_normal((1, 3)).astype(np.float32) for _ in range(8)]
-    async with trio.open_nursery() as nursery:
-        market = Market(tmp_path, nursery)
-        boot = await market.start_bootstrap()
-        gpu = await market.start_provider("gpu", boot, marginal_w=40.0, peak_items_per_s=1000.0)
-        answers = [None] * len(inputs)
-        async with warm_client(tmp_path, market, boot) as client:
+    inputs = [np.random.default_rng(seed).standard_normal((1, 3)).astype(np.float32) for seed in range(8)]
+    answers = [None] * len(inputs)
+    async with one_provider_market(tmp_path, peak_items_per_s=1000.0) as (gpu, client):
 
-            async def one(i: int) -> None:
-                answers[i] = await client.infer("fake", {"x": inputs[i]})
+        async def one(i: int) -> None:
+            answers[i] = await client.infer("fake", {"x": inputs[i]})
 
-            async with trio.open_nursery() as requests:
-                for i in range(len(inputs)):
-                    requests.start_soon(one, i)
-            await client.drain()
-            # The first request found nobody in flight and went alone; the other 7 waited
-            # for company and went as one job.
-            assert gpu.executor.runs == 2
-            assert client.batches == {"jobs": 1, "requests": 7}
-            batched = [a for a in answers if a.share is not None]
-            assert sorted(a.share for a in batched) == list(range(7))
-            assert len({a.job_id for a in batched}) == 1
-            for x, answer in zip(inputs, answers):
-                np.testing.assert_allclose(answer.outputs["y"], x @ WEIGHTS, rtol=1e-5, atol=1e-6)
-                assert answer.share_problems({"x": x}) == []
-                assert answer.share_problems({"x": x + 1}) == ["the inputs are not the ones the receipt commits to"]
-            receipt = batched[0].receipt
-            assert sum(a.outcome.energy_j for a in batched) == pytest.approx(receipt.energy_j)
-            # One job of 7 rows: a fixed part plus 7 per-item parts, not 7 jobs of one.
-            assert receipt.compute_ms == pytest.approx(1000 * batch_job_s(7, 100.0, 1000.0))
-            alone = next(a for a in answers if a.share is None)
-            assert alone.receipt.compute_ms == pytest.approx(10.0)
-            per_item_batched = receipt.energy_j / 7
-            assert per_item_batched < 0.5 * alone.receipt.energy_j
-            # Another member's share does not pass for this one.
-            other = batched[1]
-            assert share_problems(receipt, (other.share + 1) % 7, (Tensor.from_array("x", inputs[0]),),
-                                  (Tensor.from_array("y", other.outputs["y"]),))
-        status = {row[0]: row[1] for row in gpu.ledger.db.execute("SELECT receipt_id, status FROM receipts")}
-        assert sorted(status.values()) == ["accepted", "accepted"]
-        nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as requests:
+            for i in range(len(inputs)):
+                requests.start_soon(one, i)
+        await client.drain()
+        # The first request found nobody in flight and went alone; the other 7 waited
+        # for company and went as one job.
+        assert gpu.executor.runs == 2
+        assert client.batches == {"jobs": 1, "requests": 7}
+        batched = [a for a in answers if a.share is not None]
+        assert sorted(a.share for a in batched) == list(range(7))
+        assert len({a.job_id for a in batched}) == 1
+        for x, answer in zip(inputs, answers):
+            np.testing.assert_allclose(answer.outputs["y"], x @ WEIGHTS, rtol=1e-5, atol=1e-6)
+            assert answer.share_problems({"x": x}) == []
+            assert answer.share_problems({"x": x + 1}) == ["the inputs are not the ones the receipt commits to"]
+        receipt = batched[0].receipt
+        assert sum(a.outcome.energy_j for a in batched) == pytest.approx(receipt.energy_j)
+        # One job of 7 rows: a fixed part plus 7 per-item parts, not 7 jobs of one.
+        assert receipt.compute_ms == pytest.approx(1000 * batch_job_s(7, 100.0, 1000.0))
+        alone = next(a for a in answers if a.share is None)
+        assert alone.receipt.compute_ms == pytest.approx(10.0)
+        per_item_batched = receipt.energy_j / 7
+        assert per_item_batched < 0.5 * alone.receipt.energy_j
+        # A member's own tensors do not pass for its neighbour's entry.
+        i, member = next((i, a) for i, a in enumerate(answers) if a.share is not None)
+        assert share_problems(receipt, (member.share + 1) % 7, (Tensor.from_array("x", inputs[i]),),
+                              (Tensor.from_array("y", member.outputs["y"]),))
+        status = [row[0] for row in gpu.ledger.db.execute("SELECT status FROM receipts")]
+        assert status == ["accepted", "accepted"]
 
 
 async def test_without_a_batching_offer_concurrent_requests_go_alone(tmp_path, autojump_clock):
-    rng = np.random.default_rng(6)
-    inputs = [rng.standard_normal((1, 3)).astype(np.float32) for _ in range(4)]
-    async with trio.open_nursery() as nursery:
-        market = Market(tmp_path, nursery)
-        boot = await market.start_bootstrap()
-        cpu = await market.start_provider("cpu", boot, marginal_w=40.0)
-        async with warm_client(tmp_path, market, boot) as client:
-            async with trio.open_nursery() as requests:
-                for x in inputs:
-                    requests.start_soon(client.infer, "fake", {"x": x})
-            assert cpu.executor.runs == 4 and client.batches["jobs"] == 0
-        nursery.cancel_scope.cancel()
+    inputs = [np.random.default_rng(seed).standard_normal((1, 3)).astype(np.float32) for seed in range(8, 12)]
+    async with one_provider_market(tmp_path) as (cpu, client):
+        async with trio.open_nursery() as requests:
+            for x in inputs:
+                requests.start_soon(client.infer, "fake", {"x": x})
+        assert cpu.executor.runs == 4 and client.batches["jobs"] == 0
