@@ -94,9 +94,10 @@ def model_speed(fleet: Fleet, name: str) -> float:
     return speed
 
 
-def capability(fleet: Fleet, device: Device, name: str, sha256: str) -> ModelCapability:
+def capability(fleet: Fleet, device: Device, name: str, sha256: str = "") -> ModelCapability:
     """What a simulated device advertises for a model: its resnet50 rates (one at a time,
-    and the batch peak where the fleet gives one) times the model's speed ratio."""
+    and the batch peak where the fleet gives one) times the model's speed ratio. (The
+    hash is only needed where it goes into an offer.)"""
     speed = model_speed(fleet, name)
     peak = device.resnet50_peak_img_s * speed if device.resnet50_peak_img_s else None
     return ModelCapability(name, sha256, device.resnet50_img_s * speed, "simulated", peak)

@@ -17,7 +17,7 @@ import numpy as np
 from matcher import Weights
 from node.placement import DEADLINE_LATENCY_WEIGHT
 
-from .fleet import MODEL_SPEED_SOURCE, Fleet, model_speed
+from .fleet import MODEL_SPEED_SOURCE, Fleet, capability
 from .run import JobRecord, SolverRun
 from .scenario import Scenario
 
@@ -31,7 +31,8 @@ LOST_CHARGE = ("a lost job is charged the energy of running it on the fleet memb
 def lost_job_charge(fleet: Fleet) -> Callable[[JobRecord], float]:
     """Energy a lost job is charged, in J (see LOST_CHARGE)."""
     def charge(job: JobRecord) -> float:
-        return max(job.items * m.device.marginal_w_per_slot / (m.device.resnet50_img_s * model_speed(fleet, job.model))
+        # The job's time on each member by the devices' one time model (batch rates included).
+        return max(capability(fleet, m.device, job.model).job_s(job.items) * m.device.marginal_w_per_slot
                    for m in fleet.members)
     return charge
 
