@@ -80,7 +80,7 @@ class _Provider:
     index: int
     peer_id: str
     member: Member
-    rates: dict[str, ModelCapability]  # per model sha: what the device advertises
+    capabilities: dict[str, ModelCapability]  # per model sha: what the device advertises
     queue: DeviceQueue
     alive: bool = True
     paused_until_ms: float = 0.0
@@ -112,9 +112,9 @@ class Simulation:
             self.row_bytes[path] = sum(input_bytes_per_item(Path(path)))
         self.providers = []
         for i, member in enumerate(fleet.pick(scenario.providers)):
-            rates = {sha: capability(fleet, member.device, name, sha) for sha, name in self.models.values()}
+            capabilities = {sha: capability(fleet, member.device, name, sha) for sha, name in self.models.values()}
             peer_id = peer_ids[i] if peer_ids else f"sim-{i:03d}"
-            self.providers.append(_Provider(i, peer_id, member, rates, DeviceQueue(member.device.slots)))
+            self.providers.append(_Provider(i, peer_id, member, capabilities, DeviceQueue(member.device.slots)))
         self.by_id = {p.peer_id: p for p in self.providers}
         self.in_flight: dict[int, dict[str, list[float]]] = {}  # per arrival (one buyer each): provider -> ms
         self.heard: dict[int, dict[str, tuple[float, float]]] = {}  # per arrival: provider -> (queue ms, when)
@@ -153,7 +153,7 @@ class Simulation:
         backlog = p.queue.wait_ms(self.now)
         p.offer = Offer(
             provider=bytes(32), peer_id=p.peer_id, addrs=(), device=Device(d.arch, d.name, d.memory_mb),
-            slots=d.slots, models=tuple(p.rates[sha] for sha, _ in self.models.values()),
+            slots=d.slots, models=tuple(p.capabilities[sha] for sha, _ in self.models.values()),
             power=PowerProfile(d.idle_w, d.busy_w, d.marginal_w_per_slot, SIMULATED, SIMULATED, SIMULATED),
             carbon_g_per_kwh=p.member.region.carbon_g_per_kwh, carbon_source=SIMULATED,
             price_per_s=d.price_per_s, backlog_ms=backlog, issued_at_ms=int(self.now),
@@ -258,7 +258,7 @@ class Simulation:
         arrival = self.scenario.arrivals[index]
         sha, name = self.models[arrival.model]
         offers = [p.offer for p in self.providers
-                  if p.offer is not None and p.offer.expires_at_ms > self.now and sha in p.rates]
+                  if p.offer is not None and p.offer.expires_at_ms > self.now and sha in p.capabilities]
         jobs = [_Job(index, f"a{index:04d}-j{k:03d}", arrival.items, sha, name, arrival.deadline_ms, self.now)
                 for k in range(arrival.count)]
         self.jobs.extend(jobs)
@@ -299,7 +299,8 @@ class Simulation:
     def send(self, job: _Job, p: _Provider, then: Callable | None, vanished: set[str], offers: list[Offer]) -> None:
         job.tried.add(p.peer_id)
         job.attempts.append(p.peer_id)
-        attempt = _Attempt(job, p, expected_ms(job.items, p.rates[job.model_sha].rate(job.items)), self.now, then, vanished, offers)
+        rate = p.capabilities[job.model_sha].rate(job.items)
+        attempt = _Attempt(job, p, expected_ms(job.items, rate), self.now, then, vanished, offers)
         self.in_flight[job.arrival].setdefault(p.peer_id, []).append(attempt.expected_ms)
         timeout_ms = 1000 * job_timeout_s(job.deadline_ms)
         self.at(self.now + timeout_ms, self.time_out, attempt)
