@@ -7,7 +7,9 @@ Format (see devnet/fleets/default.toml, which cites its sources):
                   memory_mb, price_per_s, source, resnet50_peak_img_s (optional: per slot, what
                   large batches approach; a job of n rows then takes a fixed part plus n
                   per-item parts, protocol.pricing.batch_job_s)
-    [[providers]] device, region, link_ms (one-way delay added on the wire), count (default 1)
+    [[providers]] device, region, link_ms (one-way delay added on the wire), count (default 1),
+                  and for a namespace devnet (devnet/netns.py): nat ("none", "cone",
+                  "symmetric" or "forwarded"), jitter_ms, loss (0-1), rate_mbit (0: unlimited)
     [[models]]    name, speed_vs_resnet50 (items/s relative to resnet50's), source  (optional;
                   the reference models have built-in figures, MODEL_SPEED_VS_RESNET50)
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.messages import ARCHES, ModelCapability
+
+NAT_KINDS = ("none", "cone", "symmetric", "forwarded")  # devnet/netns.py builds each
 DEFAULT_FLEET = Path(__file__).parent / "fleets" / "default.toml"
 # A device's rate for a model is its published resnet50 rate times the model's speed
 # relative to resnet50. These ratios were measured once on the 2-core bench machine
@@ -69,6 +73,10 @@ class Member:
     device: Device
     region: Region
     link_ms: float
+    nat: str = "none"  # only a namespace devnet has routers; on loopback every node is reachable
+    jitter_ms: float = 0.0
+    loss: float = 0.0
+    rate_mbit: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -155,8 +163,16 @@ def load_fleet(path: Path) -> Fleet:
             raise FleetError(f"{where}.device: {device_name!r} is not among [[devices]] ({sorted(devices)})")
         if region_name not in regions:
             raise FleetError(f"{where}.region: {region_name!r} is not among [[regions]] ({sorted(regions)})")
-        member = Member(devices[device_name], regions[region_name], _get(p, "link_ms", float, where, minimum=0.0,
-                                                                          default=0.0))
+        nat = _get(p, "nat", str, where, default="none")
+        if nat not in NAT_KINDS:
+            raise FleetError(f"{where}.nat: expected one of {NAT_KINDS}, got {nat!r}")
+        loss = _get(p, "loss", float, where, minimum=0.0, default=0.0)
+        if loss >= 1:
+            raise FleetError(f"{where}.loss: a fraction below 1, got {loss}")
+        member = Member(devices[device_name], regions[region_name],
+                        _get(p, "link_ms", float, where, minimum=0.0, default=0.0), nat,
+                        _get(p, "jitter_ms", float, where, minimum=0.0, default=0.0), loss,
+                        _get(p, "rate_mbit", float, where, minimum=0.0, default=0.0))
         members.extend([member] * _get(p, "count", int, where, minimum=1, default=1))
     speeds = []
     for i, m in enumerate(data.get("models", [])):

@@ -21,6 +21,9 @@ import trio
 
 from node.calibrate import reference_model_path
 
+from .netns import entered, exec_prefix
+from .netns import remove as remove_namespaces
+
 DEFAULT_MODELS = ("squeezenet", "shufflenet")  # seeded random weights: outputs depend on inputs
 
 # A small built-in fleet of declared profiles, so the matcher has real choices before
@@ -41,6 +44,7 @@ class Child:
     events: "trio.MemoryReceiveChannel[dict]"
     ready: dict = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
+    wrap: list[str] = field(default_factory=list)  # e.g. `ip netns exec NS`: where the process runs
 
 
 @dataclass
@@ -50,6 +54,7 @@ class Devnet:
     children: list[Child]
     _nursery: trio.Nursery | None = None
     bootstrap_addrs: list[str] = field(default_factory=list)
+    spots: list = field(default_factory=list)  # devnet/netns.py Spots, when on separate network stacks
 
     async def restart(self, child: Child, timeout_s: float = 60.0, env: dict[str, str] | None = None) -> Child:
         """Start a stopped (or killed) node again with the same home, port and arguments;
@@ -59,7 +64,7 @@ class Devnet:
             child.process.send_signal(signal.SIGCONT)
             child.process.kill()
         await child.process.wait()
-        fresh = await _start(self._nursery, child.name, child.home, child.args, env)
+        fresh = await _start(self._nursery, child.name, child.home, child.args, env, child.wrap)
         self.children[self.children.index(child)] = fresh
         fresh.ready = await _wait_event(fresh, "ready", timeout_s)
         return fresh
@@ -120,17 +125,17 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 async def _start(nursery: trio.Nursery, name: str, home: Path, args: list[str],
-                 extra_env: dict[str, str] | None = None) -> Child:
+                 extra_env: dict[str, str] | None = None, wrap: list[str] | None = None) -> Child:
     home.mkdir(parents=True, exist_ok=True)
     log = open(home / "node.log", "ab")
     # IDLEMESH_TRACE_OFFERS: each node reports when offers arrive (gossip delivery figures).
     env = child_env({"IDLEMESH_TRACE_OFFERS": "1", **(extra_env or {})})
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "node.cli", *args], stdout=subprocess.PIPE, stderr=log, env=env,
+        [*(wrap or []), sys.executable, "-m", "node.cli", *args], stdout=subprocess.PIPE, stderr=log, env=env,
         start_new_session=True)  # our own process group: Ctrl-C reaches us, we stop them in order
     send, receive = trio.open_memory_channel[dict](1000)
     nursery.start_soon(_pump, process.stdout, send)
-    return Child(name, process, home, receive, args=list(args))
+    return Child(name, process, home, receive, args=list(args), wrap=list(wrap or []))
 
 
 async def _stop(children: list[Child]) -> None:
@@ -146,9 +151,12 @@ async def _stop(children: list[Child]) -> None:
             await child.process.wait()
 
 
-def provider_args(i: int, home: Path, bootstrap: str, models: list[Path]) -> list[str]:
+LOOPBACK_LISTEN = "/ip4/127.0.0.1/tcp/0"
+
+
+def provider_args(i: int, home: Path, bootstrap: str, models: list[Path], listen: str = LOOPBACK_LISTEN) -> list[str]:
     name, slots, idle, busy, marginal, carbon, price = BUILTIN_PROFILES[i % len(BUILTIN_PROFILES)]
-    args = ["provider", "run", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", bootstrap,
+    args = ["provider", "run", "--home", str(home), "--listen", listen, "--bootstrap", bootstrap,
             "--slots", str(slots), "--device-name", name, "--idle-w", str(idle), "--busy-w", str(busy),
             "--marginal-w", str(marginal), "--carbon", str(carbon), "--price-per-s", str(price)]
     for m in models:
@@ -168,11 +176,13 @@ def host_profile(models: list[Path]) -> tuple[dict[str, float], float]:
 
 
 def fleet_provider_args(member, home: Path, bootstrap: str, models: list[Path], host_resnet50: float, fleet,
-                        time_scale: float = 1.0) -> list[str]:
+                        time_scale: float = 1.0, listen: str = LOOPBACK_LISTEN, wire_delay: bool = False) -> list[str]:
     """Arguments for a simulated device, and its profile.json written in advance: the
     throughput is the device's published resnet50 rate times each model's speed relative
     to resnet50 (the same figures `devnet simulate` uses), and every figure is labelled
-    simulated. This machine's rates only say how much faster than it the device is."""
+    simulated. This machine's rates only say how much faster than it the device is.
+    `wire_delay`: the link's delay is added by the namespace devnet's wire, not by the
+    node's own transport."""
     import hashlib
 
     from node.calibrate import ModelFigures, PowerFigures, Profile, model_name, save_profile
@@ -191,13 +201,13 @@ def fleet_provider_args(member, home: Path, bootstrap: str, models: list[Path], 
                          "simulated", f"published profile: {device.source}"[:200])
     home.mkdir(parents=True, exist_ok=True)
     save_profile(home, Profile(device.name, best_execution_providers()[0], power, figures, 0, speed))
-    args = ["provider", "run", "--home", str(home), "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", bootstrap,
+    args = ["provider", "run", "--home", str(home), "--listen", listen, "--bootstrap", bootstrap,
             "--slots", str(device.slots), "--device-name", device.name, "--arch", device.arch,
             "--memory-mb", str(device.memory_mb), "--idle-w", str(device.idle_w), "--busy-w", str(device.busy_w),
             "--marginal-w", str(device.marginal_w_per_slot), "--carbon", str(member.region.carbon_g_per_kwh),
             "--carbon-source", f"simulated: {member.region.name}, {member.region.source}"[:120],
             "--price-per-s", str(device.price_per_s), "--speed-factor", repr(speed),
-            "--link-delay-ms", str(member.link_ms), "--time-scale", repr(time_scale)]
+            "--link-delay-ms", str(0 if wire_delay else member.link_ms), "--time-scale", repr(time_scale)]
     for m in models:
         args += ["--model", str(m)]
     return args
@@ -209,25 +219,43 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
                       extra_args: dict[int, list[str]] | None = None, fleet=None,
                       n_bootstraps: int = 1, extra_env: dict[int, dict[str, str]] | None = None,
                       host_resnet50: float | None = None,
-                      time_scale: float = 1.0) -> AsyncIterator[Devnet]:
+                      time_scale: float = 1.0, netns: bool = False,
+                      nats: dict[int, str] | None = None) -> AsyncIterator[Devnet]:
     """A running devnet; every child is stopped when the block exits, however it exits.
     With a fleet (devnet/fleet.py) the providers are its simulated devices. With several
     bootstraps, each later one keeps a connection to the first, and every provider is
     given all of their addresses. `host_resnet50`: this machine's resnet50 rate, the
     yardstick of a simulated device's speed, measured once by a caller that opens
-    several devnets (else measured here)."""
+    several devnets (else measured here).
+
+    `netns`: each node in its own network namespace (devnet/netns.py, root only), its
+    link shaped by the wire process, providers behind the NAT their fleet entry (or
+    `nats`, by provider index) names; the block itself runs in the buyer's namespace, so
+    a client opened there reaches the nodes as a buyer on the internet would."""
     root = root or Path(tempfile.mkdtemp(prefix="idlemesh-devnet-"))
     models = models or [reference_model_path(m) for m in DEFAULT_MODELS]
     say = progress or (lambda text: None)
     children: list[Child] = []
+    members = fleet.pick(n_providers) if fleet is not None else []
+    boot_names = ["bootstrap" if b == 0 else f"bootstrap-{b}" for b in range(n_bootstraps)]
+    spots: dict[str, object] = {}
+    wire = None
     async with trio.open_nursery() as nursery:
         try:
+            if netns:
+                spots, wire = await _open_namespaces(root, boot_names, n_providers, members, nats or {}, say,
+                                                     timeout_s)
+
+            def place(name: str) -> tuple[str, list[str]]:
+                spot = spots.get(name)
+                return (spot.listen(), exec_prefix(spot.ns)) if spot else (LOOPBACK_LISTEN, [])
+
             addrs: list[str] = []
-            for b in range(n_bootstraps):
-                name = "bootstrap" if b == 0 else f"bootstrap-{b}"
-                args = ["bootstrap", "run", "--home", str(root / name), "--listen", "/ip4/127.0.0.1/tcp/0"]
+            for name in boot_names:
+                listen, wrap = place(name)
+                args = ["bootstrap", "run", "--home", str(root / name), "--listen", listen]
                 boot = await _start(nursery, name, root / name, args + [a for addr in addrs[:1] for a in
-                                                                        ("--bootstrap", addr)])
+                                                                        ("--bootstrap", addr)], wrap=wrap)
                 children.append(boot)
                 boot.ready = await _wait_event(boot, "ready", timeout_s)
                 addrs.append(boot.ready["addrs"][0])
@@ -235,28 +263,92 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
                 boot.args[boot.args.index("--listen") + 1] = addrs[-1].split("/p2p/")[0]
                 say(f"{name} ready at {addrs[-1]}")
             bootstrap_addr = addrs[0]
-            if fleet is not None:
-                if host_resnet50 is None:
-                    say("measuring this machine's resnet50 rate once, the yardstick of the fleet's speeds")
-                    _, host_resnet50 = await trio.to_thread.run_sync(host_profile, [])
-                members = fleet.pick(n_providers)
+            if fleet is not None and host_resnet50 is None:
+                say("measuring this machine's resnet50 rate once, the yardstick of the fleet's speeds")
+                _, host_resnet50 = await trio.to_thread.run_sync(host_profile, [])
             for i in range(n_providers):
                 home = root / f"provider-{i}"
+                listen, wrap = place(f"provider-{i}")
                 if fleet is not None:
                     args = fleet_provider_args(members[i], home, bootstrap_addr, models, host_resnet50, fleet,
-                                               time_scale)
+                                               time_scale, listen, wire_delay=netns)
                 else:
-                    args = provider_args(i, home, bootstrap_addr, models)
+                    args = provider_args(i, home, bootstrap_addr, models, listen)
                 args += [a for addr in addrs[1:] for a in ("--bootstrap", addr)]
                 args += (extra_args or {}).get(i, [])
-                children.append(await _start(nursery, f"provider-{i}", home, args, (extra_env or {}).get(i)))
+                children.append(await _start(nursery, f"provider-{i}", home, args, (extra_env or {}).get(i), wrap))
             for i, child in enumerate(children[n_bootstraps:], start=1):
                 child.ready = await _wait_event(child, "ready", timeout_s)
                 await _wait_event(child, "announced", timeout_s)
                 label = f" ({members[i - 1].device.name}, {members[i - 1].region.name})" if fleet is not None else ""
                 say(f"provider {i}/{n_providers} ready{label}: {child.ready['peer_id']}")
-            yield Devnet(root, bootstrap_addr, children, nursery, bootstrap_addrs=addrs)
+            devnet = Devnet(root, bootstrap_addr, children, nursery, bootstrap_addrs=addrs,
+                            spots=list(spots.values()))
+            if netns:
+                with entered(spots["buyer"].ns):
+                    yield devnet
+            else:
+                yield devnet
         finally:
             with trio.CancelScope(shield=True):
                 await _stop(children)
+                if wire is not None:
+                    await _stop_wire(wire)
+                if spots:
+                    remove_namespaces([ns for spot in spots.values() for ns in (spot.ns, spot.router_ns) if ns])
             nursery.cancel_scope.cancel()
+
+
+async def _open_namespaces(root: Path, boot_names: list[str], n_providers: int, members: list, nats: dict[int, str],
+                           say, timeout_s: float):
+    """Namespaces for the bootstraps, the providers and the buyer (this process), and the
+    wire between them, running; raises RuntimeError with the reason if they cannot be."""
+    from . import netns
+
+    reason = netns.unavailable()
+    if reason is None and (any(m.nat != "none" for m in members) or any(k != "none" for k in nats.values())):
+        reason = netns.nat_unavailable()
+    if reason:
+        raise RuntimeError(f"no namespace devnet: {reason}")
+    stale = netns.clean()
+    if stale:
+        say(f"removed {len(stale)} namespaces left by an earlier devnet that did not exit")
+    names = [*boot_names, "buyer", *(f"provider-{i}" for i in range(n_providers))]
+    kinds = ["none"] * (len(boot_names) + 1) + [nats.get(i, members[i].nat if members else "none")
+                                                for i in range(n_providers)]
+    links = [netns.LinkShape()] * (len(boot_names) + 1) + [
+        netns.LinkShape(m.link_ms, m.jitter_ms, m.loss, m.rate_mbit) if members else netns.LinkShape()
+        for m in (members or [None] * n_providers)]
+    spots = netns.plan(names, kinds, links)
+    try:
+        await trio.to_thread.run_sync(netns.create, spots)
+        plan_path = root / "wire.json"
+        root.mkdir(parents=True, exist_ok=True)
+        plan_path.write_text(json.dumps(netns.wire_plan(spots)))
+        log = open(root / "wire.log", "ab")
+        wire = await trio.lowlevel.open_process([sys.executable, "-m", "devnet.wire", str(plan_path)],
+                                                stdout=subprocess.PIPE, stderr=log)
+        with trio.fail_after(timeout_s):
+            line = b""
+            while b"\n" not in line:
+                chunk = await wire.stdout.receive_some(4096)
+                if not chunk:
+                    raise RuntimeError(f"the wire process exited at start (see {root / 'wire.log'})")
+                line += chunk
+    except BaseException:
+        netns.remove([ns for spot in spots for ns in (spot.ns, spot.router_ns) if ns])
+        raise
+    behind = [f"{s.name} ({s.nat})" for s in spots if s.nat != "none"]
+    say(f"{len(spots)} network namespaces joined by the wire (delay, jitter, loss and rate in user space)"
+        + (f"; behind NAT: {', '.join(behind)}" if behind else ""))
+    return {spot.name: spot for spot in spots}, wire
+
+
+async def _stop_wire(wire) -> None:
+    if wire.returncode is None:
+        wire.terminate()
+    with trio.move_on_after(5):
+        await wire.wait()
+    if wire.returncode is None:
+        wire.kill()
+        await wire.wait()
