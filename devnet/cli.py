@@ -31,6 +31,32 @@ async def _serve_gateway(host: str, port: int, net) -> None:
         await trio.sleep_forever()
 
 
+def choose_netns(args) -> bool:
+    """Separate network stacks when this machine allows (root, iproute2, a TUN device);
+    `--netns` insists, `--loopback` declines. A loopback devnet says why it is one."""
+    from . import netns
+
+    if getattr(args, "loopback", False):
+        return False
+    reason = netns.unavailable()
+    if reason is None:
+        return True
+    if getattr(args, "netns", False):
+        raise SystemExit(f"idlemesh: --netns: {reason}")
+    print(f"loopback devnet ({reason}): every node shares 127.0.0.1, link delay is a sleep in the transport "
+          "and nobody is behind NAT", file=sys.stderr, flush=True)
+    return False
+
+
+def _devnet_clean(args) -> int:
+    from . import netns
+
+    removed = netns.clean(everything=args.all)
+    print(json.dumps({"removed": removed}) if args.json else
+          f"removed {len(removed)} devnet network namespaces" + (f": {', '.join(removed)}" if removed else ""))
+    return 0
+
+
 def _devnet_up(args) -> int:
     from node.gateway import parse_listen
 
@@ -51,6 +77,8 @@ def _devnet_up(args) -> int:
         except FleetError as exc:
             raise SystemExit(f"idlemesh: bad fleet file: {exc}") from None
 
+    use_netns = choose_netns(args)
+
     async def main() -> int:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             stopped_by = {}
@@ -62,13 +90,18 @@ def _devnet_up(args) -> int:
 
                 nursery.start_soon(stop_on_signal)
                 async with open_devnet(args.n, root=Path(args.root) if args.root else None, fleet=fleet,
-                                       progress=lambda t: print(t, file=sys.stderr, flush=True)) as net:
+                                       progress=lambda t: print(t, file=sys.stderr, flush=True),
+                                       netns=use_netns) as net:
+                    buyer_ns = next((s.ns for s in net.spots if s.name == "buyer"), None)
                     print(json.dumps({"bootstrap": net.bootstrap_addr, "root": str(net.root),
-                                      "providers": [c.ready["peer_id"] for c in net.providers]}), flush=True)
+                                      "providers": [c.ready["peer_id"] for c in net.providers],
+                                      "buyer_netns": buyer_ns}), flush=True)
                     boot = net.bootstrap
                     listen = boot.args[boot.args.index("--listen") + 1]
-                    print(f"devnet up: idlemesh submit MODEL.onnx --input X.npy --bootstrap {net.bootstrap_addr}"
-                          f"\nthe bootstrap (pid {boot.process.pid}) comes back with: idlemesh bootstrap run "
+                    within = f"ip netns exec {buyer_ns} " if buyer_ns else ""
+                    print(f"devnet up: {within}idlemesh submit MODEL.onnx --input X.npy --bootstrap "
+                          f"{net.bootstrap_addr}\nthe bootstrap (pid {boot.process.pid}) comes back with: "
+                          f"{' '.join(boot.wrap) + ' ' if boot.wrap else ''}idlemesh bootstrap run "
                           f"--home {boot.home} --listen {listen}\nCtrl-C stops every node.", file=sys.stderr, flush=True)
                     if gateway:
                         await _serve_gateway(*gateway, net)
@@ -131,7 +164,8 @@ def _devnet_run(args) -> int:
     scenario, fleet = _load_trace(args)
     out = Path(args.out or f"devnet-report-{scenario.name}")
     say = (lambda line: print(line, file=sys.stderr, flush=True))
-    runs = trio.run(lambda: run_scenario(scenario, out / "runs", fleet=fleet, say=say))
+    use_netns = choose_netns(args)
+    runs = trio.run(lambda: run_scenario(scenario, out / "runs", fleet=fleet, say=say, netns=use_netns))
     # The same trace in virtual time with this run's provider ids: how close the real
     # processes came to the model the solvers are judged on.
     simulated = [Simulation(scenario, fleet, run.solver, peer_ids=run.peer_ids).go() for run in runs]
@@ -162,7 +196,7 @@ def _devnet_simulate(args) -> int:
 def _devnet_demo(args) -> int:
     from .demo import run_demo
 
-    return trio.run(run_demo, args.n, args.jobs, args.json)
+    return trio.run(run_demo, args.n, args.jobs, args.json, choose_netns(args))
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -195,4 +229,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("-n", type=int, default=3)
     demo.add_argument("--jobs", type=int, default=12)
     demo.add_argument("--json", action="store_true")
+    for command in (up, drun, demo):
+        where = command.add_mutually_exclusive_group()
+        where.add_argument("--netns", action="store_true",
+                           help="each node in its own network namespace, links shaped in user space, NAT from the "
+                                "fleet file (the default when run as root with iproute2 and /dev/net/tun)")
+        where.add_argument("--loopback", action="store_true", help="every node on 127.0.0.1 (the default otherwise)")
+    clean = dn.add_parser("clean", help="remove network namespaces left by devnets whose launcher is gone")
+    clean.add_argument("--all", action="store_true", help="also those of devnets still running")
+    clean.add_argument("--json", action="store_true")
+    clean.set_defaults(func=_devnet_clean)
     demo.set_defaults(func=_devnet_demo)

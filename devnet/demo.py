@@ -17,12 +17,12 @@ from node.calibrate import reference_model_path
 from .launcher import open_devnet
 
 
-async def run_demo(n_providers: int, n_jobs: int, as_json: bool) -> int:
+async def run_demo(n_providers: int, n_jobs: int, as_json: bool, netns: bool = False) -> int:
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     root = Path(tempfile.mkdtemp(prefix="idlemesh-demo-"))
     started = time.perf_counter()
     say(f"starting devnet: 1 bootstrap + {n_providers} providers under {root}")
-    async with open_devnet(n_providers, root=root, progress=say) as net:
+    async with open_devnet(n_providers, root=root, progress=say, netns=netns) as net:
         say(f"devnet up in {time.perf_counter() - started:.1f} s; submitting {n_jobs} squeezenet jobs")
         x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
         spec = SubmitSpec(model_path=reference_model_path("squeezenet"), inputs={"data_0": x}, count=n_jobs,

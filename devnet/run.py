@@ -146,13 +146,13 @@ def _applied_twice(provider_homes: list[Path], buyer_homes: list[Path]) -> int:
 
 
 async def run_solver(scenario: Scenario, fleet: Fleet, solver: str, root: Path, say,
-                     host_resnet50: float | None = None, time_scale: float = 1.0) -> SolverRun:
+                     host_resnet50: float | None = None, time_scale: float = 1.0, netns: bool = False) -> SolverRun:
     run = SolverRun(solver, time_scale=time_scale)
     rng = np.random.default_rng(scenario.seed)
     inputs = [_inputs(a.model, a.items, rng) for a in scenario.arrivals]
     async with open_devnet(scenario.providers, root=root / "net", models=scenario.models, fleet=fleet,
                            progress=lambda t: say("  " + t), host_resnet50=host_resnet50,
-                           time_scale=time_scale) as net:
+                           time_scale=time_scale, netns=netns) as net:
         run.peer_ids = [c.ready["peer_id"] for c in net.providers]
         # Named as in the report: the provider's index in the scenario, then its device.
         devices = {c.ready["peer_id"]: f"{i}: {m.device.name}"
@@ -202,7 +202,7 @@ async def run_solver(scenario: Scenario, fleet: Fleet, solver: str, root: Path, 
 
 
 async def run_scenario(scenario: Scenario, out: Path, *, fleet: Fleet | None = None,
-                       say: Callable[[str], None] = print) -> list[SolverRun]:
+                       say: Callable[[str], None] = print, netns: bool = False) -> list[SolverRun]:
     fleet = fleet or load_fleet(scenario.fleet or DEFAULT_FLEET)
     # One measurement of this machine for every solver: each devnet measuring its own
     # would scale each solver's devices (and energy) by a different, noisy yardstick.
@@ -214,7 +214,7 @@ async def run_scenario(scenario: Scenario, out: Path, *, fleet: Fleet | None = N
     for solver in scenario.solvers:
         say(f"[{solver}] fresh devnet of {scenario.providers} providers from fleet '{fleet.name}'")
         run = await run_solver(scenario, fleet, solver, out / solver, say, host_resnet50=host_resnet50,
-                               time_scale=scale)
+                               time_scale=scale, netns=netns)
         settled = sum(j.state == "settled" for j in run.jobs)
         say(f"[{solver}] {settled}/{len(run.jobs)} settled, {sum(j.energy_j for j in run.jobs):.3f} J "
             f"(simulated), {sum(j.missed for j in run.jobs)} deadline misses, {run.wall_s:.1f} s")

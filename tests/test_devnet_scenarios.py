@@ -112,7 +112,7 @@ provider = 1
 action = "kill"
 """)
     out = tmp_path / "report"
-    assert main(["devnet", "run", str(tmp_path / "scenario.toml"), "--out", str(out), "--json"]) == 0
+    assert main(["devnet", "run", str(tmp_path / "scenario.toml"), "--out", str(out), "--json", "--loopback"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["fleet"] == "fleet" and report["jobs"] == 8
     for name in ("optimal", "round-robin"):
