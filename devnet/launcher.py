@@ -106,6 +106,18 @@ async def _wait_event(child: Child, name: str, timeout_s: float) -> dict:
     raise RuntimeError(f"{child.name} exited before '{name}' (see {child.home / 'node.log'})")
 
 
+async def _wait_events(child: Child, names: set[str], timeout_s: float) -> dict[str, dict]:
+    """The first event of each name, in whatever order they come."""
+    found: dict[str, dict] = {}
+    with trio.fail_after(timeout_s):
+        async for event in child.events:
+            if event.get("event") in names and event["event"] not in found:
+                found[event["event"]] = event
+                if len(found) == len(names):
+                    return found
+    raise RuntimeError(f"{child.name} exited before {sorted(names - set(found))} (see {child.home / 'node.log'})")
+
+
 def peak_rss_mb(pid: int) -> float:
     """A node process's peak resident memory so far (Linux VmHWM), MiB: psutil reports
     the current RSS, not the peak."""
@@ -278,8 +290,8 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
                 args += (extra_args or {}).get(i, [])
                 children.append(await _start(nursery, f"provider-{i}", home, args, (extra_env or {}).get(i), wrap))
             for i, child in enumerate(children[n_bootstraps:], start=1):
-                child.ready = await _wait_event(child, "ready", timeout_s)
-                await _wait_event(child, "announced", timeout_s)
+                # A provider behind NAT announces (its relayed address) before it says ready.
+                child.ready = (await _wait_events(child, {"ready", "announced"}, timeout_s))["ready"]
                 label = f" ({members[i - 1].device.name}, {members[i - 1].region.name})" if fleet is not None else ""
                 say(f"provider {i}/{n_providers} ready{label}: {child.ready['peer_id']}")
             devnet = Devnet(root, bootstrap_addr, children, nursery, bootstrap_addrs=addrs,

@@ -60,7 +60,8 @@ class BootstrapNode:
                 "offers_held": self.book.count(now_ms=now_ms), "offer_bytes": self.book.bytes,
                 "offers_evicted": self.book.evicted, "offers_refused_full": self.book.refused_full,
                 "connected_peers": len(self.p2p.connected_peers()), "digests_held": len(self.gossip.reputation.digests),
-                "refused": self.refusals.snapshot(), "written_at_ms": now_ms}
+                "refused": self.refusals.snapshot(), "written_at_ms": now_ms,
+                "relay": self.p2p.reach_status().get("relay_serving")}
 
 
 async def serve_bootstrap(seed: bytes, listen: list[str], peers: list[str] = (), metrics: str | None = None, *,
@@ -69,6 +70,7 @@ async def serve_bootstrap(seed: bytes, listen: list[str], peers: list[str] = (),
     """Relay gossip and answer offer sync until cancelled; started with the network.
     With a `home`, HOME/status.json says what it holds and refused, every few seconds."""
     async with open_network(seed, listen) as p2p:
+        p2p.serve_relay()  # providers behind NAT reserve a slot here and are reached through it
         book = OfferBook()
         gossip = OfferGossip(p2p, book, on_new_offer=lambda pid: emit("offer", provider=pid), clock=clock)
         counters = NodeMetrics("bootstrap")

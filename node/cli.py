@@ -122,7 +122,9 @@ def _provider_status(args) -> int:
     uptime_s = (SYSTEM_CLOCK.now_ms() - status.get("started_at_ms", SYSTEM_CLOCK.now_ms())) / 1000
     print(f"provider {status['peer_id']} (pid {status['pid']}): {state}, up {_duration(uptime_s)}")
     print(f"  price {status.get('price_per_s', 0):g} {status.get('price_unit', '')}; listening on "
-          f"{', '.join(status.get('listen', []))}; reachable at {', '.join(status['addrs'])}")
+          f"{', '.join(status.get('listen', []))}; reachable at {', '.join(status['addrs']) or 'no address yet'}")
+    if status.get("reachability"):
+        print(f"  reached: {status['reachability']['how']}")
     for label, figures in (("today", status.get("today")), ("in total", status.get("total"))):
         if figures:
             energy = ", ".join(f"{j:.3f} J [{src}]" for src, j in sorted(figures["energy_j"].items())) or "0 J"

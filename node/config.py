@@ -43,6 +43,9 @@ class ProviderConfig:
     listen: list[str] = _key(factory=lambda: ["/ip4/0.0.0.0/tcp/4001"], help="multiaddrs to listen on")
     bootstrap: list[str] = _key(factory=list, help="bootstrap multiaddrs, each ending in /p2p/<peer id>; "
                                 "give several: losing one loses nothing")
+    announce: list[str] = _key(factory=list, help="addresses buyers reach this provider at, e.g. "
+                               "/ip4/<public ip>/tcp/4001 behind a port forward; by default learnt by a dial-back "
+                               "from a bootstrap, and behind NAT jobs come through a bootstrap's relay")
     slots: int = _key(1, help="jobs run at once")
     device_name: str | None = _key(help="advertised device name (default: the CPU or GPU model name)", measure=True)
     arch: str = _key(factory=local_arch, help=f"advertised arch: {', '.join(ARCHES)} (default: this machine's)",

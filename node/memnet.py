@@ -192,6 +192,19 @@ class MemoryNode:
         for addr in addrs:
             self._nursery.start_soon(self._reconnect_loop, addr, on_connect)
 
+    # In memory every node reaches every other: no NAT, no relays.
+    def offer_addrs(self) -> list[str]:
+        return list(self.listen_addrs)
+
+    def reach_status(self) -> dict:
+        return {"state": "public", "how": "in-memory network: every node reaches every other"}
+
+    def serve_relay(self) -> None:
+        pass
+
+    async def track_reachability(self, relay_addrs, on_change, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
     async def first_dials(self, addrs: list[str], timeout_s: float = 12.0) -> dict[str, str]:
         with trio.move_on_after(timeout_s):
             for addr in addrs:

@@ -78,6 +78,18 @@ class Network(Protocol):
 
     async def first_dials(self, addrs: list[str], timeout_s: float = 12.0) -> dict[str, str]: ...
 
+    def offer_addrs(self) -> list[str]:
+        """The addresses our offer carries: direct ones that work, then relayed ones."""
+
+    def reach_status(self) -> dict:
+        """How others reach us ("public", "private" behind NAT, "unknown"), with a line for operators."""
+
+    def serve_relay(self) -> None:
+        """Relay circuits for nodes behind NAT and answer their dial-backs (bootstraps)."""
+
+    async def track_reachability(self, relay_addrs: list[str], on_change, *, task_status=...) -> None:
+        """Learn whether we are reachable; behind NAT, hold relay slots on `relay_addrs`."""
+
 
 OpenNetwork = Callable[[bytes, list[str]], AbstractAsyncContextManager[Network]]
 __all__ = ["Admit", "AsyncIterator", "FrameRefused", "Network", "OpenNetwork", "Stream", "StreamClosed", "StreamHandler", "Validator"]

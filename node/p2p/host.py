@@ -55,14 +55,24 @@ from libp2p.tools.anyio_service import background_trio_service
 from protocol.errors import DecodeError
 from protocol.stream import FRAME_HEADER, frame, frame_length
 
+from .. import reachability
 from ..clock import SYSTEM_CLOCK
 from ..net import Admit, FrameRefused, StreamClosed, StreamHandler, Validator
+from .relay import Relay, RelayClient, is_relayed
 
 log = logging.getLogger("idlemesh.p2p")
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 2.0   # a restarted bootstrap is found again within this
 RECONNECT_POLL_S = 0.5  # how often a link is checked while it is up
 SUBSCRIPTION_QUEUE = 4096  # validated messages waiting per topic
+DIALBACK_PROTOCOL = "/idlemesh/dialback/1.0.0"
+DIALBACK_CONNECT_S = 3.0   # a fresh TCP connection to a reachable port opens well within this
+DIALBACK_MAX_PORTS = 4
+DIALBACK_MIN_INTERVAL_S = 5.0  # per asking peer: a bootstrap is nobody's port scanner
+DIALBACK_CONCURRENCY = 8
+DIALBACK_RETRY_S = 5.0     # when no bootstrap answered a dial-back yet
+DIRECT_FIRST_S = 5.0       # how long a direct dial may take before the relayed address is tried
+RELAY_FIRST_WAIT_S = 10.0  # how long a node behind NAT waits for its first relay slot before it says ready
 
 # Errors a stream can raise when the peer goes away; each becomes StreamClosed.
 _STREAM_GONE = (LibStreamClosed, StreamEOF, StreamReset, StreamError, SwarmException, StreamFailure,trio.BrokenResourceError,
@@ -153,6 +163,12 @@ class P2PNode:
     # Bootstrap links we keep: peer id -> {addr, connected, connected_at_ms, last_error}.
     links: dict[str, dict] = field(default_factory=dict)
     _first_dial_done: dict[str, trio.Event] = field(default_factory=dict)
+    relay_client: RelayClient | None = None
+    relay: Relay | None = None  # bootstraps relay circuits for nodes behind NAT
+    reach: reachability.Reachability = field(default_factory=reachability.Reachability)
+    announce: list[str] = field(default_factory=list)
+    _dialback_asked_s: dict[str, float] = field(default_factory=dict)
+    _dialback_slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(DIALBACK_CONCURRENCY))
 
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -230,15 +246,41 @@ class P2PNode:
         self.host.set_stream_handler(TProtocol(protocol), on_stream)
 
     async def connect(self, peer_id: str, addrs: list[str] | tuple[str, ...], *, timeout_s: float = 10.0) -> None:
+        """Connect by the first path that works: direct addresses first, then relayed
+        ones (/p2p-circuit), so a job never fails only because the first path did."""
         infos = [_peer_info(peer_id, a) for a in addrs]
         if not infos:
             raise ConnectionError(f"no address for peer {peer_id}")
-        _forget_failed_dial(self.host, infos[0].peer_id)
-        with trio.fail_after(timeout_s):
-            try:
-                await self.host.connect(PeerInfo(infos[0].peer_id, [i.addrs[0] for i in infos]))
-            except _STREAM_GONE as exc:
-                raise StreamClosed(f"cannot connect to {peer_id}: {_dial_error(exc)}") from None
+        pid = infos[0].peer_id
+        direct = [i.addrs[0] for i, a in zip(infos, addrs) if not is_relayed(a)]
+        relayed = [a for a in addrs if is_relayed(a)]
+        errors = []
+        if direct:
+            _forget_failed_dial(self.host, pid)
+            with trio.move_on_after(min(timeout_s, DIRECT_FIRST_S) if relayed else timeout_s) as scope:
+                try:
+                    await self.host.connect(PeerInfo(pid, direct))
+                    return
+                except _STREAM_GONE as exc:
+                    errors.append(_dial_error(exc))
+            if scope.cancelled_caught:
+                errors.append("timed out")
+        for addr in relayed:
+            if self.relay_client is None:
+                errors.append("relayed address, and this node runs no relay client")
+                break
+            with trio.move_on_after(timeout_s) as scope:
+                try:
+                    await self.relay_client.dial(addr)
+                    self._count("relayed-dials")
+                    return
+                except Exception as exc:  # noqa: BLE001 - the relay transport raises many kinds
+                    errors.append(f"via relay: {_dial_error(exc) if isinstance(exc, _STREAM_GONE) else exc}")
+            if scope.cancelled_caught:
+                errors.append("via relay: timed out")
+        if not errors or errors == ["timed out"] and not relayed:
+            raise trio.TooSlowError()
+        raise StreamClosed(f"cannot connect to {peer_id}: {'; '.join(errors)}")
 
     @asynccontextmanager
     async def open_stream(self, peer_id: str, addrs: list[str] | tuple[str, ...], protocol: str,
@@ -256,6 +298,136 @@ class P2PNode:
             yield framed
         finally:
             await framed.aclose()
+
+    # --- reachability and relays ----------------------------------------------------
+
+    def offer_addrs(self) -> list[str]:
+        """What our offer carries: direct addresses that work, then relayed ones."""
+        relayed = self.relay_client.relayed_addrs(self.peer_id) if self.relay_client else []
+        return reachability.offer_addrs(self.listen_addrs, self.announce, self.reach, relayed)
+
+    def reach_status(self) -> dict:
+        relays = [r.relay_addr for r in (self.relay_client.reservations.values() if self.relay_client else ())
+                  if r.state == "reserved"]
+        return {**self.reach.to_json(), "announce": self.announce,
+                "how": reachability.how_reached(self.reach, relays, self.announce, self.listen_addrs),
+                "relays": [r.to_json() for r in (self.relay_client.reservations.values() if self.relay_client
+                                                 else ())],
+                "relay_serving": {"circuits_ended": self.relay.circuits_ended,
+                                  "bytes_relayed": self.relay.bytes_relayed} if self.relay else None}
+
+    def serve_relay(self) -> None:
+        """Relay circuits for nodes behind NAT, and answer dial-backs (bootstraps)."""
+        self.relay = Relay(self.host)
+
+        async def run_relay() -> None:
+            async with background_trio_service(self.relay):
+                await trio.sleep_forever()
+
+        self._nursery.start_soon(run_relay)
+        self.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL), self._serve_dialback)
+
+    async def _serve_dialback(self, stream) -> None:
+        """Open a fresh TCP connection to the asker's observed address at each port it
+        names, and say which connected. Only ever the asker's own address."""
+        import msgpack
+
+        remote = stream.muxed_conn.peer_id.to_base58()
+        framed = FramedStream(stream, remote)
+        try:
+            observed = stream.get_remote_address()
+            request = msgpack.unpackb(await framed.receive(max_bytes=256, timeout_s=5.0))
+            ports = request.get("ports") if isinstance(request, dict) else None
+            if (not isinstance(ports, list) or len(ports) > DIALBACK_MAX_PORTS
+                    or not all(isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports)):
+                await framed.send(msgpack.packb({"error": f"expected {{'ports': [1-65535, ...]}}, at most "
+                                                          f"{DIALBACK_MAX_PORTS}"}))
+                return
+            now = trio.current_time()
+            if now - self._dialback_asked_s.get(remote, -1e9) < DIALBACK_MIN_INTERVAL_S or observed is None:
+                await framed.send(msgpack.packb({"error": "asked too often" if observed else "no observed address"}))
+                return
+            self._dialback_asked_s[remote] = now
+            if len(self._dialback_asked_s) > 10_000:
+                self._dialback_asked_s.clear()
+            ip = observed[0]
+            reachable = []
+            async with self._dialback_slots:
+                for port in ports:
+                    with trio.move_on_after(DIALBACK_CONNECT_S):
+                        try:
+                            probe = await trio.open_tcp_stream(ip, port)
+                            await probe.aclose()
+                            reachable.append(port)
+                        except OSError:
+                            pass
+            self._count("dialbacks")
+            await framed.send(msgpack.packb({"observed": ip, "reachable": reachable}))
+        except (DecodeError, StreamClosed, trio.TooSlowError, ValueError, msgpack.UnpackException):
+            pass
+        finally:
+            await framed.aclose()
+
+    async def check_reachability(self, bootstrap_peer_id: str) -> bool:
+        """Ask a bootstrap to dial us back; True if how we are reached changed."""
+        import msgpack
+
+        ports = reachability.listen_ports([*self.listen_addrs, *self.announce])[:DIALBACK_MAX_PORTS]
+        async with self.open_stream(bootstrap_peer_id, [], DIALBACK_PROTOCOL) as stream:
+            await stream.send(msgpack.packb({"ports": ports}))
+            answer = msgpack.unpackb(await stream.receive(max_bytes=1024, timeout_s=DIALBACK_CONNECT_S
+                                                          * DIALBACK_MAX_PORTS + 5))
+        if not isinstance(answer, dict) or "error" in answer or not isinstance(answer.get("reachable"), list):
+            raise DecodeError(f"dial-back from {bootstrap_peer_id}: {answer.get('error') if isinstance(answer, dict) else answer!r}")
+        observed = answer.get("observed") if isinstance(answer.get("observed"), str) else None
+        reachable = [p for p in answer["reachable"] if isinstance(p, int) and p in ports]
+        return self.reach.update(observed, reachable, bootstrap_peer_id, SYSTEM_CLOCK.now_ms())
+
+    async def track_reachability(self, relay_addrs: list[str], on_change: Callable[[], Awaitable[None]],
+                                 *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Learn at start and every RECHECK_S whether we are publicly reachable; behind
+        NAT, hold a relay slot on each bootstrap. Started once the first check answered
+        (and, behind NAT, the first slot is held or RELAY_FIRST_WAIT_S passed)."""
+        started = False
+        holding = False
+
+        async def follow_relays() -> None:
+            while True:
+                changed = self.relay_client.changed
+                await changed.wait()
+                await on_change()
+
+        if self.relay_client is not None:
+            self._nursery.start_soon(follow_relays)
+        while True:
+            answered, changed = False, False
+            for peer_id, link in list(self.links.items()):
+                if not link.get("connected"):
+                    continue
+                try:
+                    changed = await self.check_reachability(peer_id)
+                    answered = True
+                    break
+                except (DecodeError, StreamClosed, trio.TooSlowError, ValueError, TypeError) as exc:
+                    self.reach.error = f"dial-back by {peer_id}: {exc}"
+            if not answered and not self.links:
+                answered = True  # no bootstrap to ask: nobody to sell to anyway
+            if self.reach.state == "private" and not holding and self.relay_client is not None:
+                holding = True
+                log.info("behind NAT (seen as %s); reserving relay slots on %d bootstraps", self.reach.observed_ip,
+                         len(relay_addrs))
+                for addr in relay_addrs:
+                    self._nursery.start_soon(self.relay_client.hold, addr, _forget_failed_dial)
+                with trio.move_on_after(RELAY_FIRST_WAIT_S):
+                    while not self.relay_client.relayed_addrs(self.peer_id):
+                        await self.relay_client.changed.wait()
+            if changed:
+                log.info("reachability: %s", self.reach_status()["how"])
+                await on_change()
+            if answered and not started:
+                started = True
+                task_status.started()
+            await trio.sleep(reachability.RECHECK_S if answered else DIALBACK_RETRY_S)
 
     def mesh_peers(self, topic: str) -> list[str]:
         """Peers we forward `topic` to (our gossipsub mesh for it)."""
@@ -501,6 +673,12 @@ def _peer_info(peer_id: str | None, addr: str) -> PeerInfo:
     return PeerInfo(ID.from_base58(peer_id), [maddr])
 
 
+async def _run_service(service, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with background_trio_service(service):
+        task_status.started()
+        await trio.sleep_forever()
+
+
 def quiet_libp2p_logs(level: int = logging.CRITICAL) -> None:
     """libp2p logs normal events (a refused dial, a peer that left) at ERROR, once per
     attempt; our own lines say what matters, with the peer id."""
@@ -509,8 +687,10 @@ def quiet_libp2p_logs(level: int = logging.CRITICAL) -> None:
 
 
 @asynccontextmanager
-async def open_p2p_node(seed: bytes, listen_addrs: list[str]) -> AsyncIterator[P2PNode]:
-    """A running libp2p host with gossipsub. `seed` is the node's 32-byte Ed25519 seed."""
+async def open_p2p_node(seed: bytes, listen_addrs: list[str], *, announce: list[str] = ()) -> AsyncIterator[P2PNode]:
+    """A running libp2p host with gossipsub. `seed` is the node's 32-byte Ed25519 seed;
+    `announce`: addresses others reach us at (a port forward, a public name), given by
+    the operator."""
     check_listen_addrs(listen_addrs)
     key_pair = create_new_key_pair(seed)
     noise_key = create_x25519_key_pair()
@@ -540,8 +720,10 @@ async def open_p2p_node(seed: bytes, listen_addrs: list[str]) -> AsyncIterator[P
                     node = P2PNode(
                         host=host, pubsub=pubsub, peer_id=host.get_id().to_base58(),
                         listen_addrs=[str(a) for a in host.get_addrs()],
-                        _nursery=nursery,
+                        _nursery=nursery, announce=list(announce),
                     )
+                    node.relay_client = RelayClient.for_host(host)
+                    await nursery.start(_run_service, node.relay_client.protocol)
                     try:
                         yield node
                     finally:
