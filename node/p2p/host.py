@@ -316,9 +316,9 @@ class P2PNode:
                 "relay_serving": {"circuits_ended": self.relay.circuits_ended,
                                   "bytes_relayed": self.relay.bytes_relayed} if self.relay else None}
 
-    def serve_relay(self) -> None:
+    def serve_relay(self, limits=None) -> None:
         """Relay circuits for nodes behind NAT, and answer dial-backs (bootstraps)."""
-        self.relay = Relay(self.host)
+        self.relay = Relay(self.host, **({"limits": limits} if limits else {}))
 
         async def run_relay() -> None:
             async with background_trio_service(self.relay):
@@ -732,6 +732,13 @@ async def open_p2p_node(seed: bytes, listen_addrs: list[str], *, announce: list[
                         # open, and a peer would hold their resources until we exit.
                         with trio.move_on_after(2, shield=True):
                             await _close_connections(host)
+                            # The library leaves its listening sockets open after the host
+                            # stops: a node restarted in the same process could not bind.
+                            for listener in list(host.get_network().listeners.values()):
+                                try:
+                                    await listener.close()
+                                except Exception as exc:  # noqa: BLE001 - best effort on the way out
+                                    log.debug("closing a listener: %s", exc)
     except BaseExceptionGroup as group:
         # Known shutdown race in py-libp2p (pubsub continuously_read_stream): harmless.
         rest = group.subgroup(lambda e: not (isinstance(e, RuntimeError) and "Nursery is closed" in str(e))
