@@ -232,7 +232,8 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
                       n_bootstraps: int = 1, extra_env: dict[int, dict[str, str]] | None = None,
                       host_resnet50: float | None = None,
                       time_scale: float = 1.0, netns: bool = False,
-                      nats: dict[int, str] | None = None) -> AsyncIterator[Devnet]:
+                      nats: dict[int, str] | None = None, buyer_nat: str = "none",
+                      link: "LinkShape | None" = None) -> AsyncIterator[Devnet]:
     """A running devnet; every child is stopped when the block exits, however it exits.
     With a fleet (devnet/fleet.py) the providers are its simulated devices. With several
     bootstraps, each later one keeps a connection to the first, and every provider is
@@ -242,8 +243,9 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
 
     `netns`: each node in its own network namespace (devnet/netns.py, root only), its
     link shaped by the wire process, providers behind the NAT their fleet entry (or
-    `nats`, by provider index) names; the block itself runs in the buyer's namespace, so
-    a client opened there reaches the nodes as a buyer on the internet would."""
+    `nats`, by provider index) names; the block itself runs in the buyer's namespace (behind
+    `buyer_nat`), so a client opened there reaches the nodes as a buyer on the internet
+    would. `link`: one shape for every link (else providers' from the fleet, the rest plain)."""
     root = root or Path(tempfile.mkdtemp(prefix="idlemesh-devnet-"))
     models = models or [reference_model_path(m) for m in DEFAULT_MODELS]
     say = progress or (lambda text: None)
@@ -256,7 +258,7 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
         try:
             if netns:
                 spots, wire = await _open_namespaces(root, boot_names, n_providers, members, nats or {}, say,
-                                                     timeout_s)
+                                                     timeout_s, buyer_nat, link)
 
             def place(name: str) -> tuple[str, list[str]]:
                 spot = spots.get(name)
@@ -290,8 +292,10 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
                 args += (extra_args or {}).get(i, [])
                 children.append(await _start(nursery, f"provider-{i}", home, args, (extra_env or {}).get(i), wrap))
             for i, child in enumerate(children[n_bootstraps:], start=1):
-                # A provider behind NAT announces (its relayed address) before it says ready.
-                child.ready = (await _wait_events(child, {"ready", "announced"}, timeout_s))["ready"]
+                # On separate stacks, also until a dial-back said how the provider is
+                # reached (behind NAT: its relayed address is in the bootstrap's book).
+                wanted = {"ready", "announced"} | ({"reachability"} if netns else set())
+                child.ready = (await _wait_events(child, wanted, timeout_s))["ready"]
                 label = f" ({members[i - 1].device.name}, {members[i - 1].region.name})" if fleet is not None else ""
                 say(f"provider {i}/{n_providers} ready{label}: {child.ready['peer_id']}")
             devnet = Devnet(root, bootstrap_addr, children, nursery, bootstrap_addrs=addrs,
@@ -312,13 +316,14 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
 
 
 async def _open_namespaces(root: Path, boot_names: list[str], n_providers: int, members: list, nats: dict[int, str],
-                           say, timeout_s: float):
+                           say, timeout_s: float, buyer_nat: str = "none", link=None):
     """Namespaces for the bootstraps, the providers and the buyer (this process), and the
     wire between them, running; raises RuntimeError with the reason if they cannot be."""
     from . import netns
 
     reason = netns.unavailable()
-    if reason is None and (any(m.nat != "none" for m in members) or any(k != "none" for k in nats.values())):
+    if reason is None and (any(m.nat != "none" for m in members) or any(k != "none" for k in nats.values())
+                           or buyer_nat != "none"):
         reason = netns.nat_unavailable()
     if reason:
         raise RuntimeError(f"no namespace devnet: {reason}")
@@ -326,10 +331,10 @@ async def _open_namespaces(root: Path, boot_names: list[str], n_providers: int, 
     if stale:
         say(f"removed {len(stale)} namespaces left by an earlier devnet that did not exit")
     names = [*boot_names, "buyer", *(f"provider-{i}" for i in range(n_providers))]
-    kinds = ["none"] * (len(boot_names) + 1) + [nats.get(i, members[i].nat if members else "none")
-                                                for i in range(n_providers)]
-    links = [netns.LinkShape()] * (len(boot_names) + 1) + [
-        netns.LinkShape(m.link_ms, m.jitter_ms, m.loss, m.rate_mbit) if members else netns.LinkShape()
+    kinds = ["none"] * len(boot_names) + [buyer_nat] + [nats.get(i, members[i].nat if members else "none")
+                                                         for i in range(n_providers)]
+    links = [link or netns.LinkShape()] * (len(boot_names) + 1) + [
+        link or (netns.LinkShape(m.link_ms, m.jitter_ms, m.loss, m.rate_mbit) if m else netns.LinkShape())
         for m in (members or [None] * n_providers)]
     spots = netns.plan(names, kinds, links)
     try:

@@ -266,7 +266,7 @@ class Client:
 
     def __init__(self, home: Path | str, bootstrap: list[str], *, max_price: float = 1.0, solver: str = "optimal",
                  weights: Weights | None = None, job_timeout_s: float = 120.0, min_reputation: float = 0.25,
-                 listen: str = "/ip4/127.0.0.1/tcp/0", spot_check: float = 0.0, clock: Clock = SYSTEM_CLOCK,
+                 listen: str = "/ip4/0.0.0.0/tcp/0", spot_check: float = 0.0, clock: Clock = SYSTEM_CLOCK,
                  open_network: OpenNetwork = open_p2p_node, time_scale: float = 1.0,
                  micro_batch_ms: float = MICRO_BATCH_MS):
         """`spot_check`: the fraction of requests run again on a second provider, after

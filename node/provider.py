@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from functools import partial
 import signal
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,23 +87,12 @@ POLICY_INTERVAL_S = 2.0
 JOBS_PER_PEER = (20.0, 60.0)  # job streams per second sustained, burst, per peer
 KEPT_RESULTS_BYTES = 256 << 20  # acked results beyond this go first; unacked ones stay until their request expires
 KEPT_RESULTS_PRUNE_S = 60.0  # expired results go within this, jobs or none
-REACHABILITY_FIRST_S = 30.0  # the first dial-back (and, behind NAT, relay slot) before ready; later ones run on
 MIN_KEEP_RESULT_MS = 10 * 60_000  # a result is kept at least this long, whatever its request's expiry
 
 STATUS_NAME = "status.json"
 
 
-class _StartedEvent:
-    """A task_status for a task that must go on even if its caller stops waiting for it."""
 
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def started(self, value=None) -> None:
-        self._event.set()
-
-    async def wait(self) -> None:
-        await self._event.wait()
 
 
 class Provider:
@@ -282,13 +270,15 @@ class Provider:
     async def _addrs_changed(self) -> None:
         """How buyers reach us changed (a dial-back's verdict, a relay slot gained or
         lost): the offer says so at once, to the mesh and to each bootstrap's book."""
-        reach = self.p2p.reach_status()
-        emit("reachability", state=reach["state"], addrs=self.p2p.offer_addrs(), how=reach["how"])
         await self._publish_now()
         for peer_id, link in list(self.p2p.links.items()):
             if link.get("connected") and self.gossip is not None:
                 await self._announce_to(self.gossip, peer_id)
         self.write_status()
+        # After the bootstraps hold the new offer: a devnet waiting on this event may
+        # send buyers at once.
+        reach = self.p2p.reach_status()
+        emit("reachability", state=reach["state"], addrs=self.p2p.offer_addrs(), how=reach["how"])
 
     async def _publish_now(self) -> None:
         signed = self.refresh_offer()
@@ -758,6 +748,7 @@ class Provider:
         async with self.open_network(self.seed, self.config.listen) as p2p:
             self.p2p = p2p
             p2p.announce = list(self.config.announce)
+            p2p.on_direct = lambda peer_id: emit("hole-punched", peer=peer_id)
             p2p.send_delay_s = 2 * self.config.link_delay_ms * self.time_scale / 1000
             self.refresh_offer()
             if self.config.metrics:
@@ -778,13 +769,9 @@ class Provider:
                 for addr, why in (await p2p.first_dials(self.config.bootstrap)).items():
                     log.warning("cannot reach bootstrap %s (%s); retrying: buyers cannot find this provider "
                                 "until one answers", addr, why)
-                # How buyers reach us (a dial-back; behind NAT, a relay slot) before we say
-                # ready: an offer with no address that works sells nothing.
-                checked = _StartedEvent()
-                nursery.start_soon(partial(p2p.track_reachability, self.config.bootstrap, self._addrs_changed,
-                                           task_status=checked))
-                with trio.move_on_after(REACHABILITY_FIRST_S):
-                    await checked.wait()
+                # How buyers reach us: a dial-back, and behind NAT a relay slot; each change
+                # is an event ("reachability") and a new offer.
+                nursery.start_soon(p2p.track_reachability, self.config.bootstrap, self._addrs_changed)
                 self.write_status()
                 emit("ready", role="provider", peer_id=p2p.peer_id, addrs=p2p.listen_addrs,
                      models=[m.name for m in self.models])

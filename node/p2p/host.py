@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextvars
 import errno
 import logging
+import os
 import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ from protocol.stream import FRAME_HEADER, frame, frame_length
 from .. import reachability
 from ..clock import SYSTEM_CLOCK
 from ..net import Admit, FrameRefused, StreamClosed, StreamHandler, Validator
-from .relay import Relay, RelayClient, is_relayed
+from .relay import HolePunch, Relay, RelayClient, is_relayed
 
 log = logging.getLogger("idlemesh.p2p")
 RECONNECT_MIN_S = 0.2
@@ -73,6 +74,9 @@ DIALBACK_CONCURRENCY = 8
 DIALBACK_RETRY_S = 5.0     # when no bootstrap answered a dial-back yet
 DIRECT_FIRST_S = 5.0       # how long a direct dial may take before the relayed address is tried
 RELAY_FIRST_WAIT_S = 10.0  # how long a node behind NAT waits for its first relay slot before it says ready
+# IDLEMESH_HOLE_PUNCH=0 keeps relayed connections relayed (DCUtR off): for measuring the
+# relayed path, or where an operator does not want peers dialling its NAT's ports.
+HOLE_PUNCH_ENV = "IDLEMESH_HOLE_PUNCH"
 
 # Errors a stream can raise when the peer goes away; each becomes StreamClosed.
 _STREAM_GONE = (LibStreamClosed, StreamEOF, StreamReset, StreamError, SwarmException, StreamFailure,trio.BrokenResourceError,
@@ -165,6 +169,8 @@ class P2PNode:
     _first_dial_done: dict[str, trio.Event] = field(default_factory=dict)
     relay_client: RelayClient | None = None
     relay: Relay | None = None  # bootstraps relay circuits for nodes behind NAT
+    hole_punch: HolePunch | None = None
+    on_direct: Callable[[str], None] | None = None  # a relayed peer is now directly connected
     reach: reachability.Reachability = field(default_factory=reachability.Reachability)
     announce: list[str] = field(default_factory=list)
     _dialback_asked_s: dict[str, float] = field(default_factory=dict)
@@ -313,8 +319,15 @@ class P2PNode:
                 "how": reachability.how_reached(self.reach, relays, self.announce, self.listen_addrs),
                 "relays": [r.to_json() for r in (self.relay_client.reservations.values() if self.relay_client
                                                  else ())],
+                "hole_punched": self.counters.get("hole-punched", 0),
                 "relay_serving": {"circuits_ended": self.relay.circuits_ended,
                                   "bytes_relayed": self.relay.bytes_relayed} if self.relay else None}
+
+    def _direct(self, peer_id: str) -> None:
+        self._count("hole-punched")
+        log.info("direct connection to %s by hole punching (it was relayed)", peer_id)
+        if self.on_direct is not None:
+            self.on_direct(peer_id)
 
     def serve_relay(self, limits=None) -> None:
         """Relay circuits for nodes behind NAT, and answer dial-backs (bootstraps)."""
@@ -724,6 +737,9 @@ async def open_p2p_node(seed: bytes, listen_addrs: list[str], *, announce: list[
                     )
                     node.relay_client = RelayClient.for_host(host)
                     await nursery.start(_run_service, node.relay_client.protocol)
+                    if os.environ.get(HOLE_PUNCH_ENV, "1") != "0":
+                        node.hole_punch = HolePunch(host, on_direct=node._direct)
+                        await nursery.start(_run_service, node.hole_punch)
                     try:
                         yield node
                     finally:

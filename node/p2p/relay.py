@@ -15,7 +15,10 @@ this module works around each (the numbers are that note's):
    our own loop reserves on every new connection to the relay and halfway through each
    reservation's lifetime, forgetting the library's 60 s negative dial cache;
 6. `RelayDiscovery(auto_reserve=True)` never reserves if it runs before identify: we
-   reserve explicitly on the bootstraps we are given.
+   reserve explicitly on the bootstraps we are given;
+8. after a hole punch, DCUtR closes the relayed connection 60 s later whatever runs on
+   it, so a job streaming its inputs then dies: we close it only once no job stream of
+   ours is open on it (new streams take the direct connection: the swarm prefers it).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import multiaddr
 import trio
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import RELAY_CLOSE_GRACE_PERIOD, DCUtRProtocol
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.resources import RelayLimits
@@ -103,6 +107,57 @@ class Relay(CircuitV2Protocol):
             for peer, pair in list(self._active_relays.items()):
                 if pair[0] in (src_stream, dst_stream) or pair[1] in (src_stream, dst_stream):
                     del self._active_relays[peer]
+
+
+OUR_PROTOCOLS = "/idlemesh/"
+RELAYED_LEG_MAX_S = 30 * 60  # the relay's own circuit limit ends it by then anyway
+RELAYED_LEG_POLL_S = 2.0
+
+
+def _relayed(conn) -> bool:
+    try:
+        addrs = conn.get_transport_addresses()
+    except Exception:  # noqa: BLE001 - a closing connection
+        return False
+    return bool(addrs) and all("/p2p-circuit" in str(a) for a in addrs)
+
+
+def _job_streams(conn) -> int:
+    count = 0
+    for stream in list(getattr(conn, "get_streams", lambda: [])()):
+        protocol = getattr(stream, "get_protocol", lambda: None)()
+        if protocol and str(protocol).startswith(OUR_PROTOCOLS):
+            count += 1
+    return count
+
+
+class HolePunch(DCUtRProtocol):
+    """DCUtR that never cuts a relayed connection a job is still using (bug 8), and
+    says when a peer became directly connected."""
+
+    def __init__(self, host, on_direct=None) -> None:
+        super().__init__(host)
+        self.on_direct = on_direct
+        self.upgraded: dict[str, float] = {}  # peer id -> when the direct connection was made
+
+    def _schedule_relay_close(self, peer_id: ID) -> None:
+        self.upgraded[peer_id.to_base58()] = time.time()
+        if len(self.upgraded) > 10_000:
+            self.upgraded.clear()
+        if self.on_direct is not None:
+            self.on_direct(peer_id.to_base58())
+        super()._schedule_relay_close(peer_id)
+
+    async def _close_relayed_conns_after_grace(self, peer_id: ID, grace: float = RELAY_CLOSE_GRACE_PERIOD) -> None:
+        await trio.sleep(grace)
+        with trio.move_on_after(RELAYED_LEG_MAX_S):
+            while True:
+                conns = self.host.get_network().connections.get(peer_id) or []
+                conns = conns if isinstance(conns, list) else [conns]
+                if not any(_relayed(c) and _job_streams(c) for c in conns):
+                    break
+                await trio.sleep(RELAYED_LEG_POLL_S)
+        await super()._close_relayed_conns_after_grace(peer_id, grace=0)
 
 
 @dataclass
