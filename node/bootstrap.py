@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -23,6 +23,7 @@ from .offers import OfferBook
 from .net import OpenNetwork, StreamClosed
 from .p2p import check_listen_addrs, open_p2p_node
 from .output import write_json_atomic
+from .reachability import expand_wildcards, interface_ips
 from .refusals import Refusals
 
 log = logging.getLogger("idlemesh.bootstrap")
@@ -31,13 +32,15 @@ STATUS_EVERY_S = 5.0
 
 
 
-async def run_bootstrap(home: Path, listen: list[str], peers: list[str] = (), metrics: str | None = None) -> int:
+async def run_bootstrap(home: Path, listen: list[str], peers: list[str] = (), metrics: str | None = None,
+                        announce: list[str] = ()) -> int:
     """Serve until SIGINT or SIGTERM; returns the signal's number."""
     seed = load_or_create_seed(home)
     check_listen_addrs(listen)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             node = await nursery.start(lambda task_status: serve_bootstrap(seed, listen, peers, metrics, home=home,
+                                                                           announce=announce,
                                                                            task_status=task_status))
             async for signum in signals:
                 break
@@ -54,9 +57,17 @@ class BootstrapNode:
     book: OfferBook
     gossip: OfferGossip
     refusals: Refusals
+    announce: list[str] = field(default_factory=list)
+
+    def dial_addrs(self) -> list[str]:
+        """Where others dial us, each with our peer id: the announced addresses, else the
+        listen addresses with a wildcard replaced by this machine's own addresses."""
+        return [f"{a}/p2p/{self.p2p.peer_id}" for a in self.announce] or \
+            expand_wildcards(self.p2p.listen_addrs, interface_ips())
 
     def status(self, now_ms: int) -> dict:
-        return {"role": "bootstrap", "peer_id": self.p2p.peer_id, "addrs": self.p2p.listen_addrs,
+        return {"role": "bootstrap", "peer_id": self.p2p.peer_id, "addrs": self.dial_addrs(),
+                "listen": self.p2p.listen_addrs,
                 "offers_held": self.book.count(now_ms=now_ms), "offer_bytes": self.book.bytes,
                 "offers_evicted": self.book.evicted, "offers_refused_full": self.book.refused_full,
                 "connected_peers": len(self.p2p.connected_peers()), "digests_held": len(self.gossip.reputation.digests),
@@ -66,7 +77,8 @@ class BootstrapNode:
 
 async def serve_bootstrap(seed: bytes, listen: list[str], peers: list[str] = (), metrics: str | None = None, *,
                           home: Path | None = None, open_network: OpenNetwork = open_p2p_node,
-                          clock: Clock = SYSTEM_CLOCK, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                          clock: Clock = SYSTEM_CLOCK, announce: list[str] = (),
+                          task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Relay gossip and answer offer sync until cancelled; started with the network.
     With a `home`, HOME/status.json says what it holds and refused, every few seconds."""
     async with open_network(seed, listen) as p2p:
@@ -76,7 +88,7 @@ async def serve_bootstrap(seed: bytes, listen: list[str], peers: list[str] = (),
         counters = NodeMetrics("bootstrap")
         refusals = Refusals(log, emit=emit, on_count=lambda code: counters.refused.labels(code).inc(), clock=clock)
         gossip.on_bad_input = refusals
-        node = BootstrapNode(p2p, book, gossip, refusals)
+        node = BootstrapNode(p2p, book, gossip, refusals, list(announce))
         if metrics:
             counters.offers_held.set_function(lambda: book.count(now_ms=clock.now_ms()))
             counters.connected_peers.set_function(lambda: len(p2p.connected_peers()))
@@ -100,6 +112,6 @@ async def serve_bootstrap(seed: bytes, listen: list[str], peers: list[str] = (),
                 log.warning("cannot reach bootstrap %s (%s); retrying", addr, why)
             if home is not None:
                 nursery.start_soon(write_status)
-            emit("ready", role="bootstrap", peer_id=p2p.peer_id, addrs=p2p.listen_addrs)
+            emit("ready", role="bootstrap", peer_id=p2p.peer_id, addrs=node.dial_addrs())
             task_status.started(node)
             await trio.sleep_forever()

@@ -245,7 +245,13 @@ def _bootstrap_run(args) -> int:
             parse_listen(args.metrics)
         except ValueError as exc:
             raise SystemExit(f"idlemesh: {exc}") from None
-    return exit_status(trio.run(run_bootstrap, Path(args.home), [args.listen], args.bootstrap or [], args.metrics))
+    from .reachability import announce_problem
+
+    for addr in args.announce or []:
+        if problem := announce_problem(addr):
+            raise SystemExit(f"idlemesh: {problem}")
+    return exit_status(trio.run(run_bootstrap, Path(args.home), [args.listen], args.bootstrap or [], args.metrics,
+                                args.announce or []))
 
 
 def _model_input_names(model_path: str) -> list[str]:
@@ -850,6 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
     brun.add_argument("--bootstrap", action="append",
                       help="another bootstrap of the same network to stay connected to (repeatable)")
     brun.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics there (default off)")
+    brun.add_argument("--announce", action="append", metavar="ADDR",
+                      help="the address others dial this bootstrap at, e.g. /ip4/<public ip>/tcp/4000 (repeatable; "
+                           "default: the listen address, with 0.0.0.0 replaced by this machine's addresses)")
     brun.set_defaults(func=_bootstrap_run)
 
     sm = sub.add_parser("submit", help="submit ONNX inference jobs")

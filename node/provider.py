@@ -41,7 +41,8 @@ from .ledger import Ledger, LedgerError, LedgerWriter
 from .metrics import NodeMetrics
 from .offers import OfferBook
 from .net import FrameRefused, OpenNetwork, Stream, StreamClosed
-from .p2p import check_listen_addrs, open_p2p_node
+from .p2p import ListenError, check_listen_addrs, open_p2p_node
+from .reachability import announce_problem
 from .policy import Availability, CarbonSchedule, IdleGate, OwnerLoad, decide
 from .power import probe_meter
 from .ratelimit import PeerRateLimit
@@ -729,6 +730,9 @@ class Provider:
     async def run(self) -> int:
         """Serve until SIGINT or SIGTERM; returns the signal's number."""
         check_listen_addrs(self.config.listen)  # before minutes of calibration, not after
+        for addr in self.config.announce:
+            if problem := announce_problem(addr):
+                raise ListenError(problem)
         self.prepare()
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -37,6 +37,39 @@ def is_lan(ip: str) -> bool:
         address.version == 4 and address in ipaddress.ip_network("100.64.0.0/10")))
 
 
+def interface_ips() -> list[str]:
+    """This machine's IPv4 addresses, loopback last (psutil reads the interfaces)."""
+    import psutil
+
+    ips = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+           if a.family.name == "AF_INET"]
+    return sorted(set(ips), key=lambda ip: (ip.startswith("127."), ip))
+
+
+def expand_wildcards(listen_addrs: list[str], ips: list[str]) -> list[str]:
+    """Listen addresses with /ip4/0.0.0.0 replaced by each of `ips` (0.0.0.0 is nobody's
+    address: printed, a peer on another machine would dial itself)."""
+    out = []
+    for addr in listen_addrs:
+        ip_port = _ip_port(addr)
+        if ip_port and ip_port[0] == "0.0.0.0":
+            out += [addr.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in ips]
+        else:
+            out.append(addr)
+    return out
+
+
+def announce_problem(addr: str) -> str | None:
+    """Why `addr` cannot be announced (None if it can): it must name a host and a TCP
+    port, and no peer id (the node adds its own)."""
+    ip_port = _ip_port(addr)
+    if addr.startswith("/dns") and "/tcp/" in addr and "/p2p" not in addr:
+        return None
+    if ip_port is None or "/p2p" in addr or is_wildcard(ip_port[0]) or not 0 < ip_port[1] < 65536:
+        return f"--announce {addr!r}: expected e.g. /ip4/203.0.113.5/tcp/4001 (a host and port others dial, no /p2p/)"
+    return None
+
+
 def listen_ports(listen_addrs: list[str]) -> list[int]:
     """The TCP ports we listen on, for a dial-back to check."""
     return sorted({ip_port[1] for a in listen_addrs if (ip_port := _ip_port(a)) and ip_port[1]})

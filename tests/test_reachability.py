@@ -111,3 +111,14 @@ def test_the_wire_drops_about_the_loss_it_is_told_and_jitter_never_reorders():
     assert 1500 < kept < 1700  # seeded: 20% loss
     releases = [entry[0] for entry in sorted(router.queue, key=lambda e: e[1])]  # in the order sent
     assert releases == sorted(releases)
+
+
+def test_a_wildcard_listen_address_is_printed_as_this_machines_addresses_and_announce_is_checked():
+    from node.reachability import announce_problem, expand_wildcards
+
+    assert expand_wildcards(["/ip4/0.0.0.0/tcp/4000", "/ip4/127.0.0.1/tcp/5"], ["10.0.0.7", "127.0.0.1"]) == [
+        "/ip4/10.0.0.7/tcp/4000", "/ip4/127.0.0.1/tcp/4000", "/ip4/127.0.0.1/tcp/5"]
+    assert announce_problem("/ip4/93.184.216.34/tcp/4001") is None
+    assert announce_problem("/dns4/gpu.example.org/tcp/4001") is None
+    for bad in ("/ip4/0.0.0.0/tcp/4001", "/ip4/1.2.3.4/tcp/4001/p2p/" + ME, "1.2.3.4:4001", "/ip4/1.2.3.4/udp/4001"):
+        assert announce_problem(bad).startswith("--announce"), bad
