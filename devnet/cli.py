@@ -77,6 +77,7 @@ def _devnet_up(args) -> int:
         except FleetError as exc:
             raise SystemExit(f"idlemesh: bad fleet file: {exc}") from None
 
+    setup_logging_from_args(args)
     use_netns = choose_netns(args)
 
     async def main() -> int:
@@ -196,6 +197,7 @@ def _devnet_simulate(args) -> int:
 def _devnet_demo(args) -> int:
     from .demo import run_demo
 
+    setup_logging_from_args(args)
     return trio.run(run_demo, args.n, args.jobs, args.json, choose_netns(args))
 
 

@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -173,15 +174,31 @@ def wire_plan(spots: list[Spot]) -> dict:
                                    **asdict(spot.link)} for spot in spots]}
 
 
-def remove(namespaces: list[str]) -> None:
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its parent counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def remove(namespaces: list[str], wait_s: float = 5.0) -> None:
     """Stop every process left in these namespaces, then delete them."""
+    killed = []
     for ns in namespaces:
-        pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-        for pid in pids:
+        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
             try:
                 os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
             except (ProcessLookupError, ValueError):
                 pass
+    deadline = time.monotonic() + wait_s
+    while killed and time.monotonic() < deadline:  # SIGKILL lands within milliseconds
+        killed = [pid for pid in killed if not gone(pid)]
+        if killed:
+            time.sleep(0.01)
+    for ns in namespaces:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 

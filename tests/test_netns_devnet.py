@@ -10,7 +10,10 @@ job is in flight loses nothing, and NATed providers sell through it again once i
 from __future__ import annotations
 
 import json
+import secrets
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +24,8 @@ from devnet.invariants import violations
 from devnet.launcher import open_devnet
 from node.buyer import Buyer, SubmitSpec
 from node.calibrate import reference_model_path
+from node.p2p import open_p2p_node
+from libp2p.peer.id import ID
 
 MODEL = reference_model_path("squeezenet")
 GUARD_S = 120.0  # a hang guard, not a measurement
@@ -57,7 +62,49 @@ async def test_a_provider_behind_each_nat_sells_and_says_how_it_is_reached(tmp_p
         assert [o.state for o in outcomes] == ["settled"] * 8, [o.error for o in outcomes]
         assert {o.provider for o in outcomes} == {c.ready["peer_id"] for c in net.providers}
         provider_homes = [c.home for c in net.providers]
+
+        # A buyer on the internet reaches the provider behind the cone NAT through the
+        # relay, then directly by hole punching (bench/links.py reports each NAT pair).
+        await _punched_through(net.providers[1], net.bootstrap_addr)
     assert violations([tmp_path / "buyer"], provider_homes) == []
+
+
+async def _punched_through(provider, bootstrap: str) -> None:
+    peer_id = provider.ready["peer_id"]
+    async with open_p2p_node(secrets.token_bytes(32), ["/ip4/0.0.0.0/tcp/0"]) as buyer:
+        with trio.fail_after(GUARD_S):
+            buyer.keep_connected([bootstrap])  # as a Client does: identify tells it its public address
+            await buyer.first_dials([bootstrap])
+            await buyer.connect(peer_id, _status(provider)["addrs"])
+            assert buyer.counters["relayed-dials"] == 1
+            async for event in provider.events:
+                if event.get("event") == "hole-punched" and event["peer"] == buyer.peer_id:
+                    break
+        kinds = {str(c.get_connection_type()).rsplit(".", 1)[-1]
+                 for c in buyer.host.get_network().get_connections(ID.from_base58(peer_id))}
+        assert "DIRECT" in kinds, kinds
+
+
+async def test_devnet_clean_removes_what_a_killed_launcher_left(tmp_path):
+    launcher = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "node.cli", "devnet", "up", "-n", "1", "--netns", "--root", str(tmp_path / "net")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(GUARD_S):
+            line = b""
+            while b"\n" not in line:
+                line += await launcher.stdout.receive_some(4096)
+    finally:
+        launcher.kill()  # SIGKILL: no cleanup of its own
+        await launcher.wait()
+    left = netns.ours().get(launcher.pid, [])
+    assert len(left) == 3  # bootstrap, buyer, provider: the wire went down with the launcher
+    pids = [int(p) for ns in left for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                                          text=True).stdout.split()]
+    assert pids  # the nodes outlived it
+    assert set(left) <= set(netns.clean())
+    assert launcher.pid not in netns.ours()
+    assert all(netns.gone(pid) for pid in pids)
 
 
 async def test_the_relay_killed_mid_job_loses_nothing_and_relayed_jobs_resume_when_it_is_back(tmp_path):

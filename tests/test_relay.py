@@ -77,6 +77,8 @@ async def test_relayed_circuits_end_one_at_a_time_and_give_back_their_slots():
                 assert await _round_trip(buyer, provider.peer_id, [addr], b"job %d" % i) == b"job %d" % i
                 await _disconnect(buyer, provider.peer_id)
         assert relay.relay.circuits_ended >= 11
+        # Twelve relayed dials, one reservation: buyers dial with the STOP role only.
+        assert list(relay.relay.resource_manager._reservations) == [ID.from_base58(provider.peer_id)]
         assert provider.counters.get("relayed-dials", 0) == 0  # the provider never dialled anyone
         assert first.counters["relayed-dials"] + second.counters["relayed-dials"] == 12
 
@@ -121,3 +123,55 @@ async def test_a_provider_reserves_again_when_its_relay_comes_back():
             assert reservation.reserved_count == first_count + 1 and reservation.state == "reserved"
             with trio.fail_after(GUARD_S):
                 assert await _round_trip(buyer, provider.peer_id, [addr], b"back") == b"back"
+
+
+class _Stream:
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> str:
+        return self.protocol
+
+
+class _Conn:
+    def __init__(self, addr: str, streams: list[_Stream]) -> None:
+        self.addr, self.streams, self.closed = addr, streams, False
+
+    def get_transport_addresses(self):
+        return [self.addr]
+
+    def get_streams(self):
+        return list(self.streams)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class _Host:
+    def __init__(self, connections: dict) -> None:
+        self.connections = connections
+
+    def get_network(self):
+        return self
+
+    def get_id(self):
+        return ID.from_base58("12D3KooWPjAT5XstSRcqPSwtvfkKaGRRbcqJDxDoiaE7Fs4CJFfU")
+
+
+async def test_after_hole_punching_the_relayed_connection_lives_until_its_jobs_are_done(autojump_clock):
+    """DCUtR in py-libp2p 0.8.1 closes the relayed connection 60 s after the upgrade,
+    jobs and all; ours waits for the job streams on it to end (under a mock clock)."""
+    from node.p2p.relay import HolePunch
+
+    peer = ID.from_base58("12D3KooWKcRNs48qbY8E1YbYi5jAQ3Qmiwra9w4x8sRKzCpQVRTW")
+    job = _Stream("/idlemesh/job/1.0.0")
+    relayed = _Conn("/ip4/100.64.0.2/tcp/4001/p2p/X/p2p-circuit", [_Stream("/meshsub/1.1.0"), job])
+    direct = _Conn("/ip4/100.64.0.4/tcp/4001", [])
+    punch = HolePunch(_Host({peer: [relayed, direct]}))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(punch._close_relayed_conns_after_grace, peer)
+        await trio.sleep(10 * 60)  # a long job: ten minutes after the upgrade
+        assert not relayed.closed and not direct.closed
+        relayed.streams.remove(job)  # the job ends; gossip streams do not hold the leg
+        await trio.sleep(5)
+        assert relayed.closed and not direct.closed
