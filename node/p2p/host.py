@@ -272,9 +272,6 @@ class P2PNode:
             if scope.cancelled_caught:
                 errors.append("timed out")
         for addr in relayed:
-            if self.relay_client is None:
-                errors.append("relayed address, and this node runs no relay client")
-                break
             with trio.move_on_after(timeout_s) as scope:
                 try:
                     await self.relay_client.dial(addr)
@@ -284,8 +281,8 @@ class P2PNode:
                     errors.append(f"via relay: {_dial_error(exc) if isinstance(exc, _STREAM_GONE) else exc}")
             if scope.cancelled_caught:
                 errors.append("via relay: timed out")
-        if not errors or errors == ["timed out"] and not relayed:
-            raise trio.TooSlowError()
+        if errors == ["timed out"]:
+            raise trio.TooSlowError()  # as before relays: callers tell a silent peer from a refusal
         raise StreamClosed(f"cannot connect to {peer_id}: {'; '.join(errors)}")
 
     @asynccontextmanager
@@ -403,6 +400,7 @@ class P2PNode:
         (and, behind NAT, the first slot is held or RELAY_FIRST_WAIT_S passed)."""
         started = False
         holding = False
+        retry_s = DIALBACK_RETRY_S
 
         async def follow_relays() -> None:
             while True:
@@ -440,7 +438,10 @@ class P2PNode:
             if answered and not started:
                 started = True
                 task_status.started()
-            await trio.sleep(reachability.RECHECK_S if answered else DIALBACK_RETRY_S)
+            # No answer (no bootstrap up, or none that serves dial-backs): ask again
+            # soon, then less and less often.
+            retry_s = DIALBACK_RETRY_S if answered else min(retry_s * 2, reachability.RECHECK_S)
+            await trio.sleep(reachability.RECHECK_S if answered else retry_s)
 
     def mesh_peers(self, topic: str) -> list[str]:
         """Peers we forward `topic` to (our gossipsub mesh for it)."""
