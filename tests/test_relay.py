@@ -175,3 +175,23 @@ async def test_after_hole_punching_the_relayed_connection_lives_until_its_jobs_a
         relayed.streams.remove(job)  # the job ends; gossip streams do not hold the leg
         await trio.sleep(5)
         assert relayed.closed and not direct.closed
+
+
+async def test_peers_left_relayed_get_a_fresh_round_of_hole_punching(autojump_clock):
+    """DCUtR stops after 3 attempts until the connection closes; a warm connection that
+    stayed relayed gets another round every HOLE_PUNCH_RETRY_S (mock clock)."""
+    from node.p2p.relay import HOLE_PUNCH_RETRY_S, HolePunch
+
+    relayed_only = ID.from_base58("12D3KooWKcRNs48qbY8E1YbYi5jAQ3Qmiwra9w4x8sRKzCpQVRTW")
+    upgraded = ID.from_base58("12D3KooWC7L2kycad4Wr9xWGesiR7YgqJeRgyhunhBAneHqoS7by")
+    circuit = "/ip4/100.64.0.2/tcp/4001/p2p/X/p2p-circuit"
+    punch = HolePunch(_Host({relayed_only: [_Conn(circuit, [])],
+                             upgraded: [_Conn(circuit, []), _Conn("/ip4/100.64.0.4/tcp/4001", [])]}))
+    punch._hole_punch_attempts.update({relayed_only: 3, upgraded: 3})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(punch.retry_exhausted)
+        await trio.sleep(HOLE_PUNCH_RETRY_S - 1)
+        assert punch._hole_punch_attempts == {relayed_only: 3, upgraded: 3}
+        await trio.sleep(2)
+        assert punch._hole_punch_attempts == {upgraded: 3}
+        nursery.cancel_scope.cancel()

@@ -741,6 +741,7 @@ async def open_p2p_node(seed: bytes, listen_addrs: list[str], *, announce: list[
                     if os.environ.get(HOLE_PUNCH_ENV, "1") != "0":
                         node.hole_punch = HolePunch(host, on_direct=node._direct)
                         await nursery.start(_run_service, node.hole_punch)
+                        nursery.start_soon(node.hole_punch.retry_exhausted)
                     try:
                         yield node
                     finally:

@@ -18,7 +18,10 @@ this module works around each (the numbers are that note's):
    reserve explicitly on the bootstraps we are given;
 8. after a hole punch, DCUtR closes the relayed connection 60 s later whatever runs on
    it, so a job streaming its inputs then dies: we close it only once no job stream of
-   ours is open on it (new streams take the direct connection: the swarm prefers it).
+   ours is open on it (new streams take the direct connection: the swarm prefers it);
+9. DCUtR gives up on a peer after 3 attempts until the connection closes, so one
+   mistimed round keeps a long-lived warm connection relayed for good: every
+   HOLE_PUNCH_RETRY_S we give peers still only relayed a fresh round.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class Relay(CircuitV2Protocol):
 OUR_PROTOCOLS = "/idlemesh/"
 RELAYED_LEG_MAX_S = 30 * 60  # the relay's own circuit limit ends it by then anyway
 RELAYED_LEG_POLL_S = 2.0
+HOLE_PUNCH_RETRY_S = 30.0
 
 
 def _relayed(conn) -> bool:
@@ -147,6 +151,18 @@ class HolePunch(DCUtRProtocol):
         if self.on_direct is not None:
             self.on_direct(peer_id.to_base58())
         super()._schedule_relay_close(peer_id)
+
+    async def retry_exhausted(self) -> None:
+        """Give peers reached only through a relay, whose attempts ran out, a fresh round
+        every HOLE_PUNCH_RETRY_S (the auto-drive loop picks them up again)."""
+        while True:
+            await trio.sleep(HOLE_PUNCH_RETRY_S)
+            network = self.host.get_network()
+            for peer_id in list(self._hole_punch_attempts):
+                conns = network.connections.get(peer_id) or []
+                conns = conns if isinstance(conns, list) else [conns]
+                if conns and all(_relayed(c) for c in conns) and peer_id not in self._in_progress:
+                    del self._hole_punch_attempts[peer_id]
 
     async def _close_relayed_conns_after_grace(self, peer_id: ID, grace: float = RELAY_CLOSE_GRACE_PERIOD) -> None:
         await trio.sleep(grace)
