@@ -219,7 +219,9 @@ def fleet_provider_args(member, home: Path, bootstrap: str, models: list[Path], 
             "--marginal-w", str(device.marginal_w_per_slot), "--carbon", str(member.region.carbon_g_per_kwh),
             "--carbon-source", f"simulated: {member.region.name}, {member.region.source}"[:120],
             "--price-per-s", str(device.price_per_s), "--speed-factor", repr(speed),
-            "--link-delay-ms", str(0 if wire_delay else member.link_ms), "--time-scale", repr(time_scale)]
+            "--link-delay-ms", str(member.link_ms), "--time-scale", repr(time_scale)]
+    if wire_delay:
+        args.append("--link-on-wire")
     for m in models:
         args += ["--model", str(m)]
     return args
@@ -258,7 +260,7 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
         try:
             if netns:
                 spots, wire = await _open_namespaces(root, boot_names, n_providers, members, nats or {}, say,
-                                                     timeout_s, buyer_nat, link)
+                                                     timeout_s, buyer_nat, link, time_scale)
 
             def place(name: str) -> tuple[str, list[str]]:
                 spot = spots.get(name)
@@ -316,7 +318,7 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
 
 
 async def _open_namespaces(root: Path, boot_names: list[str], n_providers: int, members: list, nats: dict[int, str],
-                           say, timeout_s: float, buyer_nat: str = "none", link=None):
+                           say, timeout_s: float, buyer_nat: str = "none", link=None, time_scale: float = 1.0):
     """Namespaces for the bootstraps, the providers and the buyer (this process), and the
     wire between them, running; raises RuntimeError with the reason if they cannot be."""
     from . import netns
@@ -334,7 +336,9 @@ async def _open_namespaces(root: Path, boot_names: list[str], n_providers: int, 
     kinds = ["none"] * len(boot_names) + [buyer_nat] + [nats.get(i, members[i].nat if members else "none")
                                                          for i in range(n_providers)]
     links = [link or netns.LinkShape()] * (len(boot_names) + 1) + [
-        link or (netns.LinkShape(m.link_ms, m.jitter_ms, m.loss, m.rate_mbit) if m else netns.LinkShape())
+        # A simulated device's link lasts as long as its other durations: time_scale times.
+        link or (netns.LinkShape(m.link_ms * time_scale, m.jitter_ms * time_scale, m.loss, m.rate_mbit)
+                 if m else netns.LinkShape())
         for m in (members or [None] * n_providers)]
     spots = netns.plan(names, kinds, links)
     try:

@@ -74,6 +74,8 @@ class ProviderConfig:
                              "and runs under a timeout and a memory ceiling, but set false to run only your own", flag=None)
     fault_output_noise: float = _key(0.0, help="devnet fault injection only: perturb outputs", hidden=True)
     link_delay_ms: float = _key(0.0, unit="ms", help="devnet: one-way delay of this provider's simulated link")
+    link_on_wire: bool = _key(False, help="devnet: the network adds the link's delay (a namespace devnet's wire): "
+                              "the offer declares it, the transport does not sleep it")
     time_scale: float = _key(1.0, help="devnet: a simulated device's durations (queue, compute, link) last this many "
                              "times longer on the wall clock, so a slow host can play a fast fleet")
     offer_ttl_s: float = _key(60.0, unit="s", help="offer lifetime (6-120); refreshed every third of it")

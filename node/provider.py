@@ -753,7 +753,8 @@ class Provider:
             self.p2p = p2p
             p2p.announce = list(self.config.announce)
             p2p.on_direct = lambda peer_id: emit("hole-punched", peer=peer_id)
-            p2p.send_delay_s = 2 * self.config.link_delay_ms * self.time_scale / 1000
+            p2p.send_delay_s = 0.0 if self.config.link_on_wire else \
+                2 * self.config.link_delay_ms * self.time_scale / 1000
             self.refresh_offer()
             if self.config.metrics:
                 self._export_metrics(p2p)
