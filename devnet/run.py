@@ -28,7 +28,7 @@ from node.calibrate import model_name
 
 from .fleet import DEFAULT_FLEET, Fleet, load_fleet
 from .launcher import host_profile, open_devnet
-from .scenario import Arrival, Fault, Scenario, input_bytes_per_item
+from .scenario import CENTRAL, Arrival, Fault, Scenario, input_bytes_per_item
 
 
 @dataclass
@@ -212,6 +212,10 @@ async def run_scenario(scenario: Scenario, out: Path, *, fleet: Fleet | None = N
     say(f"time scale x{scale:g}: {why}")
     runs = []
     for solver in scenario.solvers:
+        if solver == CENTRAL:
+            say(f"[{solver}] skipped: one matcher seeing every buyer's jobs and every true queue exists only in "
+                "`devnet simulate`, the yardstick for the buyers' own")
+            continue
         say(f"[{solver}] fresh devnet of {scenario.providers} providers from fleet '{fleet.name}'")
         run = await run_solver(scenario, fleet, solver, out / solver, say, host_resnet50=host_resnet50,
                                time_scale=scale, netns=netns)

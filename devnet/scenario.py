@@ -44,6 +44,10 @@ from matcher.solve import SOLVERS
 from node.calibrate import reference_model_path
 
 FAULT_ACTIONS = ("kill", "pause", "restart")
+# Not a matcher: one hypothetical matcher that places every buyer's jobs with every
+# provider's true queue, the best coordination possible (devnet/simulate.py; simulate only).
+CENTRAL = "central"
+SCENARIO_SOLVERS = (*SOLVERS, CENTRAL)
 
 
 class ScenarioError(ValueError):
@@ -174,9 +178,9 @@ def load_scenario(path: Path) -> Scenario:
     head = data.get("scenario", {})
     _known(head, SCENARIO_KEYS, f"{path}: scenario")
     solvers = head.get("solvers", list(SOLVERS))
-    unknown = [s for s in solvers if s not in SOLVERS]
+    unknown = [s for s in solvers if s not in SCENARIO_SOLVERS]
     if unknown or not solvers:
-        raise ScenarioError(f"{path}: scenario.solvers: unknown {unknown}; choose from {list(SOLVERS)}")
+        raise ScenarioError(f"{path}: scenario.solvers: unknown {unknown}; choose from {list(SCENARIO_SOLVERS)}")
     weights = None
     if "weights" in head:
         w = head["weights"]

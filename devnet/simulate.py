@@ -10,6 +10,12 @@ What runs here is the real nodes' decision code, not a copy of it:
   node.admission, as the provider daemon does;
 - offers are protocol.messages.Offer, read by the same offers_to_problem.
 
+The `central` solver is not a buyer's: one matcher places the jobs of every buyer that
+arrive at the same instant together, with each provider's true queue (its jobs waiting
+and running, and every job on its way to it) and only providers that are alive, and
+places failed jobs again the same way. It is the best coordination possible, the yardstick
+for many buyers each running their own matcher on gossiped offers.
+
 What is modelled, not run: a job takes exactly its items at the device's rate (the
 fleet's published resnet50 rate times the model's speed relative to resnet50); a link
 adds its one-way delay each way; a killed provider resets its streams at once and stops
@@ -24,11 +30,12 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from matcher import solve
+
+from matcher import Job, Problem, solve
 from node.admission import REPUBLISH_MIN_INTERVAL_S, DeviceQueue, expected_ms, worth_republishing
 from node.calibrate import model_name
 from node.placement import (RETRY_PROVIDERS, NoPlacement, buyer_weights, known_backlog_ms, lane_window,
@@ -37,7 +44,7 @@ from protocol.messages import Device, ModelCapability, Offer, PowerProfile
 
 from .fleet import Fleet, Member, capability
 from .run import JobRecord, SolverRun, job_timeout_s
-from .scenario import Scenario, input_bytes_per_item
+from .scenario import CENTRAL, Scenario, input_bytes_per_item
 
 OFFER_TTL_MS = 60_000           # the provider's default offer_ttl_s
 REFRESH_MS = OFFER_TTL_MS / 3   # refreshed every third of it (node/provider.py REFRESHES_PER_TTL)
@@ -100,7 +107,10 @@ class Simulation:
         """`peer_ids`: the providers' ids, by index (a `devnet run`'s, so that ties the
         matcher breaks by id break the same way); default sim-000, sim-001, ..."""
         self.scenario = scenario
-        self.solver = solver
+        self.central = solver == CENTRAL
+        self.solver = "optimal" if self.central else solver
+        self.in_transit: dict[str, dict[str, float]] = {}  # provider -> job id -> expected ms, sent, not yet there
+        self._placed_at: float | None = None  # central: the instant whose arrivals were placed together
         self.now = 0.0
         self._events: list = []
         self._seq = itertools.count()
@@ -185,6 +195,7 @@ class Simulation:
     def receive(self, attempt: _Attempt, epoch: int) -> None:
         """A request reaches its provider."""
         p, job = attempt.provider, attempt.job
+        self.in_transit.get(p.peer_id, {}).pop(job.job_id, None)
         if attempt.done:
             return  # the buyer gave up and closed the stream before it was read
         if not p.alive or epoch != p.epoch:
@@ -254,7 +265,71 @@ class Simulation:
 
     # --- buyers: one per arrival, as `devnet run` starts one `submit` per arrival ----------
 
+    def live_offers(self, sha: str) -> list[Offer]:
+        """Central: every live provider of the model with its true queue as backlog."""
+        out = []
+        for p in self.providers:
+            if p.alive and p.offer is not None and sha in p.capabilities:
+                transit = sum(self.in_transit.get(p.peer_id, {}).values()) / p.member.device.slots
+                out.append(replace(p.offer, backlog_ms=p.queue.wait_ms(self.now) + transit))
+        return out
+
+    def arrive_together(self) -> None:
+        """Central: every arrival of this instant, placed in one problem."""
+        if self._placed_at == self.now:
+            return
+        self._placed_at = self.now
+        indices = [i for i, a in enumerate(self.scenario.arrivals) if 1000 * a.at_s == self.now]
+        jobs_by_arrival = {}
+        for index in indices:
+            arrival = self.scenario.arrivals[index]
+            sha, name = self.models[arrival.model]
+            jobs_by_arrival[index] = [_Job(index, f"a{index:04d}-j{k:03d}", arrival.items, sha, name,
+                                           arrival.deadline_ms, self.now) for k in range(arrival.count)]
+            self.jobs.extend(jobs_by_arrival[index])
+            self.in_flight[index] = {}
+            self.heard[index] = {}
+        everyone = [p.offer for p in self.providers if p.alive and p.offer is not None]
+        shas = {self.models[self.scenario.arrivals[i].model][0] for i in indices}
+        providers, seen = [], set()
+        for sha in sorted(shas):
+            for offer in self.live_offers(sha):
+                if offer.peer_id not in seen:
+                    seen.add(offer.peer_id)
+                    # One Provider per device, with its rate for every model of the instant.
+                    problem = offers_to_problem([offer], sha, 1, 1, 1.0, buyer_weights(self.scenario.weights, None),
+                                                ["x"])
+                    base = problem.providers[0]
+                    throughput = {m.sha256: m.rate(max(self.scenario.arrivals[i].items for i in indices))
+                                  for m in offer.models}
+                    providers.append(replace(base, throughput=throughput))
+        jobs = tuple(Job(id=j.job_id, model=j.model_sha, items=j.items, max_price=1.0, deadline_ms=j.deadline_ms)
+                     for index in indices for j in jobs_by_arrival[index])
+        by_id = {j.job_id: j for index in indices for j in jobs_by_arrival[index]}
+        if not providers:
+            for job in by_id.values():
+                self.lose(job, "no offers for the model")
+            return
+        weights = buyer_weights(self.scenario.weights, min((j.deadline_ms for j in jobs if j.deadline_ms),
+                                                           default=None))
+        result = solve(Problem(tuple(providers), jobs, weights), solver=self.solver)
+        for u in result.unassigned:
+            self.lose(by_id[u.job], u.explain)
+        lanes: dict[tuple[str, int], list[_Job]] = {}
+        for a in sorted(result.assignments, key=lambda a: (a.provider, a.slot, a.position)):
+            lanes.setdefault((a.provider, a.slot), []).append(by_id[a.job])
+        for index in indices:
+            arrival = self.scenario.arrivals[index]
+            vanished: set[str] = set()
+            window = lane_window(arrival.items * self.row_bytes[arrival.model])
+            for (pid, _slot), lane in lanes.items():
+                mine = [j for j in lane if j.arrival == index]
+                if mine:
+                    self.start_lane(mine, pid, vanished, everyone, window)
+
     def arrive(self, index: int) -> None:
+        if self.central:
+            return self.arrive_together()
         arrival = self.scenario.arrivals[index]
         sha, name = self.models[arrival.model]
         offers = [p.offer for p in self.providers
@@ -302,6 +377,7 @@ class Simulation:
         rate = p.capabilities[job.model_sha].rate(job.items)
         attempt = _Attempt(job, p, expected_ms(job.items, rate), self.now, then, vanished, offers)
         self.in_flight[job.arrival].setdefault(p.peer_id, []).append(attempt.expected_ms)
+        self.in_transit.setdefault(p.peer_id, {})[job.job_id] = attempt.expected_ms
         timeout_ms = 1000 * job_timeout_s(job.deadline_ms)
         self.at(self.now + timeout_ms, self.time_out, attempt)
         self.at(self.now + p.rtt_ms / 2, self.receive, attempt, p.epoch)
@@ -334,7 +410,10 @@ class Simulation:
         job.error = error
         if vanished:
             attempt.vanished.add(attempt.provider.peer_id)
+        self.in_transit.get(attempt.provider.peer_id, {}).pop(job.job_id, None)
         nxt = None
+        if self.central:
+            attempt.offers = self.live_offers(job.model_sha)  # it knows who is alive, and every queue
         if len(job.tried) < RETRY_PROVIDERS:
             if retry_offers(attempt.offers, job.tried, attempt.vanished):
                 left = remaining_deadline_ms(job.deadline_ms, self.now - job.submitted_ms, 0.0)
@@ -345,8 +424,8 @@ class Simulation:
                         items=job.items, max_price=1.0,
                         weights=self.scenario.weights, solver=self.solver, job_id=job.job_id,
                         deadline_left_ms=left if job.in_time else None,
-                        own_backlog=known_backlog_ms(self.in_flight[job.arrival], slots, self.heard[job.arrival],
-                                                     attempt.offers, self.now))
+                        own_backlog={} if self.central else known_backlog_ms(
+                            self.in_flight[job.arrival], slots, self.heard[job.arrival], attempt.offers, self.now))
                 except NoPlacement as exc:
                     job.error += f"; no other provider can take it: {exc}"
         if nxt is not None:

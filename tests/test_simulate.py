@@ -11,7 +11,7 @@ import pytest
 from devnet.fleet import DEFAULT_FLEET, load_fleet
 from devnet.report import compare, lost_job_charge, more_or_less, summarise
 from devnet.scenario import ScenarioError, load_scenario
-from devnet.simulate import Simulation, simulate
+from devnet.simulate import RESTART_AWAY_MS, Simulation, simulate
 from node.admission import DeviceQueue, worth_republishing
 from node.cli import main
 from node.placement import NoPlacement, place_again
@@ -156,3 +156,27 @@ def test_what_providers_say_of_their_queue_counts_until_a_newer_offer():
     assert heard_extra_ms({"p": (500.0, 100.0)}, [offer], now_ms=700.0) == {}  # drained by now
     assert heard_extra_ms({"p": (500.0, 0.0)}, [offer], now_ms=0.0) == {}  # not newer than the offer
     assert heard_extra_ms({"p": (500.0, 100.0)}, [offer], now_ms=300.0, time_scale=4.0) == {"p": 450.0}
+
+
+def test_ten_buyers_at_once_are_judged_against_one_central_matcher():
+    """Ten buyers submitting in the same instant each place on the same offers; the
+    `central` yardstick places all their jobs together on every true queue. The
+    scenario fills the fleet's fast GPUs, so the buyers' own matchers herd."""
+    scenario = load_scenario(SCENARIOS / "many-buyers.toml")
+    scenario.solvers = ["optimal", "central"]
+    fleet = load_fleet(DEFAULT_FLEET)
+    runs = simulate(scenario, fleet)
+    s = {r.solver: summarise(r, lost_job_charge(fleet)) for r in runs}
+    assert all(x["jobs"] == scenario.job_count and x["jobs_lost"] == 0 for x in s.values())
+    assert s["central"]["misses_and_losses"] < s["optimal"]["misses_and_losses"]  # coordination pays
+    assert "energy per submitted job" in compare(s)["central"]["energy"]
+    # Central never places a job on a provider it knows is gone (the buyers' own do, on
+    # its offer, until it expires): the H100 is killed at 3 s and back at 11 s.
+    faults = load_scenario(SCENARIOS / "faults.toml")
+    sim = Simulation(faults, fleet, "central")
+    sim.go()
+    killed, restarted = (f for f in faults.faults if f.provider == 0)
+    away_ms = (1000 * killed.at_s, 1000 * restarted.at_s + RESTART_AWAY_MS)
+    victim = sim.providers[0].peer_id
+    assert not [j for j in sim.jobs if victim in j.attempts and away_ms[0] <= j.submitted_ms < away_ms[1]]
+    assert [j for j in sim.jobs if victim in j.attempts]  # it is the favourite otherwise
