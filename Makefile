@@ -27,6 +27,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/executor.py
 	$(BIN)/python bench/trust.py
 	$(BIN)/python bench/energy_claim.py
+	$(BIN)/python bench/scale.py
 
 soak: $(BIN)/.installed  # 10 providers, default offer lifetime, 10 minutes, a bootstrap restart at minute 5
 	$(BIN)/python bench/soak.py --providers 10 --minutes 10 --restart-bootstrap-at 5
