@@ -237,18 +237,33 @@ def clean(everything: bool = False) -> list[str]:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def _fresh_worker_threads() -> None:
+    """A thread starts in the network namespace of the thread that made it, and trio
+    keeps its worker threads (for subprocesses, among others) across calls and across
+    trio.run. Without this, a worker made inside the buyer's namespace outlived the
+    devnet: a later devnet's nodes, spawned from it, started in a deleted namespace
+    that nothing else could reach ("connection refused" on 127.0.0.1). A new cache
+    gets new workers; the old idle ones exit after trio's idle timeout."""
+    from trio._core import _thread_cache
+
+    _thread_cache.THREAD_CACHE = _thread_cache.ThreadCache()
+
+
 @contextmanager
 def entered(ns: str) -> Iterator[None]:
     """Run the calling thread inside namespace `ns`: sockets it opens meanwhile live
-    there (the devnet's buyer is the launcher itself). Restored on exit."""
+    there (the devnet's buyer is the launcher itself), and so do trio's worker threads
+    made meanwhile. Restored on exit, worker threads included."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
     try:
         if _libc.setns(target, CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), f"cannot enter namespace {ns}")
+        _fresh_worker_threads()
         yield
     finally:
         _libc.setns(home, CLONE_NEWNET)
+        _fresh_worker_threads()
         os.close(home)
         os.close(target)
 

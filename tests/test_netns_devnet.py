@@ -10,6 +10,7 @@ job is in flight loses nothing, and NATed providers sell through it again once i
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -145,3 +146,23 @@ async def test_the_relay_killed_mid_job_loses_nothing_and_relayed_jobs_resume_wh
         assert {o.provider for o in second} == {nated.ready["peer_id"]}
         provider_homes = [c.home for c in net.providers]
     assert violations([tmp_path / "buyer"], provider_homes) == []
+
+
+async def test_worker_threads_made_inside_the_buyers_namespace_do_not_outlive_it():
+    """trio keeps its worker threads, and a thread starts in its maker's namespace: a
+    worker made while the launcher was the buyer once spawned a later devnet's nodes
+    in a deleted namespace, unreachable from here."""
+    def where() -> str:
+        return os.readlink("/proc/thread-self/ns/net")
+
+    home = where()
+    await trio.to_thread.run_sync(where)  # an idle worker of the home namespace
+    (spot,) = netns.plan(["probe"], tag=f"{os.getpid()}t")
+    netns.create([spot])
+    try:
+        with netns.entered(spot.ns):
+            inside = where()
+            assert inside != home and await trio.to_thread.run_sync(where) == inside
+        assert where() == home and await trio.to_thread.run_sync(where) == home
+    finally:
+        netns.remove([spot.ns])
