@@ -70,6 +70,14 @@ class Relay(CircuitV2Protocol):
         self._circuits: dict[frozenset[int], list[trio.CancelScope]] = {}
         self.circuits_ended = 0
         self.bytes_relayed = 0
+        self._ended = trio.Event()  # set (and replaced) each time a circuit ends
+
+    async def wait_circuits_ended(self, count: int) -> None:
+        """Until `count` circuits have ended (a circuit ends a moment after its peers
+        hang up: the relay notices when its reads fail)."""
+        while self.circuits_ended < count:
+            ended = self._ended
+            await ended.wait()
 
     async def _relay_data(self, src_stream, dst_stream, peer_id: ID, deadline: float | None = None,
                           circuit_data_limit: list[int] | None = None) -> None:
@@ -101,6 +109,8 @@ class Relay(CircuitV2Protocol):
             other.cancel()
         if self._circuits.pop(key, None) is not None:
             self.circuits_ended += 1
+            self._ended.set()
+            self._ended = trio.Event()
             for stream in (src_stream, dst_stream):
                 with trio.move_on_after(2, shield=True):
                     try:
