@@ -21,7 +21,7 @@ import trio
 
 from node.calibrate import reference_model_path
 
-from .netns import entered, exec_prefix
+from .netns import all_namespaces, entered, exec_prefix
 from .netns import remove as remove_namespaces
 
 DEFAULT_MODELS = ("squeezenet", "shufflenet")  # seeded random weights: outputs depend on inputs
@@ -99,11 +99,7 @@ async def _pump(stream, send: trio.MemorySendChannel) -> None:
 
 
 async def _wait_event(child: Child, name: str, timeout_s: float) -> dict:
-    with trio.fail_after(timeout_s):
-        async for event in child.events:
-            if event.get("event") == name:
-                return event
-    raise RuntimeError(f"{child.name} exited before '{name}' (see {child.home / 'node.log'})")
+    return (await _wait_events(child, {name}, timeout_s))[name]
 
 
 async def _wait_events(child: Child, names: set[str], timeout_s: float) -> dict[str, dict]:
@@ -313,7 +309,7 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
                 if wire is not None:
                     await _stop_wire(wire)
                 if spots:
-                    remove_namespaces([ns for spot in spots.values() for ns in (spot.ns, spot.router_ns) if ns])
+                    remove_namespaces(all_namespaces(spots.values()))
             nursery.cancel_scope.cancel()
 
 
@@ -357,7 +353,7 @@ async def _open_namespaces(root: Path, boot_names: list[str], n_providers: int, 
                     raise RuntimeError(f"the wire process exited at start (see {root / 'wire.log'})")
                 line += chunk
     except BaseException:
-        netns.remove([ns for spot in spots for ns in (spot.ns, spot.router_ns) if ns])
+        netns.remove(netns.all_namespaces(spots))
         raise
     behind = [f"{s.name} ({s.nat})" for s in spots if s.nat != "none"]
     say(f"{len(spots)} network namespaces joined by the wire (delay, jitter, loss and rate in user space)"

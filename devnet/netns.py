@@ -174,6 +174,11 @@ def wire_plan(spots: list[Spot]) -> dict:
                                    **asdict(spot.link)} for spot in spots]}
 
 
+def all_namespaces(spots) -> list[str]:
+    """Every namespace the spots use: the nodes' and their routers'."""
+    return [ns for spot in spots for ns in (spot.ns, spot.router_ns) if ns]
+
+
 def gone(pid: int) -> bool:
     """The process has exited (a zombie waiting for its parent counts as exited)."""
     try:

@@ -290,21 +290,14 @@ class Simulation:
             self.in_flight[index] = {}
             self.heard[index] = {}
         everyone = [p.offer for p in self.providers if p.alive and p.offer is not None]
-        shas = {self.models[self.scenario.arrivals[i].model][0] for i in indices}
-        providers, seen = [], set()
-        for sha in sorted(shas):
-            for offer in self.live_offers(sha):
-                if offer.peer_id not in seen:
-                    seen.add(offer.peer_id)
-                    # One Provider per device, with its rate for every model of the instant.
-                    problem = offers_to_problem([offer], sha, 1, 1, 1.0, buyer_weights(self.scenario.weights, None),
-                                                ["x"])
-                    base = problem.providers[0]
-                    throughput = {m.sha256: m.rate(max(self.scenario.arrivals[i].items for i in indices))
-                                  for m in offer.models}
-                    providers.append(replace(base, throughput=throughput))
+        shas = sorted({self.models[self.scenario.arrivals[i].model][0] for i in indices})
+        live = {o.peer_id: o for sha in shas for o in self.live_offers(sha)}  # one per device
         jobs = tuple(Job(id=j.job_id, model=j.model_sha, items=j.items, max_price=1.0, deadline_ms=j.deadline_ms)
                      for index in indices for j in jobs_by_arrival[index])
+        # The buyers' own view of the devices: every model an offer lists, at the rate the
+        # largest job of the instant sees.
+        providers = offers_to_problem(list(live.values()), shas[0], [j.items for j in jobs], len(jobs), 1.0,
+                                      buyer_weights(self.scenario.weights, None), [j.id for j in jobs]).providers
         by_id = {j.job_id: j for index in indices for j in jobs_by_arrival[index]}
         if not providers:
             for job in by_id.values():
