@@ -30,16 +30,18 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
 
 from matcher import Job, Problem, solve
-from node.admission import REPUBLISH_MIN_INTERVAL_S, DeviceQueue, expected_ms, worth_republishing
+from node.admission import REPUBLISH_MIN_INTERVAL_S, ByteBudget, DeviceQueue, expected_ms, worth_republishing
+from node.config import ProviderConfig
 from node.calibrate import model_name
-from node.placement import (RETRY_PROVIDERS, NoPlacement, buyer_weights, known_backlog_ms, lane_window,
-                            offers_to_problem, place_again, remaining_deadline_ms, retry_offers)
+from node.placement import (BUSY_RETRIES, RETRY_PROVIDERS, NoPlacement, busy_wait_ms, buyer_weights,
+                            known_backlog_ms, lane_window, offers_to_problem, place_again, remaining_deadline_ms,
+                            retry_offers)
 from protocol.messages import Device, ModelCapability, Offer, PowerProfile
 
 from .fleet import Fleet, Member, capability
@@ -49,6 +51,9 @@ from .scenario import CENTRAL, Scenario, input_bytes_per_item
 OFFER_TTL_MS = 60_000           # the provider's default offer_ttl_s
 REFRESH_MS = OFFER_TTL_MS / 3   # refreshed every third of it (node/provider.py REFRESHES_PER_TTL)
 RESTART_AWAY_MS = 3_000         # a restarted provider: down, then back with an empty queue
+# A provider holds this many bytes of requests at once and answers `busy` beyond them
+# (the daemon's request_budget_mb default; node.admission.ByteBudget).
+REQUEST_BUDGET_BYTES = int(next(f.default for f in fields(ProviderConfig) if f.name == "request_budget_mb") * (1 << 20))
 SIMULATED = "simulated"
 
 
@@ -63,6 +68,8 @@ class _Attempt:
     offers: list[Offer]              # what its buyer placed on
     done: bool = False               # the buyer has heard the end of it (or gave up on it)
     computed_ms: float | None = None
+    request_bytes: int = 0
+    arrived: bool = False            # its request reached the provider
 
 
 @dataclass
@@ -79,6 +86,7 @@ class _Job:
     record: JobRecord | None = None
     error: str = ""
     wasted_energy_j: float = 0.0  # spent on attempts that were not paid for
+    busy_answers: int = 0
     in_time: bool = True          # False once re-placed as late: its requests carry no deadline
 
 
@@ -89,6 +97,7 @@ class _Provider:
     member: Member
     capabilities: dict[str, ModelCapability]  # per model sha: what the device advertises
     queue: DeviceQueue
+    budget: ByteBudget = field(default_factory=lambda: ByteBudget(REQUEST_BUDGET_BYTES))
     alive: bool = True
     paused_until_ms: float = 0.0
     running: dict[str, _Attempt] = field(default_factory=dict)   # job id -> attempt, computing
@@ -110,6 +119,8 @@ class Simulation:
         self.central = solver == CENTRAL
         self.solver = "optimal" if self.central else solver
         self.in_transit: dict[str, dict[str, float]] = {}  # provider -> job id -> expected ms, sent, not yet there
+        self.transit_bytes: dict[str, int] = {}  # central: provider -> request bytes sent, not yet there
+        self.gate: dict[str, list[tuple]] = {}   # central: provider -> sends held until its budget has room
         self._placed_at: float | None = None  # central: the instant whose arrivals were placed together
         self.now = 0.0
         self._events: list = []
@@ -120,6 +131,7 @@ class Simulation:
         for path in scenario.models:
             self.models[path] = (hashlib.sha256(Path(path).read_bytes()).hexdigest(), model_name(Path(path)))
             self.row_bytes[path] = sum(input_bytes_per_item(Path(path)))
+        self.row_bytes_by_sha = {self.models[path][0]: b for path, b in self.row_bytes.items()}
         self.providers = []
         for i, member in enumerate(fleet.pick(scenario.providers)):
             capabilities = {sha: capability(fleet, member.device, name, sha) for sha, name in self.models.values()}
@@ -196,6 +208,9 @@ class Simulation:
         """A request reaches its provider."""
         p, job = attempt.provider, attempt.job
         self.in_transit.get(p.peer_id, {}).pop(job.job_id, None)
+        if not attempt.arrived:
+            attempt.arrived = True
+            self.transit_bytes[p.peer_id] -= attempt.request_bytes
         if attempt.done:
             return  # the buyer gave up and closed the stream before it was read
         if not p.alive or epoch != p.epoch:
@@ -205,21 +220,35 @@ class Simulation:
         left = remaining_deadline_ms(job.deadline_ms, self.now - job.submitted_ms, p.rtt_ms / 2) \
             if job.in_time else None
         ahead = p.queue.wait_ms(self.now)
-        late = p.queue.admit(job.job_id, attempt.expected_ms, self.now, deadline_ms=left)
         # `accepted` and refusals tell the buyer the queue (Client.heard_backlog); a
         # refused job left it as it was.
         self.at(self.now + p.rtt_ms / 2, self.hear, job.arrival, p.peer_id, ahead)
+        if not p.budget.take(attempt.request_bytes):  # held from the moment its frame is read
+            return self.fail(attempt, f"ClientError: provider {p.peer_id} refused: busy: {attempt.request_bytes} "
+                             f"bytes do not fit in its {p.budget.capacity >> 20} MiB of requests",
+                             delay_ms=p.rtt_ms / 2, busy_backlog_ms=ahead)
+        late = p.queue.admit(job.job_id, attempt.expected_ms, self.now, deadline_ms=left)
         if late:
+            self.release(p, attempt.request_bytes, p.epoch)
             return self.fail(attempt, f"ClientError: provider {p.peer_id} refused: deadline: {late}",
                              delay_ms=p.rtt_ms / 2)
         p.waiting.append(attempt)
         self.queue_moved(p)
         self.start_next(p)
 
+    def release(self, p: _Provider, request_bytes: int, epoch: int) -> None:
+        """The provider lets go of a request's bytes: it was refused, or its conversation
+        ended (the ack is in)."""
+        if epoch == p.epoch:
+            p.budget.give(request_bytes)
+        if self.central:
+            self.open_gate(p)
+
     def hear(self, arrival: int, peer_id: str, backlog_ms: float) -> None:
         self.heard[arrival][peer_id] = (backlog_ms, self.now)
 
     def start_next(self, p: _Provider) -> None:
+        p.waiting.sort(key=lambda a: p.queue.order_key(a.job.job_id))  # as the provider's slot gate
         while p.waiting and len(p.running) < p.member.device.slots and self.now >= p.paused_until_ms:
             attempt = p.waiting.pop(0)
             p.queue.start(attempt.job.job_id, self.now)
@@ -235,6 +264,7 @@ class Simulation:
         del p.running[attempt.job.job_id]
         p.queue.finish(attempt.job.job_id)
         attempt.computed_ms = attempt.expected_ms
+        self.at(self.now + p.rtt_ms, self.release, p, attempt.request_bytes, epoch)  # the result out, the ack in
         self.queue_moved(p)
         self.start_next(p)
         self.at(self.now + p.rtt_ms / 2, self.delivered, attempt)
@@ -251,8 +281,11 @@ class Simulation:
         p.running.clear()
         p.waiting.clear()
         p.queue = DeviceQueue(p.member.device.slots)
+        p.budget = ByteBudget(REQUEST_BUDGET_BYTES)
         p.epoch += 1
         p.alive = False
+        if self.central:
+            self.open_gate(p, everything=True)  # they reach a provider that is gone, as anyone's would
         for attempt in lost:
             self.fail(attempt, "StreamClosed: the provider went away mid-job", vanished=True, delay_ms=p.rtt_ms / 2)
         if fault.action == "restart":
@@ -365,10 +398,30 @@ class Simulation:
             next_one()
 
     def send(self, job: _Job, p: _Provider, then: Callable | None, vanished: set[str], offers: list[Offer]) -> None:
+        if self.central:
+            # The central dispatcher knows what each provider holds: a request waits with
+            # it, never refused busy, until the provider's request budget has room.
+            self.gate.setdefault(p.peer_id, []).append((job, p, then, vanished, offers))
+            return self.open_gate(p)
+        self._send(job, p, then, vanished, offers)
+
+    def open_gate(self, p: _Provider, *, everything: bool = False) -> None:
+        waiting = self.gate.get(p.peer_id, [])
+        while waiting:
+            size = waiting[0][0].items * self.row_bytes_by_sha[waiting[0][0].model_sha]
+            on_the_way = self.transit_bytes.get(p.peer_id, 0)
+            if not everything and (p.budget.held or on_the_way) and \
+                    p.budget.held + on_the_way + size > p.budget.capacity:
+                return
+            self._send(*waiting.pop(0))
+
+    def _send(self, job: _Job, p: _Provider, then: Callable | None, vanished: set[str], offers: list[Offer]) -> None:
         job.tried.add(p.peer_id)
         job.attempts.append(p.peer_id)
         rate = p.capabilities[job.model_sha].rate(job.items)
-        attempt = _Attempt(job, p, expected_ms(job.items, rate), self.now, then, vanished, offers)
+        attempt = _Attempt(job, p, expected_ms(job.items, rate), self.now, then, vanished, offers,
+                           request_bytes=job.items * self.row_bytes_by_sha[job.model_sha])
+        self.transit_bytes[p.peer_id] = self.transit_bytes.get(p.peer_id, 0) + attempt.request_bytes
         self.in_flight[job.arrival].setdefault(p.peer_id, []).append(attempt.expected_ms)
         self.in_transit.setdefault(p.peer_id, {})[job.job_id] = attempt.expected_ms
         timeout_ms = 1000 * job_timeout_s(job.deadline_ms)
@@ -389,12 +442,13 @@ class Simulation:
         # the energy anyway, for nobody.
         self.fail(attempt, "TooSlowError: no result within the job timeout", delay_ms=0.0)
 
-    def fail(self, attempt: _Attempt, error: str, *, vanished: bool = False, delay_ms: float) -> None:
+    def fail(self, attempt: _Attempt, error: str, *, vanished: bool = False, delay_ms: float,
+             busy_backlog_ms: float | None = None) -> None:
         if delay_ms:
-            return self.at(self.now + delay_ms, self._failed, attempt, error, vanished)
-        self._failed(attempt, error, vanished)
+            return self.at(self.now + delay_ms, self._failed, attempt, error, vanished, busy_backlog_ms)
+        self._failed(attempt, error, vanished, busy_backlog_ms)
 
-    def _failed(self, attempt: _Attempt, error: str, vanished: bool) -> None:
+    def _failed(self, attempt: _Attempt, error: str, vanished: bool, busy_backlog_ms: float | None = None) -> None:
         if not self._end_attempt(attempt):
             return
         job = attempt.job
@@ -405,6 +459,11 @@ class Simulation:
             attempt.vanished.add(attempt.provider.peer_id)
         self.in_transit.get(attempt.provider.peer_id, {}).pop(job.job_id, None)
         nxt = None
+        busy = set()
+        if busy_backlog_ms is not None and job.busy_answers < BUSY_RETRIES:  # as Buyer.run_job
+            job.busy_answers += 1
+            job.tried.discard(attempt.provider.peer_id)
+            busy = {attempt.provider.peer_id}
         if self.central:
             attempt.offers = self.live_offers(job.model_sha)  # it knows who is alive, and every queue
         if len(job.tried) < RETRY_PROVIDERS:
@@ -413,7 +472,7 @@ class Simulation:
                 slots = {o.peer_id: o.slots for o in attempt.offers}
                 try:
                     nxt, job.in_time = place_again(
-                        attempt.offers, tried=job.tried, vanished=attempt.vanished, model_sha=job.model_sha,
+                        attempt.offers, tried=job.tried, vanished=attempt.vanished, busy=busy, model_sha=job.model_sha,
                         items=job.items, max_price=1.0,
                         weights=self.scenario.weights, solver=self.solver, job_id=job.job_id,
                         deadline_left_ms=left if job.in_time else None,
@@ -422,6 +481,9 @@ class Simulation:
                 except NoPlacement as exc:
                     job.error += f"; no other provider can take it: {exc}"
         if nxt is not None:
+            if nxt.peer_id in busy:  # nobody else can take it: back once the queue there drains
+                return self.at(self.now + busy_wait_ms(busy_backlog_ms), self.send, job, self.by_id[nxt.peer_id],
+                               attempt.then, attempt.vanished, attempt.offers)
             return self.send(job, self.by_id[nxt.peer_id], attempt.then, attempt.vanished, attempt.offers)
         self.lose(job, job.error)
         if attempt.then:

@@ -17,13 +17,14 @@ from protocol.errors import DecodeError
 from protocol.messages import Offer, SignedReceipt
 from protocol.signing import peer_id_from_public_key
 
-from .client import ATTEMPT_ERRORS, Client, ClientError, JobOutcome, Work, chosen_for_check, output_key
+from .client import ATTEMPT_ERRORS, Client, ClientError, JobOutcome, ProviderBusy, Work, chosen_for_check, output_key
 from .clock import SYSTEM_CLOCK, Clock
 from .journal import CLIENT_REQUEST, Journal
 from .ledger import LedgerError
 from .net import OpenNetwork
 from .p2p import open_p2p_node
-from .placement import RETRY_PROVIDERS, lane_window, buyer_weights, offers_to_problem, remaining_deadline_ms, retry_offers
+from .placement import (BUSY_RETRIES, RETRY_PROVIDERS, buyer_weights, lane_window, offers_to_problem,
+                        remaining_deadline_ms, retry_offers)
 
 log = logging.getLogger("idlemesh.buyer")
 # What went wrong with a submission; the same kind as the warm client's one-line errors.
@@ -257,16 +258,17 @@ class Buyer:
         vanished: set[str] = set()
         submitted_s = self.clock.elapsed_s()
 
-        def replace(jid: str, tried: set[str]) -> tuple[str, bool] | None:
+        def replace(jid: str, tried: set[str], busy: set[str]) -> tuple[str, bool] | None:
             """Where a failed job goes next: the matcher's choice on the current state
             (our jobs in flight included) among providers not yet tried for it; one that
-            vanished earlier in this batch only if nobody else can take it."""
-            if not retry_offers(able, tried, vanished):
+            vanished earlier in this batch, or just answered busy, only if nobody else can
+            take it."""
+            if not retry_offers(able, tried | busy, vanished) and not retry_offers(able, tried, vanished):
                 return None
             left_ms = remaining_deadline_ms(spec.deadline_ms, self.client.since_ms(submitted_s), 0.0)
             try:
                 offer, in_time = self.client.place_again(self._work(outcomes[jid].index), jid, able, tried=tried,
-                                                         vanished=vanished, deadline_left_ms=left_ms)
+                                                         vanished=vanished, busy=busy, deadline_left_ms=left_ms)
                 return offer.peer_id, in_time
             except ClientError as exc:
                 outcomes[jid].error += f"; no other provider can take it: {exc}"
@@ -281,20 +283,32 @@ class Buyer:
                 earlier = [outcome.provider] if outcome.provider in self.offers else []
                 queue = [(pid, True) for pid in dict.fromkeys(earlier + [provider_id])]
                 tried: set[str] = set()
+                busy: set[str] = set()  # answered busy last time: elsewhere first, else back after a wait
+                busy_answers = 0
                 while queue:
                     pid, in_time = queue.pop(0)
+                    if pid in busy:  # nobody else can take it: back once the queue there drains
+                        await self.client.wait_out_busy(pid)
+                    busy.clear()
                     tried.add(pid)
                     try:
                         await self._run_one(outcome, self.offers[pid], submitted_s=submitted_s, in_time=in_time)
                         outcome.error = ""
                         break
+                    except ProviderBusy as exc:
+                        outcome.error = f"{type(exc).__name__}: {exc}"
+                        log.warning("job %s on %s: %s", jid[:8], pid[-8:], outcome.error)
+                        if busy_answers < BUSY_RETRIES:
+                            busy_answers += 1
+                            tried.discard(pid)
+                            busy.add(pid)
                     except (SubmitError, *ATTEMPT_ERRORS) as exc:
                         outcome.error = f"{type(exc).__name__}: {exc}"
                         if not isinstance(exc, (SubmitError, DecodeError, LedgerError)):
                             vanished.add(pid)
                         log.warning("job %s on %s: %s", jid[:8], pid[-8:], outcome.error)
                     if not queue and len(tried) < RETRY_PROVIDERS + len(earlier):
-                        placed = replace(jid, tried)
+                        placed = replace(jid, tried, busy)
                         queue = [placed] if placed else []
                 if outcome.error:
                     outcome.state = "failed"

@@ -46,8 +46,8 @@ from .modelio import InputMismatch, Signature, check_inputs, signature_of_model
 from .net import OpenNetwork, StreamClosed
 from .offers import OfferBook
 from .p2p import open_p2p_node
-from .placement import (RETRY_PROVIDERS, NoPlacement, known_backlog_ms, place_again, place_one,
-                        remaining_deadline_ms, retry_offers)
+from .placement import (BUSY_RETRIES, RETRY_PROVIDERS, NoPlacement, busy_wait_ms, known_backlog_ms, place_again,
+                        place_one, remaining_deadline_ms, retry_offers)
 from .reputation import own_digest, provider_scores
 from .settle import settle_with
 
@@ -81,6 +81,15 @@ class ClientError(Exception):
 
 class InputError(ClientError):
     """The inputs do not fit the model: found locally, before anything was sent."""
+
+
+class ProviderBusy(ClientError):
+    """The provider holds all the requests it will: full for now, not failing (see
+    node.placement.BUSY_RETRIES). `backlog_ms`: the queue it told us of."""
+
+    def __init__(self, message: str, backlog_ms: float | None):
+        super().__init__(message)
+        self.backlog_ms = backlog_ms
 
 
 @dataclass(frozen=True)
@@ -582,12 +591,18 @@ class Client:
         except NoPlacement as exc:
             raise ClientError(str(exc)) from None
 
+    async def wait_out_busy(self, peer_id: str) -> None:
+        """Before a job goes back to a provider that answered busy: about as long as it
+        said its queue takes (market time)."""
+        await trio.sleep(busy_wait_ms(self.heard_backlog.get(peer_id, (0.0, 0.0))[0]) * self.time_scale / 1000)
+
     def place_again(self, work: Work, job_id: str, offers: list[Offer], *, tried: set[str],
-                    vanished: set[str] = frozenset(), deadline_left_ms: float | None) -> tuple[Offer, bool]:
+                    vanished: set[str] = frozenset(), busy: set[str] = frozenset(),
+                    deadline_left_ms: float | None) -> tuple[Offer, bool]:
         """Where a failed job goes next, and whether its deadline still goes with it
         (node.placement.place_again; `offers` best established first)."""
         try:
-            return place_again(offers, tried=tried, vanished=vanished, deadline_left_ms=deadline_left_ms,
+            return place_again(offers, tried=tried, vanished=vanished, busy=busy, deadline_left_ms=deadline_left_ms,
                                **self._terms(work, job_id, offers))
         except NoPlacement as exc:
             raise ClientError(str(exc)) from None
@@ -639,6 +654,8 @@ class Client:
             return ""
 
         tried: set[str] = set()
+        busy: set[str] = set()  # answered busy last time: elsewhere first, else back after a wait
+        busy_answers = 0
         try:
             try:
                 self.candidates(found.sha256)
@@ -651,16 +668,27 @@ class Client:
                 if not retry_offers(offers, tried):
                     break
                 in_time = True
-                if not tried:
+                if not tried and not busy:
                     offer = self.place(work, job_id, offers, deadline_ms=deadline_ms)
                 else:
                     left_ms = remaining_deadline_ms(deadline_ms, self.since_ms(submitted_s), 0.0)
-                    offer, in_time = self.place_again(work, job_id, offers, tried=tried, deadline_left_ms=left_ms)
+                    offer, in_time = self.place_again(work, job_id, offers, tried=tried, busy=busy,
+                                                      deadline_left_ms=left_ms)
+                    if offer.peer_id in busy:  # nobody else can take it: back once the queue there drains
+                        await self.wait_out_busy(offer.peer_id)
+                busy.clear()
                 tried.add(offer.peer_id)
                 try:
                     receipt, envelope = await self._nursery.start(partial(
                         self.attempt, work, outcome, offer, keep=keep, new_request=new_request,
                         deadline_ms=deadline_ms if in_time else None, submitted_s=submitted_s))
+                except ProviderBusy as exc:
+                    outcome.error = f"{type(exc).__name__}: {exc}"
+                    if busy_answers < BUSY_RETRIES:
+                        busy_answers += 1
+                        tried.discard(offer.peer_id)
+                        busy.add(offer.peer_id)
+                    continue
                 except (ClientError, *ATTEMPT_ERRORS) as exc:
                     outcome.error = f"{type(exc).__name__}: {exc}"
                     log.warning("job %s on %s: %s", job_id[:8], offer.peer_id[-8:], outcome.error)
@@ -832,7 +860,10 @@ class Client:
                             raise
                         step = job.receive(payload, now_ms=self.clock.now_ms())
                     if isinstance(event, Refused):
-                        raise ClientError(f"provider {offer.peer_id[-8:]} refused: {event.code}: {event.message}")
+                        message = f"provider {offer.peer_id[-8:]} refused: {event.code}: {event.message}"
+                        if event.code == "busy":
+                            raise ProviderBusy(message, event.backlog_ms)
+                        raise ClientError(message)
                     if isinstance(event, Rejected):
                         try:
                             await self.writer.apply(event.receipt.envelope_bytes, event.ack, now_ms=self.clock.now_ms())

@@ -18,6 +18,13 @@ from matcher import Job, Problem, Provider, Weights, solve
 from protocol.messages import Offer
 
 RETRY_PROVIDERS = 3  # the placed provider and up to two others, per job
+# A provider that answers `busy` holds all the request bytes it will (its request
+# budget): it is full for now, not failing, so that answer is no try against it. The job
+# goes to another provider if one can take it, else back to the busy one once about its
+# told queue has drained (BUSY_WAIT_MS bounds that wait); after BUSY_RETRIES busy
+# answers a job counts them as tries, so it is never bounced for ever.
+BUSY_RETRIES = 6
+BUSY_WAIT_MS = (50.0, 1_000.0)
 # A batch's jobs placed on one provider slot (a lane) are sent up to this many at a time:
 # they wait in the provider's queue back to back, as the matcher assumes, rather than
 # each after the previous result (a link round trip between them); a window, not the
@@ -130,8 +137,14 @@ def place_one(offers: list[Offer], *, model_sha: str, items: int, max_price: flo
     return next(o for o in offers if o.peer_id == chosen)
 
 
+def busy_wait_ms(backlog_ms: float | None) -> float:
+    """How long a job waits before it goes back to a provider that answered busy."""
+    low, high = BUSY_WAIT_MS
+    return min(max(backlog_ms or 0.0, low), high)
+
+
 def place_again(offers: list[Offer], *, tried: set[str], vanished: set[str] = frozenset(),
-                deadline_left_ms: float | None, **terms) -> tuple[Offer, bool]:
+                busy: set[str] = frozenset(), deadline_left_ms: float | None, **terms) -> tuple[Offer, bool]:
     """Where a failed job goes next, and whether its deadline still goes with it.
     `offers`: best established first (what Client.candidates returns); `terms`: the
     rest of place_one's.
@@ -141,8 +154,9 @@ def place_again(offers: list[Offer], *, tried: set[str], vanished: set[str] = fr
     left whatever it costs: fresh offers that are too good to be true (a Sybil swarm)
     can take the cheaper tries, never all of them. When no provider can meet what is
     left of the deadline, the job goes without it: a late result is a miss the buyer
-    sees, a job given up is a loss it cannot use at all."""
-    candidates = retry_offers(offers, tried, vanished)
+    sees, a job given up is a loss it cannot use at all. `busy`: providers that just
+    answered busy (not in `tried`), taken again only when nobody else can be."""
+    candidates = retry_offers(offers, tried | set(busy), vanished) or retry_offers(offers, tried, vanished)
     if not candidates:
         raise NoPlacement("no provider left that was not tried for this job")
     if len(tried) + 1 >= RETRY_PROVIDERS:

@@ -26,7 +26,8 @@ from protocol.stream import (
 from protocol.topics import JOB_PROTOCOL, OFFERS_TOPIC, SETTLE_PROTOCOL
 
 from . import modelcheck
-from .admission import REPUBLISH_MIN_INTERVAL_S, DeviceQueue, expected_ms, worth_republishing
+from .admission import REPUBLISH_MIN_INTERVAL_S, ByteBudget, DeviceQueue, expected_ms, worth_republishing
+from .slots import SlotGate
 from .calibrate import (
     DEFAULT_MODELS, PowerFigures, Profile, calibrate, load_profile, merge_profiles, power_figures,
     reference_model_path, save_profile,
@@ -60,27 +61,6 @@ REFRESHES_PER_TTL = 3
 STALE_REFRESHES = 2
 READ_TIMEOUT_S = 30.0
 CREDIT_WINDOW_MS = 24 * 3600 * 1000  # rejected work counts against a buyer's credit this long
-
-
-class ByteBudget:
-    """Bytes of job requests and model uploads held at once. A frame that does
-    not fit is refused, unless nothing is held: then even one bigger than the budget
-    (a maximal model) gets in, alone. Held bytes never exceed max(capacity, one frame)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.held = 0
-        self.peak = 0
-
-    def take(self, n: int) -> bool:
-        if self.held and self.held + n > self.capacity:
-            return False
-        self.held += n
-        self.peak = max(self.peak, self.held)
-        return True
-
-    def give(self, n: int) -> None:
-        self.held -= n
 MODEL_UPLOAD_TIMEOUT_S = 120.0
 
 
@@ -137,7 +117,7 @@ class Provider:
         # The queue buyers see in our offer and the deadline admission (shared with the
         # devnet simulator); a job holds a device slot from its start to its end.
         self.queue = DeviceQueue(config.slots)
-        self._device_slots = trio.Semaphore(max(1, config.slots))
+        self._device_slots = SlotGate(config.slots, self.queue.order_key)  # earliest deadline first
         self._queue_moved = trio.Event()
         self._published_backlog_ms = 0.0
         self._signed_offer: bytes | None = None
@@ -592,7 +572,7 @@ class Provider:
             await self._send(stream, job.accept(len(self._running) - 1, ahead))
             emit("accepted", job_id=request.job_id, buyer=peer)
             async with trio.open_nursery() as beside:
-                async with self._device_slots:
+                async with self._device_slots.slot(request.job_id):
                     started_ms = self.vnow_ms()
                     self.queue.start(request.job_id, started_ms)
                     if self.simulated:

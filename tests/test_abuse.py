@@ -14,6 +14,7 @@ from devnet.attack import (SQUEEZENET_ROW_BYTES, connected_sybil, forged_digest,
                            job_without_ack, now_ms, public_key_of, push, squeezenet_job, until_result)
 from devnet.launcher import open_devnet, peak_rss_mb
 from node.buyer import Buyer, SubmitSpec
+from node.client import Client
 from node.calibrate import reference_model_path
 from node.gossip import OfferGossip, bootstrap_peer_id
 from node.offers import OfferBook
@@ -119,13 +120,27 @@ async def test_a_provider_holds_at_most_its_request_budget_and_answers_busy_beyo
                 second, _ = await job_without_ack(p2p, *where, key, MODEL, rows=rows, seed=1)
                 assert isinstance(second, Refused) and second.code == "busy", second
                 assert "MiB of requests" in second.message
-                for frame in ack:
-                    await held_stream.send(frame)
-                settled = decode_message(await held_stream.receive(max_bytes=1 << 16, timeout_s=30),
-                                         max_bytes=1 << 16, expect=("settled",))
-                assert settled.status == "accepted"
-            # The provider gives the budget back as the held stream ends; a buyer that
-            # meets `busy` in that instant asks again, as a real one would.
+                # A client's request meets `busy` too: full is not failing, so it waits
+                # about the queue the provider told it of and asks the same provider again
+                # (the only one) instead of spending a try on it.
+                x = np.random.default_rng(3).random((rows, 3, 224, 224), dtype=np.float32)
+                answers = []
+                async with Client(tmp_path / "app", [net.bootstrap_addr]) as client, trio.open_nursery() as n:
+                    n.start_soon(lambda: _append(answers, client.infer(MODEL, {"data_0": x})))
+                    with trio.fail_after(60):
+                        async for event in net.providers[0].events:
+                            if event.get("event") == "refused" and event.get("code") == "busy" \
+                                    and event.get("peer") == client.key.peer_id:
+                                break
+                    for frame in ack:
+                        await held_stream.send(frame)
+                    settled = decode_message(await held_stream.receive(max_bytes=1 << 16, timeout_s=30),
+                                             max_bytes=1 << 16, expect=("settled",))
+                    assert settled.status == "accepted"
+                (answer,) = answers
+                assert answer.outcome.attempts[0] == answer.outcome.attempts[-1] == where[0]
+                assert len(answer.outcome.attempts) >= 2 and answer.outcome.state == "settled"
+            # The client's job was settled and acked: the budget is free again.
             for attempt in range(10):
                 third, _ = await job_without_ack(p2p, *where, key, MODEL, rows=rows, seed=2)
                 if not (isinstance(third, Refused) and third.code == "busy"):
@@ -133,6 +148,10 @@ async def test_a_provider_holds_at_most_its_request_budget_and_answers_busy_beyo
             assert isinstance(third, Delivered), third
         peak_mb = peak_rss_mb(pid)
     assert peak_mb - resting_mb < 4 * 80, (resting_mb, peak_mb)
+
+
+async def _append(into: list, awaitable) -> None:
+    into.append(await awaitable)
 
 
 def test_refusals_are_counted_exactly_by_reason_and_peer_but_logged_in_bounded_bursts(caplog):

@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from devnet.fleet import DEFAULT_FLEET, load_fleet
 from devnet.report import compare, lost_job_charge, more_or_less, summarise
 from devnet.scenario import ScenarioError, load_scenario
 from devnet.simulate import RESTART_AWAY_MS, Simulation, simulate
-from node.admission import DeviceQueue, worth_republishing
+from node.admission import NO_DEADLINE_DUE_MS, DeviceQueue, worth_republishing
+from node.slots import SlotGate
 from node.cli import main
 from node.placement import NoPlacement, place_again
 from protocol.messages import Device, ModelCapability, Offer, PowerProfile
@@ -21,7 +24,7 @@ from matcher import Weights
 SCENARIOS = Path(__file__).resolve().parents[1] / "devnet" / "scenarios"
 
 
-def test_queue_is_fifo_over_slots_and_refuses_what_cannot_meet_its_deadline():
+def test_queue_runs_over_slots_and_refuses_what_cannot_meet_its_deadline():
     q = DeviceQueue(2)
     assert q.wait_ms(0) == 0
     assert q.admit("a", 100, 0) == "" and q.admit("b", 300, 0) == ""
@@ -30,8 +33,8 @@ def test_queue_is_fifo_over_slots_and_refuses_what_cannot_meet_its_deadline():
     assert q.wait_ms(0) == 100  # the slot running "a" frees first
     assert q.admit("c", 50, 0) == ""
     assert q.wait_ms(0) == 150  # "c" follows "a"; the other slot frees at 300 ... 150 is sooner
-    why = q.admit("d", 100, 0, deadline_ms=200)
-    assert why.startswith("cannot finish within the deadline: 150 ms of queue + 100 ms")
+    why = q.admit("d", 100, 0, deadline_ms=150)
+    assert why.startswith("cannot finish within the deadline: 100 ms of queue + 100 ms")
     assert len(q) == 3  # a refused job takes no place
     # A job running past its estimate holds its slot until it ends: never a wait in the past.
     assert q.wait_ms(1000) == 0 or q.wait_ms(1000) >= 0
@@ -39,6 +42,68 @@ def test_queue_is_fifo_over_slots_and_refuses_what_cannot_meet_its_deadline():
     q.finish("b")
     assert q.wait_ms(10) == 0  # "c" alone, on one of two slots
     assert worth_republishing(0, 60) and not worth_republishing(1000, 1100) and not worth_republishing(0, 10)
+
+
+def test_queue_runs_the_earliest_deadline_first_and_never_makes_an_admitted_job_late():
+    q = DeviceQueue(1)
+    assert q.admit("running", 100, 0) == ""
+    q.start("running", 0)
+    assert q.admit("lax", 100, 0, deadline_ms=1000) == ""
+    assert q.admit("whenever", 100, 0) == ""
+    # An urgent late-comer goes ahead of both: FIFO would have refused it (300 ms of queue).
+    assert q.admit("urgent", 100, 0, deadline_ms=250) == ""
+    assert sorted(["lax", "whenever", "urgent"], key=q.order_key) == ["urgent", "lax", "whenever"]
+    # It would fit alone (100 ms of queue), but it would push "lax" past its deadline.
+    q2 = DeviceQueue(1)
+    assert q2.admit("lax", 100, 0, deadline_ms=200) == ""
+    why = q2.admit("urgent", 150, 0, deadline_ms=160)
+    assert why.startswith("cannot finish within the deadline without making an admitted job late")
+    assert len(q2) == 1
+    # A job without a deadline is due a minute after it came: urgent ones that come later
+    # than that no longer go ahead of it (no starvation).
+    q3 = DeviceQueue(1)
+    assert q3.admit("old", 100, 0) == ""
+    assert q3.admit("much-later", 100, NO_DEADLINE_DUE_MS + 1, deadline_ms=500) == ""
+    assert sorted(["much-later", "old"], key=q3.order_key) == ["old", "much-later"]
+
+
+def test_the_slot_gate_hands_a_freed_slot_to_the_earliest_deadline():
+    q = DeviceQueue(1)
+    gate = SlotGate(1, q.order_key)
+    started: list[str] = []
+
+    async def job(job_id: str, release: trio.Event) -> None:
+        async with gate.slot(job_id):
+            started.append(job_id)
+            await release.wait()
+
+    async def main() -> None:
+        releases = {j: trio.Event() for j in ("first", "lax", "gone", "urgent")}
+        for j, deadline in (("first", None), ("lax", 1000), ("gone", 10), ("urgent", 300)):
+            assert q.admit(j, 10, 0, deadline_ms=deadline) == ""
+        async with trio.open_nursery() as n:
+            n.start_soon(job, "first", releases["first"])
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(job, "lax", releases["lax"])
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(job, "urgent", releases["urgent"])
+            leaver = trio.CancelScope()
+
+            async def leaves() -> None:
+                with leaver:
+                    await job("gone", releases["gone"])
+
+            n.start_soon(leaves)
+            await trio.testing.wait_all_tasks_blocked()
+            leaver.cancel()  # the most urgent one leaves the line before its turn
+            await trio.testing.wait_all_tasks_blocked()
+            assert started == ["first"]
+            for j in ("first", "urgent", "lax"):
+                releases[j].set()
+                await trio.testing.wait_all_tasks_blocked()
+        assert started == ["first", "urgent", "lax"]
+
+    trio.run(main)
 
 
 def _offer(peer: str, marginal_w: float, rate: float = 100.0) -> Offer:
@@ -161,15 +226,28 @@ def test_what_providers_say_of_their_queue_counts_until_a_newer_offer():
 def test_ten_buyers_at_once_are_judged_against_one_central_matcher():
     """Ten buyers submitting in the same instant each place on the same offers; the
     `central` yardstick places all their jobs together on every true queue. The
-    scenario fills the fleet's fast GPUs, so the buyers' own matchers herd."""
+    scenario fills the fleet's fast GPUs and their request budgets, so the buyers' own
+    matchers herd: providers refuse what they cannot finish in time (earliest deadline
+    first) or hold (busy), and the buyers place those jobs again. Issue 22's targets:
+    within 10% of central's energy, at most 1.2x its misses."""
     scenario = load_scenario(SCENARIOS / "many-buyers.toml")
     scenario.solvers = ["optimal", "central"]
     fleet = load_fleet(DEFAULT_FLEET)
     runs = simulate(scenario, fleet)
     s = {r.solver: summarise(r, lost_job_charge(fleet)) for r in runs}
     assert all(x["jobs"] == scenario.job_count and x["jobs_lost"] == 0 for x in s.values())
-    assert s["central"]["misses_and_losses"] < s["optimal"]["misses_and_losses"]  # coordination pays
+    ours, central = s["optimal"], s["central"]
+    assert ours["energy_j_per_submitted_job"] <= 1.1 * central["energy_j_per_submitted_job"]
+    assert ours["misses_and_losses"] <= 1.2 * central["misses_and_losses"]
     assert "energy per submitted job" in compare(s)["central"]["energy"]
+    # The buyers met `busy` and placed again (none of it counted as a try); the central
+    # dispatcher, which knows what each provider holds, never did.
+    errors = {r.solver: [j.error for j in r.jobs] for r in runs}
+    assert not [e for e in errors["central"] if "busy" in e]
+    sim = Simulation(scenario, fleet, "optimal")
+    sim.go()
+    assert sum(j.busy_answers for j in sim.jobs) > 0
+    assert max(p.budget.peak for p in sim.providers) <= sim.providers[0].budget.capacity
     # Central never places a job on a provider it knows is gone (the buyers' own do, on
     # its offer, until it expires): the H100 is killed at 3 s and back at 11 s.
     faults = load_scenario(SCENARIOS / "faults.toml")
