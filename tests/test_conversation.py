@@ -498,9 +498,10 @@ async def test_a_provider_refuses_at_once_what_its_queue_cannot_finish_in_time_a
         boot = await market.start_bootstrap()
         a = await market.start_provider("a", boot, marginal_w=10.0)  # the cheapest: placed first
         b = await market.start_provider("b", boot, marginal_w=40.0)
-        # Ten seconds of someone else's work ahead in a's queue, which its offer does not
+        # Ten seconds of someone else's work running on a's slot, which its offer does not
         # show yet: the buyer places on a, a refuses at once, and the job settles on b.
         assert a.queue.admit("someone-else", 10_000, a.clock.now_ms()) == ""
+        a.queue.start("someone-else", a.clock.now_ms())
         model = tmp_path / "fake.onnx"
         model.write_bytes(MODEL_BYTES)
         spec = SubmitSpec(model_path=model, inputs={"x": INPUT}, count=1, bootstrap=[boot], home=tmp_path / "buyer",
