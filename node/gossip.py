@@ -119,16 +119,25 @@ class OfferGossip:
             return False
         return self.reputation.add(data, now_ms=self.clock.now_ms())
 
-    async def run(self, *, relay_digests: bool = False, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, relay_digests: bool = False, hear_offers: bool = True,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Follow the topics. `hear_offers` False (providers): publish our offer, never
+        take anyone else's. A node not subscribed to the offer topic still publishes to
+        it (gossipsub sends to subscribed peers, the bootstraps, by fanout), and is in no
+        mesh: it receives, validates and forwards none of the other providers' offers,
+        which are most of a network's gossip and of no use to a seller."""
         async with trio.open_nursery() as nursery:
-            async with self.p2p.subscribe(OFFERS_TOPIC) as messages, \
-                    self.p2p.subscribe(REPUTATION_TOPIC) as digests:
+            async with self.p2p.subscribe(REPUTATION_TOPIC) as digests:
                 nursery.start_soon(self._drain, digests)
                 if relay_digests:
                     nursery.start_soon(self._relay_digests)
-                task_status.started()
-                async for origin, data in messages:
-                    self._take(data, "gossip", peer=origin)
+                if not hear_offers:
+                    task_status.started()
+                    await trio.sleep_forever()
+                async with self.p2p.subscribe(OFFERS_TOPIC) as messages:
+                    task_status.started()
+                    async for origin, data in messages:
+                        self._take(data, "gossip", peer=origin)
                 nursery.cancel_scope.cancel()
 
     async def _drain(self, digests) -> None:

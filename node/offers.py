@@ -49,6 +49,8 @@ def matches(offer: Offer, want: OfferWant | None) -> bool:
         return False
     if want.arches and offer.device.arch not in want.arches:
         return False
+    if want.providers and offer.peer_id not in want.providers:
+        return False
     return want.max_price_per_s is None or offer.price_per_s <= want.max_price_per_s
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from protocol.job import ProviderJob, Step
 from protocol.messages import Device, ModelCapability, Offer, PowerProfile, sign_offer
 from protocol.tensors import Tensor
 from protocol.stream import (
-    MAX_SETTLE_ENTRIES, MAX_SETTLE_FRAME_BYTES, HeldReceipt, SettleHeld, decode_message, encode_message,
+    MAX_SETTLE_ENTRIES, MAX_SETTLE_FRAME_BYTES, HeldReceipt, OfferWant, SettleHeld, decode_message, encode_message,
 )
 from protocol.topics import JOB_PROTOCOL, OFFERS_TOPIC, SETTLE_PROTOCOL
 
@@ -335,10 +336,16 @@ class Provider:
         # Push our offer straight to each bootstrap peer on (re)connect: a fresh buyer
         # syncing from it sees us at once, without waiting for the gossip mesh.
         try:
-            await gossip.sync_with(peer_id)
+            await gossip.sync_with(peer_id, want=self._own_want())
             emit("announced", peer_id=self.key.peer_id, to=peer_id)
         except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
             log.info("offer sync with %s failed: %s", peer_id, exc)
+
+    def _own_want(self) -> OfferWant:
+        """What a provider takes back from a sync: its own offer as the bootstrap holds
+        it. A seller has no use for the others' offers, and a bootstrap of a large network
+        would page its whole book to every provider every lifetime."""
+        return OfferWant(providers=(self.key.peer_id,))
 
     async def _check_visibility(self, gossip: OfferGossip) -> None:
         """Once per offer lifetime, ask each connected bootstrap for its book without
@@ -354,7 +361,7 @@ class Provider:
         seen = self.seen_by.setdefault(peer_id, {})
         try:
             with trio.fail_after(SYNC_TIMEOUT_S):
-                await gossip.sync_with(peer_id, push_own=False)
+                await gossip.sync_with(peer_id, push_own=False, want=self._own_want())
         except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
             seen.update(checked_at_ms=self.clock.now_ms(), error=f"offer sync failed: {exc}")
             return
@@ -743,7 +750,7 @@ class Provider:
             p2p.set_stream_handler(JOB_PROTOCOL, self._serve_job)
             p2p.set_stream_handler(SETTLE_PROTOCOL, self._serve_settle)
             async with trio.open_nursery() as nursery:
-                await nursery.start(gossip.run)
+                await nursery.start(partial(gossip.run, hear_offers=False))
                 p2p.keep_connected(self.config.bootstrap,
                                    on_connect=lambda pid: self._announce_to(gossip, pid))
                 nursery.start_soon(self._advertise)

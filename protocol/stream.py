@@ -28,6 +28,7 @@ MAX_SYNC_OFFERS = 4096
 # an answer too big to send.
 SYNC_PAGE_BYTES = 1024 * 1024
 MAX_WANT_MODELS = 64
+MAX_WANT_PROVIDERS = 16
 MAX_SYNC_DIGESTS = 256
 
 ERROR_CODES = (
@@ -151,21 +152,27 @@ class SettleHeld:
 @dataclass(frozen=True, slots=True)
 class OfferWant:
     """What a syncing peer asks for: offers of any of `models` (sha256 hex; empty: any),
-    on any of `arches` (empty: any), at most `max_price_per_s` (None: any)."""
+    on any of `arches` (empty: any), at most `max_price_per_s` (None: any), from any of
+    `providers` (peer ids; empty: any; a provider checking its own offer names itself)."""
 
     models: tuple[str, ...] = ()
     arches: tuple[str, ...] = ()
     max_price_per_s: float | None = None
+    providers: tuple[str, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
-        return {"models": list(self.models), "arches": list(self.arches), "max_price_per_s": self.max_price_per_s}
+        wire = {"models": list(self.models), "arches": list(self.arches), "max_price_per_s": self.max_price_per_s}
+        if self.providers:  # absent when empty: the map of earlier nodes, byte for byte
+            wire["providers"] = list(self.providers)
+        return wire
 
     @classmethod
     def from_wire(cls, value: Any, path: str) -> "OfferWant":
         f = Fields(value, path)
         return cls(tuple(f.list("models", hex_item(32), max_len=MAX_WANT_MODELS, default=[])),
                    tuple(f.list("arches", str_item(32), max_len=8, default=[])),
-                   f.float("max_price_per_s", min=0.0, max=1e6, default=None))
+                   f.float("max_price_per_s", min=0.0, max=1e6, default=None),
+                   tuple(f.list("providers", str_item(128), max_len=MAX_WANT_PROVIDERS, default=[])))
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,10 +46,14 @@ async def _wait_for(child, predicate, what: str, timeout_s: float = GUARD_S) -> 
 
 
 async def _all_refreshed_past(providers, boundary_ms: int) -> None:
-    """Every provider has published an offer issued at or after `boundary_ms`."""
+    """Every provider has published an offer issued at or after `boundary_ms`, and heard
+    no one else's by gossip on the way (providers publish without subscribing)."""
+    def published(e: dict) -> bool:
+        assert not (e.get("event") == "offer-heard" and e.get("via") == "gossip"), e
+        return e.get("event") == "offer-published" and e["issued_at_ms"] >= boundary_ms
+
     for child in providers:
-        await _wait_for(child, lambda e: e.get("event") == "offer-published" and e["issued_at_ms"] >= boundary_ms,
-                        f"an offer issued after {boundary_ms}")
+        await _wait_for(child, published, f"an offer issued after {boundary_ms}")
 
 
 async def _heard_by_gossip(bootstrap, provider_ids: set[str], after_ms: int) -> None:

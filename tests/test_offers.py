@@ -122,3 +122,16 @@ def test_pages_cover_what_was_asked_exactly_once_and_stay_under_their_byte_cap()
         after = entries[-1].offer.peer_id
     expected = sorted(KEYS[i].peer_id for i in range(40) if i % 3)
     assert seen == expected and pages > 1
+
+
+def test_a_want_can_name_providers_and_travels_unchanged_without_them():
+    book = OfferBook()
+    for i in range(5):
+        book.add(signed_offer(KEYS[i]), now_ms=NOW)
+    mine = OfferWant(providers=(KEYS[3].peer_id,))
+    entries, more = book.page(mine, after="", max_bytes=1 << 20, max_count=4096, now_ms=NOW)
+    assert [e.offer.peer_id for e in entries] == [KEYS[3].peer_id] and not more
+    assert OfferWant.from_wire(mine.to_wire(), "want") == mine
+    # Without providers the map is the one earlier nodes send and read.
+    assert set(OfferWant(models=(WANTED_SHA,)).to_wire()) == {"models", "arches", "max_price_per_s"}
+    assert OfferWant.from_wire({"models": [], "arches": [], "max_price_per_s": None}, "want") == OfferWant()

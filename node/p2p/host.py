@@ -444,8 +444,10 @@ class P2PNode:
             await trio.sleep(reachability.RECHECK_S if answered else retry_s)
 
     def mesh_peers(self, topic: str) -> list[str]:
-        """Peers we forward `topic` to (our gossipsub mesh for it)."""
-        return sorted(pid.to_base58() for pid in self.pubsub.router.mesh.get(topic, ()))
+        """Peers our messages on `topic` go to: our gossipsub mesh for it, or, publishing
+        without subscribing (a provider), our fanout."""
+        router = self.pubsub.router
+        return sorted(pid.to_base58() for pid in router.mesh.get(topic) or router.fanout.get(topic, ()))
 
     def connected_peers(self) -> list[str]:
         return [pid.to_base58() for pid in self.host.get_network().connections]
