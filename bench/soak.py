@@ -3,6 +3,7 @@ every minute, and (optionally) a kill -9 and restart of the bootstrap. Prints JS
 
     python bench/soak.py                      # 10 providers, 10 minutes, default lifetime (60 s)
     python bench/soak.py --providers 12 --minutes 15 --restart-bootstrap-at 5
+    python bench/soak.py --providers 100 --fleet devnet/fleets/default.toml   # issue 22's 100 nodes
 
 Figures:
 - jobs settled per minute, and the offers a fresh buyer sees in one sync each minute;
@@ -88,7 +89,8 @@ class NodeMeter:
         }
 
 
-async def soak(n_providers: int, minutes: float, jobs: int, restart_at_min: float | None, say) -> dict:
+async def soak(n_providers: int, minutes: float, jobs: int, restart_at_min: float | None, say,
+               fleet_path: str | None = None) -> dict:
     root = Path(tempfile.mkdtemp(prefix="idlemesh-soak-"))
     model = reference_model_path("squeezenet")
     x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
@@ -112,8 +114,16 @@ async def soak(n_providers: int, minutes: float, jobs: int, restart_at_min: floa
                 if restart["offers_back"] == n_providers:
                     restart["all_offers_held_s"] = round(time.monotonic() - restart["restarted_at"], 2)
 
+    fleet = None
+    if fleet_path:  # simulated devices: a profile each, no calibration per provider at start
+        from devnet.fleet import load_fleet
+        fleet = load_fleet(Path(fleet_path))
     say(f"starting {n_providers} providers under {root}")
-    async with open_devnet(n_providers, root=root, progress=say, timeout_s=300) as net:
+    up_from = time.monotonic()
+    async with open_devnet(n_providers, root=root, progress=say, timeout_s=max(300, 6 * n_providers),
+                           fleet=fleet) as net:
+        up_s = round(time.monotonic() - up_from, 1)
+        say(f"all {n_providers} providers up in {up_s} s")
         async with trio.open_nursery() as nursery:
             for child in net.children:
                 meters[child.name] = NodeMeter(child.name, child.process.pid)
@@ -158,8 +168,17 @@ async def soak(n_providers: int, minutes: float, jobs: int, restart_at_min: floa
             nursery.cancel_scope.cancel()
     samples = [v for values in delivery.values() for v in values]
     per_pair_p99 = [float(np.percentile(v, 99)) for v in delivery.values() if v]
+    def spread(values: list[float]) -> dict:
+        return {"p50": percentile(values, 50), "p99": percentile(values, 99), "max": percentile(values, 100)}
+
+    providers = [n for n in nodes if n["node"].startswith("provider")]
     return {
         "bench": "soak", "providers": n_providers, "minutes": minutes, "offer_ttl_s": 60,
+        "fleet": fleet_path, "up_s": up_s,
+        "provider_idle_cpu_pct_of_core": spread([100 * (n["cpu_share_idle"] or 0) for n in providers]),
+        "bootstrap_idle_cpu_pct_of_core": [round(100 * (n["cpu_share_idle"] or 0), 3) for n in nodes
+                                           if n["node"].startswith("bootstrap")],
+        "provider_rss_mb_end": spread([n["rss_mb_end"] for n in providers]),
         "jobs_settled_per_minute": [b["settled"] for b in buyers],
         "offers_visible_per_minute": [b["offers_visible"] for b in buyers],
         "buyers": buyers,
@@ -184,11 +203,12 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--jobs", type=int, default=4, help="jobs per fresh buyer")
     ap.add_argument("--restart-bootstrap-at", type=float, default=None, metavar="MINUTE")
+    ap.add_argument("--fleet", default=None, help="a fleet file: its simulated devices as the providers")
     args = ap.parse_args()
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     setup_logging(level=logging.WARNING)  # the in-process buyers' library noise stays out of the figures
-    print(json.dumps(trio.run(soak, args.providers, args.minutes, args.jobs, args.restart_bootstrap_at, say),
-                     indent=2))
+    print(json.dumps(trio.run(soak, args.providers, args.minutes, args.jobs, args.restart_bootstrap_at, say,
+                              args.fleet), indent=2))
 
 
 if __name__ == "__main__":
