@@ -135,6 +135,15 @@ class MemoryNode:
     def set_validator(self, topic: str, validator: Validator) -> None:
         self._validators[topic] = validator
 
+    def subscribes(self, peer_id: str, topic: str) -> bool:
+        return peer_id in self._connected and topic in getattr(self.network.nodes.get(peer_id), "_subscribers", {})
+
+    async def redial(self, peer_id: str) -> None:
+        peer = self.network.nodes.get(peer_id)
+        self._connected.discard(peer_id)  # the reconnect loop dials it again
+        if peer is not None:
+            peer._connected.discard(self.peer_id)
+
     async def wait_for_subscription(self, peer_id: str, topic: str, timeout_s: float = 10.0) -> None:
         with trio.fail_after(timeout_s):
             while topic not in getattr(self.network.nodes.get(peer_id), "_subscribers", {}):

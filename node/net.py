@@ -72,6 +72,15 @@ class Network(Protocol):
 
     def mesh_peers(self, topic: str) -> list[str]: ...
 
+    async def wait_for_subscription(self, peer_id: str, topic: str, timeout_s: float = 10.0) -> None: ...
+
+    def subscribes(self, peer_id: str, topic: str) -> bool:
+        """Whether `peer_id` told us it subscribes to `topic` (what a publisher that does
+        not subscribe needs to reach it)."""
+
+    async def redial(self, peer_id: str) -> None:
+        """Drop our connections to `peer_id`; the kept link dials it again."""
+
     def connected_peers(self) -> list[str]: ...
 
     def keep_connected(self, addrs: list[str], *, on_connect=None) -> None: ...

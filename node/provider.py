@@ -62,6 +62,7 @@ REFRESHES_PER_TTL = 3
 STALE_REFRESHES = 2
 READ_TIMEOUT_S = 30.0
 CREDIT_WINDOW_MS = 24 * 3600 * 1000  # rejected work counts against a buyer's credit this long
+SUBSCRIPTION_WAIT_S = 15.0  # after a connect, for the bootstrap's pubsub greeting
 MODEL_UPLOAD_TIMEOUT_S = 120.0
 
 
@@ -340,6 +341,21 @@ class Provider:
             emit("announced", peer_id=self.key.peer_id, to=peer_id)
         except (DecodeError, StreamClosed, trio.TooSlowError) as exc:
             log.info("offer sync with %s failed: %s", peer_id, exc)
+        # We publish without subscribing: gossip reaches this bootstrap only once its
+        # subscription has reached us.
+        try:
+            await self.p2p.wait_for_subscription(peer_id, OFFERS_TOPIC, timeout_s=SUBSCRIPTION_WAIT_S)
+        except trio.TooSlowError:
+            await self._redial_deaf(peer_id)
+
+    async def _redial_deaf(self, peer_id: str) -> None:
+        """A connected bootstrap whose subscription we do not hold hears none of our
+        offers by gossip: dial it again, so pubsub greets it afresh."""
+        if self.p2p.links.get(peer_id, {}).get("connected") and not self.p2p.subscribes(peer_id, OFFERS_TOPIC):
+            log.warning("bootstrap %s: its subscription to the offers never reached us, so gossip cannot carry our "
+                        "offer to it; connecting again", peer_id)
+            emit("redial", peer_id=self.key.peer_id, to=peer_id, why="no-subscription")
+            await self.p2p.redial(peer_id)
 
     def _own_want(self) -> OfferWant:
         """What a provider takes back from a sync: its own offer as the bootstrap holds
@@ -356,6 +372,7 @@ class Provider:
             for peer_id, link in list(self.p2p.links.items()):
                 if link.get("connected"):
                     await self._probe(gossip, peer_id)
+                    await self._redial_deaf(peer_id)
 
     async def _probe(self, gossip: OfferGossip, peer_id: str) -> None:
         seen = self.seen_by.setdefault(peer_id, {})

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 import trio
+from libp2p.peer.id import ID
 
 from devnet.launcher import open_devnet
 from node.buyer import Buyer, SubmitSpec
@@ -279,3 +280,37 @@ async def test_a_warm_client_stays_usable_across_offer_lifetimes_and_restarts(tm
         ledger = client.ledger.__class__(tmp_path / "app" / "ledger.sqlite", client.key.public_key)
         assert [s for s, _ in ledger.db.execute("SELECT status, COUNT(*) FROM receipts GROUP BY status")] == ["accepted"]
         ledger.close()
+
+
+async def test_a_publisher_that_does_not_subscribe_reaches_the_bootstrap_and_heals_a_lost_subscription():
+    """Providers publish offers without subscribing (gossipsub fanout). py-libp2p forgets
+    a peer's subscriptions when one read on its pubsub stream fails and never asks again
+    on that connection; a redial greets afresh and gossip flows again (real hosts)."""
+    topic = "idlemesh-test/fanout/1"
+    async with open_p2p_node(secrets.token_bytes(32), ["/ip4/127.0.0.1/tcp/0"]) as boot, \
+            open_p2p_node(secrets.token_bytes(32), ["/ip4/127.0.0.1/tcp/0"]) as provider:
+        addr = f"{boot.listen_addrs[0].split('/p2p/')[0]}/p2p/{boot.peer_id}"
+        async with boot.subscribe(topic) as heard:
+            provider.keep_connected([addr])
+            await provider.wait_for_subscription(boot.peer_id, topic, timeout_s=GUARD_S)
+
+            async def delivered(payload: bytes) -> None:
+                with trio.fail_after(GUARD_S):
+                    while True:  # a publish just after the greeting may find no fanout yet: again
+                        await provider.publish(topic, payload)
+                        with trio.move_on_after(1.0):
+                            while True:
+                                origin, data = await heard.receive()
+                                if data == payload:
+                                    assert origin == provider.peer_id
+                                    return
+
+            await delivered(b"first")
+            assert provider.mesh_peers(topic) == [boot.peer_id]  # its fanout: it is in no mesh
+            # The library's own fault path: the bootstrap's subscription is forgotten.
+            provider.pubsub._handle_dead_peer(ID.from_base58(boot.peer_id))
+            assert not provider.subscribes(boot.peer_id, topic)
+            await provider.redial(boot.peer_id)
+            await provider.wait_for_subscription(boot.peer_id, topic, timeout_s=GUARD_S)
+            assert provider.subscribes(boot.peer_id, topic)
+            await delivered(b"after the redial")

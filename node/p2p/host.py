@@ -238,6 +238,20 @@ class P2PNode:
         await self.pubsub.wait_for_peer(pid, timeout=timeout_s)
         await self.pubsub.wait_for_subscription(pid, topic, timeout=timeout_s)
 
+    def subscribes(self, peer_id: str, topic: str) -> bool:
+        """Whether `peer_id` has told us (and we still hold) that it subscribes to `topic`:
+        what a publisher that does not subscribe itself needs, to send it anything."""
+        return ID.from_base58(peer_id) in self.pubsub.peer_topics.get(topic, ())
+
+    async def redial(self, peer_id: str) -> None:
+        """Close our connections to `peer_id`; keep_connected dials it again, and pubsub
+        greets it afresh on the new connection. py-libp2p forgets a peer's
+        subscriptions when one read on its pubsub stream fails (`_handle_dead_peer`)
+        and never asks again while the connection stays up: measured on a 100-node
+        devnet started on 2 cores, 21 providers had lost their bootstrap's and could
+        publish nothing to it."""
+        await self.host.disconnect(ID.from_base58(peer_id))
+
     # --- direct streams ---------------------------------------------------------------
 
     def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
