@@ -90,21 +90,29 @@ class NodeMeter:
 
 
 async def soak(n_providers: int, minutes: float, jobs: int, restart_at_min: float | None, say,
-               fleet_path: str | None = None) -> dict:
+               fleet_path: str | None = None, netns: bool = False) -> dict:
     root = Path(tempfile.mkdtemp(prefix="idlemesh-soak-"))
     model = reference_model_path("squeezenet")
     x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
-    delivery: dict[tuple[str, str], list[float]] = {}
+    delivery: dict[tuple[str, str], list[float]] = {}   # offers issued once every node was up
+    delivery_startup: list[float] = []                   # offers issued while nodes were starting
+    up_at_ms = {"ms": float("inf")}
     published = {"n": 0}
     restart: dict = {}
     buyers: list[dict] = []
     meters: dict[str, NodeMeter] = {}
+    redials: list[dict] = []
 
     async def collect(child) -> None:
         async for event in child.events:
             kind = event.get("event")
             if kind == "offer-heard" and event.get("via") == "gossip":
-                delivery.setdefault((child.name, event["provider"]), []).append(event["latency_ms"])
+                if event["issued_at_ms"] >= up_at_ms["ms"]:
+                    delivery.setdefault((child.name, event["provider"]), []).append(event["latency_ms"])
+                else:
+                    delivery_startup.append(event["latency_ms"])
+            elif kind == "redial":
+                redials.append(event)
             elif kind == "offer-published":
                 published["n"] += 1
             elif kind == "announced" and "restarted_at" in restart:
@@ -121,8 +129,9 @@ async def soak(n_providers: int, minutes: float, jobs: int, restart_at_min: floa
     say(f"starting {n_providers} providers under {root}")
     up_from = time.monotonic()
     async with open_devnet(n_providers, root=root, progress=say, timeout_s=max(300, 6 * n_providers),
-                           fleet=fleet) as net:
+                           fleet=fleet, netns=netns) as net:
         up_s = round(time.monotonic() - up_from, 1)
+        up_at_ms["ms"] = time.time() * 1000
         say(f"all {n_providers} providers up in {up_s} s")
         async with trio.open_nursery() as nursery:
             for child in net.children:
@@ -174,7 +183,7 @@ async def soak(n_providers: int, minutes: float, jobs: int, restart_at_min: floa
     providers = [n for n in nodes if n["node"].startswith("provider")]
     return {
         "bench": "soak", "providers": n_providers, "minutes": minutes, "offer_ttl_s": 60,
-        "fleet": fleet_path, "up_s": up_s,
+        "fleet": fleet_path, "netns": netns, "up_s": up_s,
         "provider_idle_cpu_pct_of_core": spread([100 * (n["cpu_share_idle"] or 0) for n in providers]),
         "bootstrap_idle_cpu_pct_of_core": [round(100 * (n["cpu_share_idle"] or 0), 3) for n in nodes
                                            if n["node"].startswith("bootstrap")],
@@ -186,6 +195,11 @@ async def soak(n_providers: int, minutes: float, jobs: int, restart_at_min: floa
                               "max": percentile(samples, 100), "samples": len(samples), "pairs": len(delivery),
                               "worst_pair_p99": round(max(per_pair_p99), 1) if per_pair_p99 else None,
                               "how": "arrival wall clock minus the offer's issued_at, same machine"},
+        "offer_delivery_ms_while_starting": {"p50": percentile(delivery_startup, 50),
+                                             "p99": percentile(delivery_startup, 99),
+                                             "samples": len(delivery_startup)},
+        "providers_heard_by_gossip": len({provider for _, provider in delivery}),
+        "redials_for_a_lost_subscription": len(redials),
         "offers_published": published["n"],
         "bootstrap_restart": ({k: v for k, v in restart.items() if k not in ("restarted_at", "offers_back")}
                               | {"providers_back": len(restart.get("back_s", {})),
@@ -204,11 +218,13 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=4, help="jobs per fresh buyer")
     ap.add_argument("--restart-bootstrap-at", type=float, default=None, metavar="MINUTE")
     ap.add_argument("--fleet", default=None, help="a fleet file: its simulated devices as the providers")
+    ap.add_argument("--netns", action="store_true", help="each node in its own network namespace, NAT and links "
+                    "from the fleet (root; see devnet/netns.py)")
     args = ap.parse_args()
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     setup_logging(level=logging.WARNING)  # the in-process buyers' library noise stays out of the figures
     print(json.dumps(trio.run(soak, args.providers, args.minutes, args.jobs, args.restart_bootstrap_at, say,
-                              args.fleet), indent=2))
+                              args.fleet, args.netns), indent=2))
 
 
 if __name__ == "__main__":

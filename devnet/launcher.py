@@ -172,6 +172,20 @@ def provider_args(i: int, home: Path, bootstrap: str, models: list[Path], listen
     return args
 
 
+CALIBRATE_EACH_UP_TO = 8  # devnets with more (real, not fleet) providers calibrate once for all
+
+
+def share_one_calibration(models: list[Path], homes: list[Path]) -> None:
+    """One quick calibration of `models` on this machine, saved as every home's profile:
+    each provider then starts with it instead of measuring again."""
+    from node.calibrate import calibrate, save_profile
+
+    profile = calibrate(models, batches=(), seconds_per_point=0.3)
+    for home in homes:
+        home.mkdir(parents=True, exist_ok=True)
+        save_profile(home, profile)
+
+
 def host_profile(models: list[Path]) -> tuple[dict[str, float], float]:
     """This machine's measured items/s per model on one slot, and its resnet50 rate: the
     yardstick a simulated device's published resnet50 figure is scaled against."""
@@ -278,6 +292,12 @@ async def open_devnet(n_providers: int, *, root: Path | None = None, models: lis
             if fleet is not None and host_resnet50 is None:
                 say("measuring this machine's resnet50 rate once, the yardstick of the fleet's speeds")
                 _, host_resnet50 = await trio.to_thread.run_sync(host_profile, [])
+            if fleet is None and n_providers > CALIBRATE_EACH_UP_TO:
+                # Providers of one machine measure the same figures: once, not a hundred
+                # times (a hundred calibrations at once would take minutes of 2 cores).
+                say(f"measuring this machine's throughput once for {n_providers} providers")
+                await trio.to_thread.run_sync(share_one_calibration, models,
+                                              [root / f"provider-{i}" for i in range(n_providers)])
             for i in range(n_providers):
                 home = root / f"provider-{i}"
                 listen, wrap = place(f"provider-{i}")
