@@ -62,6 +62,8 @@ from ..net import Admit, FrameRefused, StreamClosed, StreamHandler, Validator
 from .relay import HolePunch, Relay, RelayClient, is_relayed
 
 log = logging.getLogger("idlemesh.p2p")
+PENDING_MESSAGES_PER_PEER = 16
+PENDING_MESSAGES_TTL_S = 2.0
 RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 2.0   # a restarted bootstrap is found again within this
 RECONNECT_POLL_S = 0.5  # how often a link is checked while it is up
@@ -737,6 +739,13 @@ async def open_p2p_node(seed: bytes, listen_addrs: list[str], *, announce: list[
         degree=6, degree_low=4, degree_high=12,
         heartbeat_interval=1,
         spam_protection_enabled=False,
+        # The library keeps a copy of every message it forwards for each connected peer
+        # not (yet) known to subscribe, in case its subscription is late: up to 100 for
+        # 30 s, the whole list rebuilt per peer per message. Providers publish without
+        # subscribing, so a bootstrap of 100 providers spent a quarter of its CPU there
+        # (py-spy, 100-node devnet); a subscription late by more than 2 s misses only
+        # what an offer sync on connect brings anyway.
+        max_pending_messages_per_peer=PENDING_MESSAGES_PER_PEER, pending_messages_ttl=PENDING_MESSAGES_TTL_S,
     )
     host.multiselect_client = PipelinedMultiselectClient()
     _release_inbound_slots_on_close(host)
