@@ -1002,7 +1002,10 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         if args.verbose or not isinstance(exc, Exception):
             raise
-        # A bug of ours, not the user's: one line, and the traceback with -v.
+        # A bug of ours, not the user's: one line, and the traceback with -v. A nursery's
+        # group of one says nothing itself: name what is inside.
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
         return _fail(args, f"idlemesh: unexpected error: {type(exc).__name__}: {exc} "
                            f"(run again with -v for the traceback, and report it)")
 
