@@ -55,7 +55,8 @@ def test_default_fleet_and_scenarios_load():
     assert len(fleet.members) >= 10 and all(m.device.source != "unstated" for m in fleet.members)
     for path in SCENARIOS.glob("*.toml"):
         scenario = load_scenario(path)
-        assert scenario.job_count > 0 and scenario.fleet == DEFAULT_FLEET.resolve()
+        # The default fleet, or (many-buyers-run) the edge fleet of bench/scenarios.
+        assert scenario.job_count > 0 and len(load_fleet(scenario.fleet).members) >= scenario.providers
     # The trace is a function of the seed: the same file gives the same arrivals.
     assert load_scenario(SCENARIOS / "default.toml").arrivals == load_scenario(SCENARIOS / "default.toml").arrivals
 
