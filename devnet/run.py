@@ -84,8 +84,11 @@ def choose_time_scale(scenario: Scenario, host_rates: dict[str, float]) -> tuple
     faults, timeouts) is stretched by it, so who wins never depends on the host."""
     shas = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in scenario.models}
     row_mb = {path: sum(input_bytes_per_item(path)) / 1e6 for path in scenario.models}
-    work_s = sum(a.count * a.items * (1 / host_rates[shas[a.model]] + row_mb[a.model] * CPU_S_PER_MB)
-                 + BUYER_START_CPU_S for a in scenario.arrivals)
+
+    def jobs_work_s(a) -> float:  # computing an arrival's jobs and moving their requests
+        return a.count * a.items * (1 / host_rates[shas[a.model]] + row_mb[a.model] * CPU_S_PER_MB)
+
+    work_s = sum(jobs_work_s(a) + BUYER_START_CPU_S for a in scenario.arrivals)
     span_s = max(1.0, max(a.at_s for a in scenario.arrivals))
     capacity_s = span_s * (os.cpu_count() or 1) * HOST_COMPUTE_SHARE
     wanted = max(1.0, work_s / capacity_s)
@@ -100,8 +103,7 @@ def choose_time_scale(scenario: Scenario, host_rates: dict[str, float]) -> tuple
     bursts: dict[float, list] = {}
     for a in scenario.arrivals:
         bursts.setdefault(a.at_s, []).append(a)
-    burst_wanted = max((sum(a.count * a.items * (1 / host_rates[shas[a.model]] + row_mb[a.model] * CPU_S_PER_MB)
-                            for a in group)
+    burst_wanted = max((sum(jobs_work_s(a) for a in group)
                         / (max(a.deadline_ms for a in group) / 1000 * (os.cpu_count() or 1) * HOST_COMPUTE_SHARE)
                         for group in bursts.values()
                         if len(group) > 1 and all(a.deadline_ms for a in group)), default=0.0)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -53,7 +53,7 @@ REFRESH_MS = OFFER_TTL_MS / 3   # refreshed every third of it (node/provider.py 
 RESTART_AWAY_MS = 3_000         # a restarted provider: down, then back with an empty queue
 # A provider holds this many bytes of requests at once and answers `busy` beyond them
 # (the daemon's request_budget_mb default; node.admission.ByteBudget).
-REQUEST_BUDGET_BYTES = int(next(f.default for f in fields(ProviderConfig) if f.name == "request_budget_mb") * (1 << 20))
+REQUEST_BUDGET_BYTES = int(ProviderConfig(home=Path(".")).request_budget_mb * (1 << 20))
 SIMULATED = "simulated"
 
 

@@ -126,11 +126,8 @@ class ByteBudget:
         self.held = 0
         self.peak = 0
 
-    def fits(self, n: int) -> bool:
-        return not self.held or self.held + n <= self.capacity
-
     def take(self, n: int) -> bool:
-        if not self.fits(n):
+        if self.held and self.held + n > self.capacity:
             return False
         self.held += n
         self.peak = max(self.peak, self.held)

@@ -263,7 +263,7 @@ class Buyer:
             (our jobs in flight included) among providers not yet tried for it; one that
             vanished earlier in this batch, or just answered busy, only if nobody else can
             take it."""
-            if not retry_offers(able, tried | busy, vanished) and not retry_offers(able, tried, vanished):
+            if not retry_offers(able, tried, vanished):  # (busy ones are not in `tried`)
                 return None
             left_ms = remaining_deadline_ms(spec.deadline_ms, self.client.since_ms(submitted_s), 0.0)
             try:
