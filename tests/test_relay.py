@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import secrets
 
+import pytest
 import trio
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.resources import RelayLimits
 
+from node.net import StreamClosed
 from node.p2p import open_p2p_node
 from node.p2p.host import _forget_failed_dial
 
@@ -126,6 +128,26 @@ async def test_a_provider_reserves_again_when_its_relay_comes_back():
             assert reservation.reserved_count == first_count + 1 and reservation.state == "reserved"
             with trio.fail_after(GUARD_S):
                 assert await _round_trip(buyer, provider.peer_id, [addr], b"back") == b"back"
+
+
+async def test_a_lazily_opened_stream_to_a_peer_that_does_not_serve_the_protocol_is_a_clear_error():
+    """Streams open lazily (the protocol goes with the first frame, no round trip before
+    it): a peer that does not serve the protocol is a StreamClosed that names it, and
+    the next stream on the same connection works."""
+    async with open_p2p_node(secrets.token_bytes(32), LOOPBACK) as server, \
+            open_p2p_node(secrets.token_bytes(32), LOOPBACK) as client:
+        server.set_stream_handler(ECHO, _echo)
+        with trio.fail_after(GUARD_S):
+            # Its refusal is read before our first frame, or lost in the reset that meets
+            # our frame: the error names the protocol either way.
+            async with client.open_stream(server.peer_id, server.listen_addrs, "/idlemesh-test/nobody/1") as stream:
+                with pytest.raises(StreamClosed, match="not serve /idlemesh-test/nobody/1"):
+                    await stream.send(b"x" * 300_000)
+                    await stream.receive(max_bytes=1 << 20, timeout_s=10)
+            async with client.open_stream(server.peer_id, server.listen_addrs, "/idlemesh-test/nobody/1") as stream:
+                with pytest.raises(StreamClosed, match="does not serve /idlemesh-test/nobody/1"):
+                    await stream.receive(max_bytes=1 << 20, timeout_s=10)
+            assert await _round_trip(client, server.peer_id, server.listen_addrs, b"after") == b"after"
 
 
 class _Stream:

@@ -38,6 +38,8 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamClosed as LibStreamClosed
 from libp2p.network.stream.exceptions import StreamEOF, StreamError, StreamReset
 from libp2p.host.exceptions import StreamFailure
+from libp2p.exceptions import ParseError
+from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
 from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -52,6 +54,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.varint import encode_delim, read_varint_prefixed_bytes_limited
 
 from protocol.errors import DecodeError
 from protocol.stream import FRAME_HEADER, frame, frame_length
@@ -59,7 +62,10 @@ from protocol.stream import FRAME_HEADER, frame, frame_length
 from .. import reachability
 from ..clock import SYSTEM_CLOCK
 from ..net import Admit, FrameRefused, StreamClosed, StreamHandler, Validator
+from . import yamux
 from .relay import HolePunch, Relay, RelayClient, is_relayed
+
+yamux.install()  # writers wake at a window update instead of polling every 10 ms
 
 log = logging.getLogger("idlemesh.p2p")
 PENDING_MESSAGES_PER_PEER = 16
@@ -80,6 +86,9 @@ RELAY_FIRST_WAIT_S = 10.0  # how long a node behind NAT waits for its first rela
 # relayed path, or where an operator does not want peers dialling its NAT's ports.
 HOLE_PUNCH_ENV = "IDLEMESH_HOLE_PUNCH"
 
+# A listener's multistream answer is a protocol name; anything longer is not one.
+MAX_SELECT_ANSWER_BYTES = 1024
+
 # Errors a stream can raise when the peer goes away; each becomes StreamClosed.
 _STREAM_GONE = (LibStreamClosed, StreamEOF, StreamReset, StreamError, SwarmException, StreamFailure,trio.BrokenResourceError,
                 trio.ClosedResourceError, ConnectionError, OSError)
@@ -88,12 +97,43 @@ _STREAM_GONE = (LibStreamClosed, StreamEOF, StreamReset, StreamError, SwarmExcep
 class FramedStream:
     """Length-prefixed frames over a libp2p stream, with a cap and a timeout per read."""
 
-    def __init__(self, stream, remote_peer_id: str, *, send_delay_s: float = 0.0):
+    def __init__(self, stream, remote_peer_id: str, *, send_delay_s: float = 0.0, selecting: str | None = None):
         self._stream = stream
         self.remote_peer_id = remote_peer_id
         self.send_delay_s = send_delay_s  # a simulated link: each frame we send waits this long
+        self._selecting = selecting  # opened lazily: the listener's answer to this protocol is unread
+        # ...and our proposal goes out with the first bytes we write.
+        self._unsent = (encode_delim(MULTISELECT_PROTOCOL_ID.encode()) + encode_delim(selecting.encode())
+                        if selecting else b"")
+
+    async def _write(self, data: bytes) -> None:
+        data, self._unsent = self._unsent + data, b""
+        await self._stream.write(data)
+
+    async def _confirm_protocol(self) -> None:
+        """Read the listener's multistream answers to a lazily opened stream, before its
+        first frame: a peer that does not serve the protocol ends the stream here."""
+        protocol, self._selecting = self._selecting, None
+        try:
+            handshake = await read_varint_prefixed_bytes_limited(self._stream, MAX_SELECT_ANSWER_BYTES)
+            answer = await read_varint_prefixed_bytes_limited(self._stream, MAX_SELECT_ANSWER_BYTES)
+        except (*_STREAM_GONE, IncompleteReadError, ParseError, MessageTooLarge) as exc:
+            raise StreamClosed(f"{self.remote_peer_id} ended the stream before accepting {protocol}: "
+                               f"{type(exc).__name__}") from None
+        if handshake != MULTISELECT_PROTOCOL_ID.encode() + b"\n" or not answer.endswith(b"\n"):
+            raise StreamClosed(f"{self.remote_peer_id} answered {handshake!r} to the multistream handshake")
+        if answer[:-1].decode(errors="replace") != protocol:
+            raise StreamClosed(f"{self.remote_peer_id} does not serve {protocol} "
+                               f"(it answered {answer[:-1].decode(errors='replace')!r})")
 
     async def _read_exactly(self, size: int) -> bytes:
+        if self._selecting is not None:
+            if self._unsent:
+                try:
+                    await self._write(b"")
+                except _STREAM_GONE as exc:
+                    raise StreamClosed(f"stream to {self.remote_peer_id} closed: {type(exc).__name__}") from None
+            await self._confirm_protocol()
         # stream.read(n) may return fewer bytes than asked: loop until whole.
         chunks: list[bytes] = []
         remaining = size
@@ -126,14 +166,20 @@ class FramedStream:
             await trio.sleep(self.send_delay_s)
         with trio.fail_after(timeout_s):
             try:
-                await self._stream.write(frame(payload))
+                await self._write(frame(payload))
             except _STREAM_GONE as exc:
+                if self._selecting is not None:
+                    # A listener that does not serve the protocol resets the stream as our
+                    # frame arrives, and its answer is lost with it.
+                    raise StreamClosed(f"stream to {self.remote_peer_id} for {self._selecting} closed: "
+                                       f"{type(exc).__name__} (also how a peer that does not serve "
+                                       f"{self._selecting} answers)") from None
                 raise StreamClosed(f"stream to {self.remote_peer_id} closed: {type(exc).__name__}") from None
 
     async def send_raw(self, data: bytes) -> None:
         """Bytes as they are, unframed: only for tests that play a hostile peer."""
         try:
-            await self._stream.write(data)
+            await self._write(data)
         except _STREAM_GONE as exc:
             raise StreamClosed(str(exc)) from None
 
@@ -309,10 +355,16 @@ class P2PNode:
             await self.connect(peer_id, addrs, timeout_s=timeout_s)
         with trio.fail_after(timeout_s):
             try:
-                stream = await self.host.new_stream(pid, [TProtocol(protocol)])
+                stream = await self.host.get_network().new_stream(pid)
             except _STREAM_GONE as exc:
                 raise StreamClosed(f"could not open {protocol} to {peer_id}: {exc}") from None
-        framed = FramedStream(stream, peer_id, send_delay_s=self.send_delay_s)
+        # Lazy multistream-select (go-libp2p's default): the handshake and the protocol go
+        # with our first frame and the listener's answers are read before its first one,
+        # so a new stream costs no round trip before the request leaves. Every protocol
+        # we open speaks first; a peer that does not serve it ends the stream at our
+        # first read (FramedStream._confirm_protocol).
+        stream.set_protocol(TProtocol(protocol))
+        framed = FramedStream(stream, peer_id, send_delay_s=self.send_delay_s, selecting=protocol)
         try:
             yield framed
         finally:
