@@ -145,7 +145,7 @@ class Buyer:
 
     @offload.setter
     def offload(self, run) -> None:
-        self.client.offload = run
+        self.client.offload = self.client.offload_cpu = run
 
     async def _run_one(self, outcome: JobOutcome, offer: Offer, *, out_dir: Path | None = None,
                        submitted_s: float | None = None, in_time: bool = True) -> None:

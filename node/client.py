@@ -310,6 +310,8 @@ class Client:
         # serving streams.
         io_limiter = trio.CapacityLimiter(1)
         self.offload = lambda fn, *args: trio.to_thread.run_sync(fn, *args, limiter=io_limiter)
+        # CPU work off the trio thread beside the journal's writes (signing a request).
+        self.offload_cpu = trio.to_thread.run_sync
         self.seed, self.key = load_key(self.home)
         self.ledger = Ledger(self.home / "ledger.sqlite", self.key.public_key)  # reads, on the trio thread
         self.writer = LedgerWriter(self.home / "ledger.sqlite", self.key.public_key,
@@ -814,20 +816,27 @@ class Client:
         prepared: dict = {}
         ready = trio.Event()
 
-        def prepare():
+        def journal_sent():
             if new_request is not None:
-                new_request()
-            step = job.start()
-            self.journal.sent(outcome.job_id, offer.peer_id, self.clock.now_ms())
-            return step
+                new_request(sent_to=offer.peer_id)
+            else:
+                self.journal.sent(outcome.job_id, offer.peer_id, self.clock.now_ms())
+
+        async def sign() -> None:
+            prepared["step"] = await self.offload_cpu(job.start)
 
         async def prepare_aside() -> None:
-            # Off the trio thread, while the stream is negotiated: signing the request
-            # hashes every input byte, and the journal's row must be durable before
-            # the request goes on the wire. (It runs to its end even if the stream
-            # cannot be opened: a row says `requested` of a request never sent.)
+            # Off the trio thread, while the stream opens: signing the request hashes
+            # every input byte, and the journal's row must be durable before the request
+            # goes on the wire; neither needs the other, so they run side by side. (Both
+            # run to their end even if the stream cannot be opened: a row then says
+            # `requested` of a request never sent.)
             try:
-                prepared["step"] = await self.offload(prepare)
+                async with trio.open_nursery() as both:
+                    both.start_soon(sign)
+                    await self.offload(journal_sent)
+            except BaseExceptionGroup as group:  # handed to the attempt, raised there
+                prepared["error"] = group.exceptions[0]
             except Exception as exc:  # noqa: BLE001 - handed to the attempt, raised there
                 prepared["error"] = exc
             finally:

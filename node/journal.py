@@ -135,16 +135,20 @@ class Journal:
         self.db.execute("COMMIT")
         return batch, job_ids
 
-    def new_request(self, job_id: str, *, model: str, model_sha256: str, max_price: float, now_ms: int) -> None:
+    def new_request(self, job_id: str, *, model: str, model_sha256: str, max_price: float, now_ms: int,
+                    sent_to: str = "") -> None:
         """One request of a warm client (idlemesh.Client, the gateway): a batch of one job
         whose inputs the application holds. It is never resumed (the application asks
         again, and the ledger still makes sure nothing is paid twice); its row says what
-        was sent where."""
+        was sent where. `sent_to`: the provider it is about to be sent to, in the same
+        commit (what `sent` would say next: one fsync before the wire, not two)."""
         self.db.execute("BEGIN IMMEDIATE")
         self.db.execute("INSERT INTO batches VALUES (?,?,?,?,?,?,?,?,?)",
                         (job_id[:16], now_ms, model, model_sha256, "", 1, max_price, CLIENT_REQUEST, ""))
-        self.db.execute("INSERT INTO jobs (job_id, batch_id, idx, state, updated_at_ms) VALUES (?,?,?,?,?)",
-                        (job_id, job_id[:16], 0, "pending", now_ms))
+        self.db.execute("INSERT INTO jobs (job_id, batch_id, idx, state, provider, attempts, updated_at_ms) "
+                        "VALUES (?,?,?,?,?,?,?)",
+                        (job_id, job_id[:16], 0, "requested" if sent_to else "pending", sent_to, int(bool(sent_to)),
+                         now_ms))
         self.db.execute("COMMIT")
 
     def open_requests(self) -> list[JournalJob]:

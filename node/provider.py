@@ -596,6 +596,8 @@ class Provider:
             await self._send(stream, job.accept(len(self._running) - 1, ahead))
             emit("accepted", job_id=request.job_id, buyer=peer)
             async with trio.open_nursery() as beside:
+                # The receipt commits to the inputs' hash: taken beside the run, not after it.
+                beside.start_soon(self.offload, job.input_sha256)
                 async with self._device_slots.slot(request.job_id):
                     started_ms = self.vnow_ms()
                     self.queue.start(request.job_id, started_ms)

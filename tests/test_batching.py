@@ -99,7 +99,7 @@ async def one_provider_market(tmp_path, **provider):
         model = tmp_path / "fake.onnx"
         model.write_bytes(MODEL_BYTES)
         client = Client(tmp_path / "client", [boot], clock=market.clock, open_network=market.network.open_node)
-        client.offload = _inline  # no worker thread: MockClock would jump while it runs
+        client.offload = client.offload_cpu = _inline  # no worker thread: MockClock would jump while it runs
         async with client:
             client.add_model(model)
             await client.refresh()
