@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import signal
 from datetime import datetime, timezone
@@ -126,6 +127,7 @@ class Provider:
         self.offer_log: dict = {}  # our current offer: issued/expires, publishes, last error
         self.seen_by: dict[str, dict] = {}  # bootstrap peer id -> what its book holds of ours
         self.gossip: OfferGossip | None = None
+        self._redialled_ms: dict[str, float] = {}  # bootstrap -> when we last redialled it for a lost subscription
         self.metrics = NodeMetrics("provider")
         self.started_at_ms = self.clock.now_ms()
         self.carbon = CarbonSchedule(config.carbon_g_per_kwh, config.carbon_csv, config.carbon_source)
@@ -313,7 +315,26 @@ class Provider:
     async def _advertise(self) -> None:
         while True:
             await self._publish_now()
+            await self._heal_deaf_links()
             await trio.sleep(self.refresh_s)
+
+    async def _heal_deaf_links(self) -> None:
+        """A bootstrap connected for longer than its pubsub greeting takes, whose
+        subscription we do not hold, got nothing from the publish just made: py-libp2p
+        forgets a subscription when one read fails and never asks again on that
+        connection. Redial it now (on_connect then pushes the offer by sync), not at the
+        next visibility check a lifetime later, while its book of our offer ages; at most
+        once per offer lifetime per bootstrap."""
+        now_ms = SYSTEM_CLOCK.now_ms()  # the clock the links' connected_at_ms is on
+        for peer_id, link in list(self.p2p.links.items()):
+            connected_at_ms = link.get("connected_at_ms")
+            if (not link.get("connected") or connected_at_ms is None
+                    or now_ms - connected_at_ms < SUBSCRIPTION_WAIT_S * 1000
+                    or now_ms - self._redialled_ms.get(peer_id, -math.inf) < self.config.offer_ttl_s * 1000
+                    or self.p2p.subscribes(peer_id, OFFERS_TOPIC)):
+                continue
+            self._redialled_ms[peer_id] = now_ms
+            await self._redial_deaf(peer_id)
 
     async def _follow_queue(self) -> None:
         """Sign and publish the offer again when the queue moved enough, at most once per

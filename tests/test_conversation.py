@@ -561,3 +561,38 @@ async def test_results_kept_for_buyers_that_vanished_are_dropped_once_their_requ
         await trio.sleep(MIN_KEEP_RESULT_MS / 1000 + 2 * KEPT_RESULTS_PRUNE_S)  # no job ends meanwhile
         assert a.ledger.db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 0
         nursery.cancel_scope.cancel()
+
+
+class _LinksOnly:
+    """What a provider's deaf-link check reads of its network: kept links, whether each
+    bootstrap's subscription is held, and redials."""
+
+    def __init__(self, links: dict, subscribed: set[str]):
+        self.links = links
+        self.subscribed = subscribed
+        self.redials: list[str] = []
+
+    def subscribes(self, peer_id: str, topic: str) -> bool:
+        return peer_id in self.subscribed
+
+    async def redial(self, peer_id: str) -> None:
+        self.redials.append(peer_id)
+
+
+async def test_a_provider_redials_at_its_next_refresh_a_bootstrap_whose_subscription_it_lost(tmp_path):
+    """py-libp2p can forget a bootstrap's subscription mid-connection; every publish after
+    that reaches nobody through it. The provider notices at its next refresh (not a
+    lifetime later) and redials; not a bootstrap still within its greeting, not one that
+    subscribes, and at most once per offer lifetime each."""
+    from node.clock import SYSTEM_CLOCK
+    provider = make_provider(tmp_path, "p", MemoryNetwork(), SYSTEM_CLOCK, "/memory/boot", marginal_w=5.0)
+    now_ms = SYSTEM_CLOCK.now_ms()
+    links = {"deaf": {"connected": True, "connected_at_ms": now_ms - 60_000},
+             "greeting": {"connected": True, "connected_at_ms": now_ms - 1_000},
+             "fine": {"connected": True, "connected_at_ms": now_ms - 60_000},
+             "down": {"connected": False, "connected_at_ms": now_ms - 60_000}}
+    provider.p2p = _LinksOnly(links, subscribed={"fine"})
+    await provider._heal_deaf_links()
+    assert provider.p2p.redials == ["deaf"]
+    await provider._heal_deaf_links()  # the next refresh, within the same lifetime
+    assert provider.p2p.redials == ["deaf"]
