@@ -835,7 +835,7 @@ class Client:
                 async with trio.open_nursery() as both:
                     both.start_soon(sign)
                     await self.offload(journal_sent)
-            except BaseExceptionGroup as group:  # handed to the attempt, raised there
+            except ExceptionGroup as group:  # handed to the attempt, raised there (a cancellation is not)
                 prepared["error"] = group.exceptions[0]
             except Exception as exc:  # noqa: BLE001 - handed to the attempt, raised there
                 prepared["error"] = exc

@@ -65,7 +65,7 @@ from ..net import Admit, FrameRefused, StreamClosed, StreamHandler, Validator
 from . import yamux
 from .relay import HolePunch, Relay, RelayClient, is_relayed
 
-yamux.install()  # writers wake at a window update instead of polling every 10 ms
+yamux.install()  # py-libp2p yamux faults mended (node/p2p/yamux.py says which)
 
 log = logging.getLogger("idlemesh.p2p")
 PENDING_MESSAGES_PER_PEER = 16
