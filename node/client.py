@@ -837,8 +837,6 @@ class Client:
                     await self.offload(journal_sent)
             except ExceptionGroup as group:  # handed to the attempt, raised there (a cancellation is not)
                 prepared["error"] = group.exceptions[0]
-            except Exception as exc:  # noqa: BLE001 - handed to the attempt, raised there
-                prepared["error"] = exc
             finally:
                 ready.set()
 

@@ -387,13 +387,14 @@ class Provider:
     async def _check_visibility(self, gossip: OfferGossip) -> None:
         """Once per offer lifetime, ask each connected bootstrap for its book without
         pushing ours: the copy of our offer it holds shows whether gossip reaches it.
-        A stale or missing copy is a warning in status, and we push the offer by sync."""
+        A stale or missing copy is a warning in status, and we push the offer by sync.
+        (A lost subscription, the usual cause, is redialled at each refresh:
+        _heal_deaf_links.)"""
         while True:
             await trio.sleep(self.config.offer_ttl_s)
             for peer_id, link in list(self.p2p.links.items()):
                 if link.get("connected"):
                     await self._probe(gossip, peer_id)
-                    await self._redial_deaf(peer_id)
 
     async def _probe(self, gossip: OfferGossip, peer_id: str) -> None:
         seen = self.seen_by.setdefault(peer_id, {})

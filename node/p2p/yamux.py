@@ -1,10 +1,10 @@
-"""Two fixes to py-libp2p 0.8.1's yamux streams (pinned by requirements.lock); the
-frames each side may send are unchanged, only when they go.
+"""Three fixes to py-libp2p 0.8.1's yamux streams (pinned by requirements.lock); the
+frames each side may send are unchanged, only when they go and how they are cut.
 
 1. A writer whose stream's send window is spent polls it every 10 ms
    (`YamuxStream.write`: `await trio.sleep(0.01)`), however soon the peer's window
-   update arrives. A 600 KB request through a fresh stream's 256 KB window met that
-   at least twice: 10-20 ms of sleep on every job, on loopback as on a LAN. Here the
+   update arrives: each time a writer outruns its reader's credit it loses up to 10 ms
+   (a 600 KB request crosses a fresh stream's 256 KB window at least twice). Here the
    writer wakes when its window grows: `send_window` becomes a property whose setter
    wakes the waiting writer. The 10 ms poll stays only as the fallback for a stream
    that closes while a writer waits.
